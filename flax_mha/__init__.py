@@ -1,0 +1,1 @@
+"""flax_mha: multi-head attention for JAX and Flax."""
