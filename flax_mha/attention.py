@@ -1,0 +1,347 @@
+"""`MultiHeadAttention`: a drop-in replacement for `flax.linen.MultiHeadDotProductAttention`.
+
+Same constructor fields and defaults, same ``__call__``, same parameter tree
+(``query``/``key``/``value`` kernels [D, N, H] and biases [N, H], ``out`` kernel
+[N, H, D_out] and bias [D_out]), same ``intermediates`` sowing and the same
+``cache`` collection for ``decode=True``. Internally every step is a function of
+`flax_mha.functional`, and attention runs through `flax_mha.dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from flax.linen.module import merge_param
+from jax import Array, lax
+
+from flax_mha.checks import as_full_rank, check_float
+from flax_mha.kernels.dispatch import dot_product_attention
+from flax_mha.layers import HeadProjection, LayerNorm, OutputProjection, default_kernel_init
+from flax_mha.masks import combine_masks
+
+__all__ = ["MultiHeadAttention", "MultiHeadDotProductAttention", "SelfAttention"]
+
+_INPUT_NAMES = {"query": "inputs_q", "key": "inputs_k", "value": "inputs_v"}
+
+
+def _check_inputs(inputs_q: Array, inputs_k: Array, inputs_v: Array) -> None:
+    for name, x in (("inputs_q", inputs_q), ("inputs_k", inputs_k), ("inputs_v", inputs_v)):
+        check_float(name, x)
+        if x.ndim < 2:
+            raise ValueError(
+                f"{name} should have shape [batch..., length, features] (rank >= 2), "
+                f"but got {x.shape}"
+            )
+    if not inputs_q.ndim == inputs_k.ndim == inputs_v.ndim:
+        raise ValueError(
+            f"inputs_q, inputs_k and inputs_v should have the same rank, but got shapes "
+            f"{inputs_q.shape}, {inputs_k.shape} and {inputs_v.shape}"
+        )
+    if not inputs_q.shape[:-2] == inputs_k.shape[:-2] == inputs_v.shape[:-2]:
+        raise ValueError(
+            f"inputs_q, inputs_k and inputs_v should have the same batch dimensions, but got "
+            f"shapes {inputs_q.shape}, {inputs_k.shape} and {inputs_v.shape}"
+        )
+    if inputs_k.shape[-2] != inputs_v.shape[-2]:
+        raise ValueError(
+            f"inputs_k and inputs_v should have the same length, but got shapes "
+            f"{inputs_k.shape} and {inputs_v.shape}"
+        )
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head dot-product attention, step by step, as a Flax module.
+
+    ``out = concat_n(attention(x_q W_q[n], x_k W_k[n], x_v W_v[n])) W_o``
+
+    Attributes:
+      num_heads: number of attention heads ``N``; ``qkv_features`` must be divisible by it.
+      dtype: computation dtype (default: inferred from inputs and params).
+      param_dtype: dtype of the parameters.
+      qkv_features: total size ``N * H`` of queries, keys and values (default: the
+        features of ``inputs_q``).
+      out_features: size of the output (default: the features of ``inputs_q``).
+      broadcast_dropout: share the dropout mask across batch and heads.
+      dropout_rate: dropout rate on the attention weights.
+      deterministic: if True, no dropout (can be overridden in ``__call__``).
+      precision: `jax.lax.Precision` of the matmuls.
+      kernel_init: initializer of the projection kernels.
+      out_kernel_init: initializer of the output kernel (default ``kernel_init``).
+      bias_init: initializer of the projection biases.
+      out_bias_init: initializer of the output bias (default ``bias_init``).
+      use_bias: whether the projections have biases.
+      attention_fn: attention function with the signature of
+        `flax_mha.dot_product_attention` / `flax.linen.dot_product_attention`;
+        keyword arguments it does not accept are not passed.
+      decode: keep an autoregressive key/value cache in the ``cache`` collection.
+      normalize_qk: apply layer norm (no bias) to queries and keys per head.
+      force_fp32_for_softmax: keep attention weights in float32 for the weighted sum.
+      qkv_dot_general: dot_general of the q/k/v projections.
+      out_dot_general: dot_general of the output projection.
+      qkv_dot_general_cls: factory of the q/k/v projections' dot_general.
+      out_dot_general_cls: factory of the output projection's dot_general.
+      qk_attn_weights_einsum_cls: factory of the einsum computing the scores.
+      attn_weights_value_einsum_cls: factory of the einsum computing the weighted sum.
+    """
+
+    num_heads: int
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    qkv_features: int | None = None
+    out_features: int | None = None
+    broadcast_dropout: bool = True
+    dropout_rate: float = 0.0
+    deterministic: bool | None = None
+    precision: Any = None
+    kernel_init: Callable[..., Array] = default_kernel_init
+    out_kernel_init: Callable[..., Array] | None = None
+    bias_init: Callable[..., Array] = nn.initializers.zeros_init()
+    out_bias_init: Callable[..., Array] | None = None
+    use_bias: bool = True
+    attention_fn: Callable[..., Array] = dot_product_attention
+    decode: bool = False
+    normalize_qk: bool = False
+    force_fp32_for_softmax: bool = False
+    qkv_dot_general: Any = None
+    out_dot_general: Any = None
+    qkv_dot_general_cls: Any = None
+    out_dot_general_cls: Any = None
+    qk_attn_weights_einsum_cls: Callable[..., Callable[..., Array]] | None = None
+    attn_weights_value_einsum_cls: Callable[..., Callable[..., Array]] | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs_q: Array,
+        inputs_k: Array | None = None,
+        inputs_v: Array | None = None,
+        *,
+        inputs_kv: Array | None = None,
+        mask: Array | None = None,
+        deterministic: bool | None = None,
+        dropout_rng: Array | None = None,
+        sow_weights: bool = False,
+    ) -> Array:
+        """Applies multi-head attention.
+
+        If ``inputs_k`` and ``inputs_v`` are None, this is self-attention; if only
+        ``inputs_v`` is None, it copies ``inputs_k``.
+
+        Args:
+          inputs_q: [batch..., T, D_q] queries' inputs.
+          inputs_k: [batch..., S, D_k] keys' inputs (default ``inputs_q``).
+          inputs_v: [batch..., S, D_v] values' inputs (default ``inputs_k``).
+          inputs_kv: deprecated in Flax; sets both ``inputs_k`` and ``inputs_v``.
+          mask: broadcastable to [batch..., N, T, S]; True (nonzero) = attend.
+          deterministic: if True, no dropout; merged with the attribute.
+          dropout_rng: PRNG key for dropout (default ``self.make_rng('dropout')``).
+          sow_weights: sow the [batch..., N, T, S] attention weights into
+            ``intermediates/attention_weights``.
+
+        Returns:
+          [batch..., T, out_features] output.
+
+        Raises:
+          TypeError: for non-floating inputs.
+          ValueError: for inconsistent shapes, a bad head count, or a mask that
+            does not broadcast.
+        """
+        inputs_k, inputs_v = self._resolve_inputs(inputs_q, inputs_k, inputs_v, inputs_kv)
+        _check_inputs(inputs_q, inputs_k, inputs_v)
+        if self.num_heads <= 0:
+            raise ValueError(f"num_heads should be a positive int, but got {self.num_heads}")
+        features = self.out_features or inputs_q.shape[-1]
+        qkv_features = self.qkv_features or inputs_q.shape[-1]
+        if qkv_features % self.num_heads:
+            raise ValueError(
+                f"qkv_features ({qkv_features}) should be divisible by num_heads ({self.num_heads})"
+            )
+        head_dim = qkv_features // self.num_heads
+
+        query, key, value = (
+            self._project(name, x, head_dim)
+            for name, x in (("query", inputs_q), ("key", inputs_k), ("value", inputs_v))
+        )
+        if self.normalize_qk:
+            ln = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+            query = LayerNorm(name="query_ln", **ln)(query)
+            key = LayerNorm(name="key_ln", **ln)(key)
+
+        if mask is not None:
+            batch = inputs_q.shape[:-2]
+            S = key.shape[-3]
+            if self.decode and self.has_variable("cache", "cached_key"):
+                S = self.get_variable("cache", "cached_key").shape[-3]
+            as_full_rank("mask", mask, (*batch, self.num_heads, query.shape[-3], S))
+        if self.decode:
+            key, value, mask = self._update_cache(query, key, value, mask)
+
+        if self.dropout_rate > 0.0:  # `deterministic` is only needed with dropout.
+            m_deterministic = merge_param("deterministic", self.deterministic, deterministic)
+            if not m_deterministic and dropout_rng is None:
+                dropout_rng = self.make_rng("dropout")
+        else:
+            m_deterministic = True
+
+        kwargs = dict(
+            mask=mask,
+            dropout_rng=dropout_rng,
+            dropout_rate=self.dropout_rate,
+            broadcast_dropout=self.broadcast_dropout,
+            deterministic=m_deterministic,
+            dtype=self.dtype,
+            precision=self.precision,
+            force_fp32_for_softmax=self.force_fp32_for_softmax,
+            qk_attn_weights_einsum=(
+                self.qk_attn_weights_einsum_cls() if self.qk_attn_weights_einsum_cls else None
+            ),
+            attn_weights_value_einsum=(
+                self.attn_weights_value_einsum_cls() if self.attn_weights_value_einsum_cls else None
+            ),
+        )
+        accepted = inspect.signature(self.attention_fn).parameters
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        if sow_weights:
+            kwargs["module"] = self
+        heads = self.attention_fn(query, key, value, **kwargs)
+
+        return OutputProjection(
+            features=features,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            kernel_init=self.out_kernel_init or self.kernel_init,
+            bias_init=self.out_bias_init or self.bias_init,
+            dot_general=self.out_dot_general,
+            dot_general_cls=self.out_dot_general_cls,
+            name="out",
+        )(heads)
+
+    @staticmethod
+    def _resolve_inputs(
+        inputs_q: Array, inputs_k: Array | None, inputs_v: Array | None, inputs_kv: Array | None
+    ) -> tuple[Array, Array]:
+        """Flax's rules for the defaults of ``inputs_k`` and ``inputs_v``."""
+        if inputs_kv is not None:
+            if inputs_k is not None or inputs_v is not None:
+                raise ValueError(
+                    "inputs_kv should be None when inputs_k or inputs_v is given; "
+                    "prefer inputs_k and inputs_v"
+                )
+            warnings.warn(
+                "inputs_kv is deprecated (as in Flax); use inputs_k and inputs_v instead",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            return inputs_kv, inputs_kv
+        if inputs_k is None:
+            if inputs_v is not None:
+                raise ValueError(
+                    "inputs_k should not be None when inputs_v is given; to use the same "
+                    "array for both, pass it as inputs_k"
+                )
+            inputs_k = inputs_q
+        return inputs_k, inputs_k if inputs_v is None else inputs_v
+
+    def _project(self, name: str, x: Array, head_dim: int) -> Array:
+        """[..., D] -> [..., N, H] with the ``name`` projection, checking loaded params."""
+        if self.has_variable("params", name):
+            kernel = self.get_variable("params", name)["kernel"]
+            kernel = getattr(kernel, "value", kernel)  # a boxed (partitioned) param
+            if kernel.shape[0] != x.shape[-1]:
+                raise ValueError(
+                    f"{_INPUT_NAMES[name]} should have {kernel.shape[0]} features to match the "
+                    f"'{name}' kernel of shape {kernel.shape}, but got shape {x.shape}"
+                )
+        return HeadProjection(
+            num_heads=self.num_heads,
+            head_dim=head_dim,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            kernel_init=self.kernel_init,
+            bias_init=self.bias_init,
+            dot_general=self.qkv_dot_general,
+            dot_general_cls=self.qkv_dot_general_cls,
+            name=name,
+        )(x)
+
+    def _update_cache(
+        self, query: Array, key: Array, value: Array, mask: Array | None
+    ) -> tuple[Array, Array, Array | None]:
+        """Writes this call's keys/values into the cache and masks unwritten slots.
+
+        Flax's cache layout: ``cached_key``/``cached_value`` [batch..., max_length, N, H]
+        and a scalar ``cache_index``. The first call (initialisation) only creates
+        the cache, sized by its inputs. Later calls write ``T >= 1`` new positions at
+        ``cache_index`` (``T = 1`` is Flax's one-token step; ``T > 1`` prefills a
+        prompt) and let query ``t`` attend to cache slots ``s <= cache_index + t``.
+        The caller keeps ``cache_index + T <= max_length``.
+        """
+        initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
+        if not initialized:
+            return key, value, mask
+        *batch, max_length, num_heads, head_dim = cached_key.value.shape
+        T = query.shape[-3]
+        expected = (*batch, T, num_heads, head_dim)
+        if query.shape != expected or T > max_length:
+            raise ValueError(
+                f"query should have shape [batch..., T <= {max_length}, {num_heads}, "
+                f"{head_dim}] to match the autoregressive cache {tuple(cached_key.value.shape)}, "
+                f"but got {query.shape}"
+            )
+        index = cache_index.value
+        zero = jnp.zeros((), index.dtype)
+        start = (zero,) * len(batch) + (index, zero, zero)
+        key = lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), start)
+        value = lax.dynamic_update_slice(
+            cached_value.value, value.astype(cached_value.value.dtype), start
+        )
+        cached_key.value, cached_value.value = key, value
+        cache_index.value = index + T
+        visible = jnp.arange(max_length)[None, :] <= index + jnp.arange(T)[:, None]
+        visible = jnp.broadcast_to(visible, (*batch, 1, T, max_length))
+        if mask is not None:
+            mask = jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, visible.shape))
+        return key, value, combine_masks(mask, visible)
+
+
+class MultiHeadDotProductAttention(MultiHeadAttention):
+    """Alias of `MultiHeadAttention` whose auto-generated names match Flax's class.
+
+    Flax names an unnamed submodule after its class (``MultiHeadDotProductAttention_0``);
+    use this alias when swapping the import in an existing model so that its parameter
+    paths, checkpoints and rng streams stay the same.
+    """
+
+
+class SelfAttention(MultiHeadAttention):
+    """Self-attention (`flax.linen.SelfAttention`): ``inputs_q`` attends to itself."""
+
+    @nn.compact
+    def __call__(  # type: ignore[override]
+        self,
+        inputs_q: Array,
+        mask: Array | None = None,
+        deterministic: bool | None = None,
+        dropout_rng: Array | None = None,
+        sow_weights: bool = False,
+    ) -> Array:
+        """Self-attention on [batch..., L, D] inputs; see `MultiHeadAttention.__call__`."""
+        return super().__call__(
+            inputs_q,
+            mask=mask,
+            deterministic=deterministic,
+            dropout_rng=dropout_rng,
+            sow_weights=sow_weights,
+        )

@@ -1,0 +1,500 @@
+"""Weight and mask conversion between `torch.nn.MultiheadAttention` and our module.
+
+`flax_mha.MultiHeadAttention` (like `flax.linen.MultiHeadDotProductAttention`)
+stores its parameters as::
+
+    {'query': {'kernel': [D_q, N, H], 'bias': [N, H]},
+     'key':   {'kernel': [D_k, N, H], 'bias': [N, H]},
+     'value': {'kernel': [D_v, N, H], 'bias': [N, H]},
+     'out':   {'kernel': [N, H, D],   'bias': [D]}}
+
+Torch computes ``y = x @ W.T + b``. With a packed ``in_proj_weight`` of shape
+[3 * E, E], rows ``[0:E]`` project the query, ``[E:2E]`` the key and
+``[2E:3E]`` the value; head ``n`` uses rows ``n*H:(n+1)*H`` of each block.
+Hence, e.g., ``query.kernel = W_q.T.reshape(D_q, N, H)`` and
+``out.kernel = out_proj.weight.T.reshape(N, H, E)``. Both libraries scale the
+queries by ``1 / sqrt(H)``, so no other change is needed.
+
+Torch is an optional dependency (``pip install "flax-mha[interop]"``) and is
+only imported inside the functions that need it.
+
+Letters: ``B`` batch, ``T`` query length, ``S`` key length, ``N`` heads,
+``H`` head dim, ``D``/``E`` model dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+__all__ = [
+    "bias_from_torch",
+    "flax_mha_config_from_torch",
+    "from_torch_mha",
+    "mask_from_torch",
+    "to_torch_mha",
+    "to_torch_state_dict",
+]
+
+_INSTALL_HINT = (
+    'this function needs PyTorch; install it with `pip install "flax-mha[interop]"` '
+    "(or `pip install torch==2.13.0`)"
+)
+
+
+def _require_torch() -> Any:
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(_INSTALL_HINT) from e
+    return torch
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """Converts a torch tensor (any device/dtype) or array-like to a float32 numpy array."""
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch
+        x = x.detach().cpu().float().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def _torch_state(
+    module_or_state_dict: Any, num_heads: int | None, prefix: str
+) -> tuple[dict[str, np.ndarray], int, float]:
+    """Returns (float32 numpy state dict without prefix, num_heads, dropout)."""
+    if isinstance(module_or_state_dict, Mapping):
+        if num_heads is None:
+            raise ValueError("num_heads must be given when converting a state_dict")
+        state = {
+            k[len(prefix) :]: v for k, v in module_or_state_dict.items() if k.startswith(prefix)
+        }
+        dropout = 0.0
+    else:
+        torch = _require_torch()
+        module = module_or_state_dict
+        if not isinstance(module, torch.nn.MultiheadAttention):
+            raise TypeError(
+                "expected a torch.nn.MultiheadAttention or its state_dict(), "
+                f"but got {type(module).__name__}"
+            )
+        if getattr(module, "add_zero_attn", False):
+            raise ValueError(
+                "add_zero_attn=True is not supported: the Flax module has no zero key/value slot"
+            )
+        if num_heads is not None and num_heads != module.num_heads:
+            raise ValueError(
+                f"num_heads={num_heads} does not match the module's num_heads={module.num_heads}"
+            )
+        num_heads = module.num_heads
+        state = dict(module.state_dict())
+        dropout = float(module.dropout)
+
+    for name in ("bias_k", "bias_v"):
+        if name in state and state[name] is not None:
+            raise ValueError(
+                f"add_bias_kv=True (parameter {name!r}) is not supported: "
+                "the Flax module has no learned extra key/value"
+            )
+    return {k: _to_numpy(v) for k, v in state.items() if v is not None}, num_heads, dropout
+
+
+def _split_in_proj(state: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """Returns (W_q [E, E], W_k [E, kdim], W_v [E, vdim], b_q, b_k, b_v or Nones)."""
+    if "in_proj_weight" in state:
+        w = state["in_proj_weight"]
+        if w.ndim != 2 or w.shape[0] != 3 * w.shape[1]:
+            raise ValueError(f"in_proj_weight should have shape [3*E, E], but got {w.shape}")
+        wq, wk, wv = np.split(w, 3, axis=0)
+    elif all(f"{p}_proj_weight" in state for p in "qkv"):
+        wq, wk, wv = (state[f"{p}_proj_weight"] for p in "qkv")
+    else:
+        raise ValueError(
+            "state_dict has neither 'in_proj_weight' nor 'q_proj_weight'/'k_proj_weight'/"
+            f"'v_proj_weight'; found keys {sorted(state)}"
+        )
+    if "in_proj_bias" in state:
+        bq, bk, bv = np.split(state["in_proj_bias"], 3, axis=0)
+    else:
+        bq = bk = bv = None
+    return wq, wk, wv, bq, bk, bv
+
+
+def from_torch_mha(
+    module_or_state_dict: Any,
+    *,
+    num_heads: int | None = None,
+    batch_first: bool | None = None,
+    prefix: str = "",
+) -> dict[str, dict[str, Array]]:
+    """Converts `torch.nn.MultiheadAttention` weights to our (and Flax's) parameter tree.
+
+    The weights do not depend on ``batch_first``: whatever the torch module
+    used, inputs to the Flax module must be laid out as [B, L, D] (transpose
+    [L, B, D] data with ``x.transpose(1, 0, 2)``).
+
+    Args:
+      module_or_state_dict: a `torch.nn.MultiheadAttention`, or a mapping from
+        its ``state_dict()`` keys to torch tensors or arrays. ``embed_dim``,
+        ``kdim``, ``vdim`` and ``bias`` are read off the tensor shapes.
+      num_heads: required for a state dict; checked against the module otherwise.
+      batch_first: accepted for symmetry with `to_torch_mha` and ignored.
+      prefix: for a state dict, only keys starting with ``prefix`` are read
+        (e.g. ``"encoder.self_attn."`` for a submodule of a larger model).
+
+    Returns:
+      ``{'query', 'key', 'value', 'out'}`` float32 params; pass them as
+      ``module.apply({'params': params}, ...)``. ``query.kernel`` is [E, N, H],
+      ``key.kernel`` [kdim, N, H], ``value.kernel`` [vdim, N, H],
+      ``out.kernel`` [N, H, E]; biases [N, H] and [E] when ``bias=True``.
+
+    Raises:
+      ValueError: for ``add_bias_kv=True`` (``bias_k``/``bias_v``),
+        ``add_zero_attn=True`` (module only: a state dict cannot show it),
+        missing keys, or ``num_heads`` not dividing ``embed_dim`` (a wrong
+        divisor of ``embed_dim`` cannot be detected from a state dict).
+      ImportError: if a module is given and torch is not installed.
+    """
+    del batch_first  # weights are layout-independent
+    state, num_heads, _ = _torch_state(module_or_state_dict, num_heads, prefix)
+    wq, wk, wv, bq, bk, bv = _split_in_proj(state)
+    if "out_proj.weight" not in state:
+        raise ValueError(f"state_dict has no 'out_proj.weight'; found keys {sorted(state)}")
+    wo = state["out_proj.weight"]
+    E = wq.shape[0]
+    if num_heads <= 0 or E % num_heads:
+        raise ValueError(f"num_heads={num_heads} does not divide embed_dim={E}")
+    N, H = num_heads, E // num_heads
+    for name, w in (("query", wq), ("key", wk), ("value", wv)):
+        if w.shape[0] != E:
+            raise ValueError(f"{name} projection has {w.shape[0]} output rows, expected {E}")
+    if wo.shape != (E, E):
+        raise ValueError(f"out_proj.weight should have shape {(E, E)}, but got {wo.shape}")
+    has_bias = bq is not None
+    if has_bias != ("out_proj.bias" in state):
+        raise ValueError("in_proj_bias and out_proj.bias should both be present or both absent")
+
+    params: dict[str, dict[str, Array]] = {}
+    for name, w, b in (("query", wq, bq), ("key", wk, bk), ("value", wv, bv)):
+        entry = {"kernel": jnp.asarray(w.T.reshape(w.shape[1], N, H))}
+        if has_bias:
+            entry["bias"] = jnp.asarray(b.reshape(N, H))
+        params[name] = entry
+    params["out"] = {"kernel": jnp.asarray(wo.T.reshape(N, H, E))}
+    if has_bias:
+        params["out"]["bias"] = jnp.asarray(state["out_proj.bias"])
+    return params
+
+
+def flax_mha_config_from_torch(
+    module_or_state_dict: Any, *, num_heads: int | None = None, prefix: str = ""
+) -> dict[str, Any]:
+    """Constructor fields for our module (or Flax's) matching a torch MHA.
+
+    Example: ``MultiHeadAttention(**flax_mha_config_from_torch(torch_mha))``.
+
+    Args:
+      module_or_state_dict: as in `from_torch_mha`.
+      num_heads: required for a state dict.
+      prefix: as in `from_torch_mha`.
+
+    Returns:
+      ``dict(num_heads, qkv_features=E, out_features=E, use_bias, dropout_rate)``;
+      ``dropout_rate`` is the module's ``dropout`` (0.0 for a state dict).
+    """
+    params = from_torch_mha(module_or_state_dict, num_heads=num_heads, prefix=prefix)
+    _, dropout = _torch_state(module_or_state_dict, num_heads, prefix)[1:]
+    N, H, E = params["out"]["kernel"].shape
+    return dict(
+        num_heads=N,
+        qkv_features=N * H,
+        out_features=E,
+        use_bias="bias" in params["out"],
+        dropout_rate=dropout,
+    )
+
+
+def _unwrap_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    if set(params) == {"params"}:  # a full variables dict
+        params = params["params"]
+    missing = {"query", "key", "value", "out"} - set(params)
+    if missing:
+        raise ValueError(f"params is missing {sorted(missing)}; found {sorted(params)}")
+    return params
+
+
+def to_torch_state_dict(
+    params: Mapping[str, Any], *, num_heads: int | None = None
+) -> dict[str, Any]:
+    """Converts our (or Flax's) attention params to a `torch.nn.MultiheadAttention` state dict.
+
+    Args:
+      params: ``{'query', 'key', 'value', 'out'}`` params (or ``{'params': ...}``).
+      num_heads: optional; checked against the kernel shapes, which already hold N.
+
+    Returns:
+      A dict of float32 CPU torch tensors with torch's key names: packed
+      ``in_proj_weight`` when ``kdim == vdim == E``, else ``q/k/v_proj_weight``.
+
+    Raises:
+      ValueError: if the config has no torch equivalent: torch requires the
+        query input size, ``qkv_features`` and ``out_features`` to all equal
+        ``embed_dim``, and either all or no biases.
+      ImportError: if torch is not installed.
+    """
+    torch = _require_torch()
+    p = _unwrap_params(params)
+    kq = np.asarray(p["query"]["kernel"], dtype=np.float32)
+    if kq.ndim != 3:
+        raise ValueError(f"query kernel should have shape [D, N, H], but got {kq.shape}")
+    E, N, H = kq.shape
+    if num_heads is not None and num_heads != N:
+        raise ValueError(f"num_heads={num_heads} does not match the params' num_heads={N}")
+    if N * H != E:
+        raise ValueError(
+            f"torch needs qkv_features == embed_dim, but params have qkv_features={N * H} "
+            f"and query input size {E}"
+        )
+    ko = np.asarray(p["out"]["kernel"], dtype=np.float32)
+    if ko.shape != (N, H, E):
+        raise ValueError(
+            f"torch needs out_features == embed_dim={E}: out kernel should have shape "
+            f"{(N, H, E)}, but got {ko.shape}"
+        )
+    biases = [("bias" in p[name]) for name in ("query", "key", "value", "out")]
+    if any(biases) != all(biases):
+        raise ValueError("torch needs either all or no biases (use_bias), but params mix them")
+
+    w = {}
+    for name, short in (("query", "q"), ("key", "k"), ("value", "v")):
+        k = np.asarray(p[name]["kernel"], dtype=np.float32)
+        if k.shape[1:] != (N, H):
+            raise ValueError(f"{name} kernel should have shape [D, {N}, {H}], but got {k.shape}")
+        w[short] = k.reshape(k.shape[0], E).T  # [E, D_in]
+    sd: dict[str, Any] = {}
+    if w["k"].shape[1] == E and w["v"].shape[1] == E:
+        sd["in_proj_weight"] = np.concatenate([w["q"], w["k"], w["v"]], axis=0)
+    else:
+        for short in "qkv":
+            sd[f"{short}_proj_weight"] = w[short]
+    if all(biases):
+        sd["in_proj_bias"] = np.concatenate(
+            [
+                np.asarray(p[name]["bias"], dtype=np.float32).reshape(E)
+                for name in ("query", "key", "value")
+            ]
+        )
+    sd["out_proj.weight"] = ko.reshape(E, E).T
+    if all(biases):
+        sd["out_proj.bias"] = np.asarray(p["out"]["bias"], dtype=np.float32)
+    # np.array copies: arrays viewed from jax buffers are read-only.
+    return {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in sd.items()}
+
+
+def to_torch_mha(
+    params: Mapping[str, Any],
+    *,
+    num_heads: int | None = None,
+    batch_first: bool = True,
+    dropout: float = 0.0,
+) -> Any:
+    """Builds a `torch.nn.MultiheadAttention` holding ``params``.
+
+    Args:
+      params: ``{'query', 'key', 'value', 'out'}`` params (or ``{'params': ...}``).
+      num_heads: optional; checked against the kernel shapes.
+      batch_first: layout of the torch module's inputs. ``True`` (default)
+        matches our [B, L, D] convention.
+      dropout: the torch module's attention dropout probability.
+
+    Returns:
+      A float32 CPU `torch.nn.MultiheadAttention` in training mode (call
+      ``.eval()`` to disable dropout), with ``kdim``/``vdim`` and ``bias``
+      taken from the params.
+
+    Raises:
+      ValueError: as `to_torch_state_dict`.
+      ImportError: if torch is not installed.
+    """
+    torch = _require_torch()
+    sd = to_torch_state_dict(params, num_heads=num_heads)
+    E, N = np.shape(_unwrap_params(params)["query"]["kernel"])[:2]
+    if "in_proj_weight" in sd:
+        kdim = vdim = E
+    else:
+        kdim, vdim = sd["k_proj_weight"].shape[1], sd["v_proj_weight"].shape[1]
+    module = torch.nn.MultiheadAttention(
+        E,
+        N,
+        dropout=dropout,
+        bias="out_proj.bias" in sd,
+        kdim=kdim,
+        vdim=vdim,
+        batch_first=batch_first,
+        dtype=torch.float32,
+    )
+    module.load_state_dict(sd, strict=True)
+    return module
+
+
+# --- masks -------------------------------------------------------------------
+
+
+def _mask_to_additive(m: np.ndarray) -> np.ndarray:
+    """Bool (True = NOT allowed) -> 0/-inf float; float masks pass through."""
+    if m.dtype == np.bool_:
+        return np.where(m, -np.inf, 0.0).astype(np.float32)
+    return m.astype(np.float32)
+
+
+def _torch_masks_4d(
+    attn_mask: Any,
+    key_padding_mask: Any,
+    num_heads: int | None,
+    batch_size: int | None,
+    is_causal: bool,
+    query_length: int | None,
+    key_length: int | None,
+) -> list[np.ndarray]:
+    """Returns each given mask as a float32 additive array broadcastable to [B, N, T, S]."""
+
+    def as_np(x: Any) -> np.ndarray:
+        if hasattr(x, "detach"):
+            x = x.detach().cpu()
+            x = x.float().numpy() if x.is_floating_point() else x.numpy()
+        return np.asarray(x)
+
+    out = []
+    if attn_mask is not None:
+        m = _mask_to_additive(as_np(attn_mask))
+        if m.ndim == 2:  # [T, S]
+            m = m[None, None]
+        elif m.ndim == 3:  # [B*N, T, S], index b*N + n
+            if num_heads is None:
+                raise ValueError("num_heads is needed to unflatten a 3-D attn_mask [B*N, T, S]")
+            if m.shape[0] % num_heads:
+                raise ValueError(
+                    f"attn_mask has leading size {m.shape[0]}, not a multiple of "
+                    f"num_heads={num_heads}"
+                )
+            B = m.shape[0] // num_heads
+            if batch_size is not None and batch_size != B:
+                raise ValueError(
+                    f"attn_mask has leading size {m.shape[0]} = {B} x {num_heads} heads, "
+                    f"but batch_size={batch_size}"
+                )
+            m = m.reshape(B, num_heads, *m.shape[1:])
+        else:
+            raise ValueError(f"attn_mask should be [T, S] or [B*N, T, S], but got {m.shape}")
+        out.append(m)
+    if key_padding_mask is not None:
+        m = _mask_to_additive(as_np(key_padding_mask))
+        if m.ndim == 1:  # unbatched [S]
+            m = m[None]
+        if m.ndim != 2:
+            raise ValueError(f"key_padding_mask should be [B, S] or [S], but got {m.shape}")
+        if batch_size is not None and m.shape[0] != batch_size:
+            raise ValueError(
+                f"key_padding_mask has batch size {m.shape[0]}, but batch_size={batch_size}"
+            )
+        out.append(m[:, None, None, :])
+    if is_causal:
+        T = query_length if query_length is not None else (out[0].shape[-2] if out else None)
+        S = key_length if key_length is not None else (out[0].shape[-1] if out else None)
+        if T is None or S is None or (attn_mask is None and query_length is None):
+            raise ValueError("is_causal=True needs attn_mask or query_length (and key_length)")
+        causal = np.arange(S)[None, :] <= np.arange(T)[:, None]  # top-left, as torch's sdpa
+        out.append(np.where(causal, 0.0, -np.inf).astype(np.float32)[None, None])
+    return out
+
+
+def mask_from_torch(
+    attn_mask: Any = None,
+    key_padding_mask: Any = None,
+    *,
+    num_heads: int | None = None,
+    batch_size: int | None = None,
+    is_causal: bool = False,
+    query_length: int | None = None,
+    key_length: int | None = None,
+) -> Array | None:
+    """Translates torch MHA masks to our boolean mask (True = attend).
+
+    Torch conventions: a bool mask is True where attention is NOT allowed; a
+    float mask is added to the logits. Float masks are accepted only if every
+    entry is 0 or -inf (e.g. `nn.Transformer.generate_square_subsequent_mask`);
+    use `bias_from_torch` for any other additive values.
+
+    Args:
+      attn_mask: [T, S] or [B*N, T, S] (torch's flattened batch-major order),
+        bool or float, torch tensor or array.
+      key_padding_mask: [B, S] (or unbatched [S]), True/-inf = ignore that key.
+      num_heads: needed for a 3-D ``attn_mask``.
+      batch_size: optional check of the batch size.
+      is_causal: also apply a top-left causal mask ``s <= t`` (torch treats
+        its ``is_causal`` as a hint that ``attn_mask`` is causal; here it is
+        applied explicitly, so it is harmless when ``attn_mask`` is causal).
+      query_length: T, needed for ``is_causal`` without ``attn_mask``.
+      key_length: S, defaults to ``query_length`` (or the mask's S).
+
+    Returns:
+      A bool jax array broadcastable to [B, N, T, S] — [B|1, N|1, T|1, S] —
+      or None if there is no mask. Pass it as ``mask=``. Query rows that torch
+      masks entirely come out NaN in torch but as a uniform average here.
+
+    Raises:
+      ValueError: for a float mask with values other than 0 and -inf, or for
+        inconsistent shapes.
+    """
+    if is_causal and key_length is None:
+        key_length = query_length
+    masks = _torch_masks_4d(
+        attn_mask, key_padding_mask, num_heads, batch_size, is_causal, query_length, key_length
+    )
+    if not masks:
+        return None
+    result = None
+    for m in masks:
+        if not np.all((m == 0) | (m == -np.inf)):
+            raise ValueError(
+                "a float torch mask with values other than 0 and -inf cannot be turned into a "
+                "boolean mask; use bias_from_torch() and pass the bias to the attention function"
+            )
+        allowed = m == 0
+        result = allowed if result is None else np.logical_and(result, allowed)
+    return jnp.asarray(result)
+
+
+def bias_from_torch(
+    attn_mask: Any = None,
+    key_padding_mask: Any = None,
+    *,
+    num_heads: int | None = None,
+    batch_size: int | None = None,
+    is_causal: bool = False,
+    query_length: int | None = None,
+    key_length: int | None = None,
+) -> Array | None:
+    """Translates torch MHA masks to an additive float32 logit bias.
+
+    Same arguments as `mask_from_torch`; bool "not allowed" entries become
+    -inf and float masks are summed as torch does. Use it with Flax's
+    ``attention_fn``, e.g.
+    ``attention_fn=functools.partial(nn.dot_product_attention, bias=bias)``.
+
+    Returns:
+      A float32 jax array broadcastable to [B, N, T, S], or None.
+    """
+    if is_causal and key_length is None:
+        key_length = query_length
+    masks = _torch_masks_4d(
+        attn_mask, key_padding_mask, num_heads, batch_size, is_causal, query_length, key_length
+    )
+    if not masks:
+        return None
+    total = masks[0]
+    for m in masks[1:]:
+        total = total + m  # numpy broadcasting; jax rank promotion does not apply
+    return jnp.asarray(total)

@@ -1,0 +1,217 @@
+"""`dot_product_attention`: one validated entry point over several backends.
+
+The signature is a superset of both `jax.nn.dot_product_attention` (``scale``,
+``is_causal``, sequence lengths, ``local_window_size``, ``implementation``) and
+`flax.linen.dot_product_attention` (dropout, ``dtype``, ``precision``, ``module``
+sowing, einsum overrides), so it can replace either, and it is the default
+``attention_fn`` of `flax_mha.MultiHeadAttention`.
+
+All checks look only at shapes and dtypes, so they run once at trace time and
+cost nothing under `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from flax_mha import masks as masks_lib
+from flax_mha.checks import as_full_rank, check_float, check_qkv
+from flax_mha.functional import default_scale, dropout_multiplier
+from flax_mha.kernels.reference import reference_attention
+
+__all__ = ["IMPLEMENTATIONS", "dot_product_attention"]
+
+#: Backends `dot_product_attention` can run. ``"xla"`` is jax.nn's name for the
+#: materialising implementation and is an alias of ``"reference"`` here.
+IMPLEMENTATIONS = ("reference", "xla")
+
+
+def _flatten_batch(x: Array | None, batch: tuple[int, ...]) -> Array | None:
+    """[batch... or 1..., rest...] -> [B or 1, rest...]."""
+    if x is None:
+        return None
+    nb = len(batch)
+    if all(d == 1 for d in x.shape[:nb]):
+        return x.reshape(1, *x.shape[nb:])
+    x = jnp.broadcast_to(x, batch + x.shape[nb:])
+    return x.reshape(-1, *x.shape[nb:])
+
+
+def _lengths(name: str, lengths: Any, batch: tuple[int, ...]) -> Array | None:
+    if lengths is None:
+        return None
+    lengths = jnp.asarray(lengths)
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"{name} should be an integer array, but got dtype {lengths.dtype}")
+    try:
+        lengths = jnp.broadcast_to(lengths, batch)
+    except ValueError:
+        raise ValueError(f"{name} should have shape {batch}, but got {lengths.shape}") from None
+    return lengths.reshape(-1)
+
+
+def _einsums(
+    precision: Any,
+    einsum_dot_general: Callable[..., Array] | None,
+    qk_attn_weights_einsum: Callable[..., Array] | None,
+    attn_weights_value_einsum: Callable[..., Array] | None,
+) -> tuple[Callable[..., Array] | None, Callable[..., Array] | None]:
+    if (qk_attn_weights_einsum is None) != (attn_weights_value_einsum is None):
+        raise ValueError(
+            "qk_attn_weights_einsum and attn_weights_value_einsum should be given together"
+        )
+    if (precision is not None or einsum_dot_general is not None) and qk_attn_weights_einsum:
+        raise ValueError(
+            "precision/einsum_dot_general and qk_attn_weights_einsum/attn_weights_value_einsum "
+            "are mutually exclusive"
+        )
+    if qk_attn_weights_einsum is not None:
+        return qk_attn_weights_einsum, attn_weights_value_einsum
+    if einsum_dot_general is not None:
+        einsum = functools.partial(jnp.einsum, precision=precision, _dot_general=einsum_dot_general)
+        return einsum, einsum
+    return None, None
+
+
+def dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    broadcast_dropout: bool = True,
+    dropout_rng: Array | None = None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = False,
+    dtype: Any = None,
+    precision: Any = None,
+    module: Any = None,
+    force_fp32_for_softmax: bool = False,
+    einsum_dot_general: Callable[..., Array] | None = None,
+    qk_attn_weights_einsum: Callable[..., Array] | None = None,
+    attn_weights_value_einsum: Callable[..., Array] | None = None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths: Array | None = None,
+    key_value_seq_lengths: Array | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    implementation: str | None = None,
+) -> Array:
+    """Scaled dot-product attention: ``softmax(q k^T * scale + bias, mask) v`` per head.
+
+    Takes the layout of `jax.nn.dot_product_attention` and
+    `flax.linen.dot_product_attention` and accepts the arguments of both.
+
+    Args:
+      query: [batch..., T, N, H] queries.
+      key: [batch..., S, K, H] keys; ``K`` divides ``N`` (grouped-query attention:
+        query head ``n`` uses kv head ``n // (N // K)``).
+      value: [batch..., S, K, Hv] values.
+      bias: additive bias broadcastable to [batch..., N, T, S].
+      mask: broadcastable to [batch..., N, T, S]; True (nonzero) = attend. Rows with
+        nothing to attend give zeros.
+      broadcast_dropout: share one dropout mask across batch and heads (Flax's default).
+      dropout_rng: PRNG key for dropout; required when dropout is active.
+      dropout_rate: probability of dropping an attention weight.
+      deterministic: if True, no dropout.
+      dtype: computation dtype; default the promoted dtype of query, key and value.
+      precision: `jax.lax.Precision` of the matmuls.
+      module: a Flax module; if given, the attention weights [batch..., N, T, S] are
+        sown into its ``intermediates`` collection as ``attention_weights``.
+      force_fp32_for_softmax: keep the weights in float32 for the weighted sum. The
+        softmax itself always computes in at least float32.
+      einsum_dot_general: dot_general used by the einsums.
+      qk_attn_weights_einsum: einsum for the scores (with the next one, instead of
+        ``precision``/``einsum_dot_general``).
+      attn_weights_value_einsum: einsum for the weighted sum.
+      scale: score scale; default ``1 / sqrt(H)``.
+      is_causal: query ``t`` attends to keys ``s <= t``.
+      query_seq_lengths: int [batch...]; query rows at or past the length give zeros.
+      key_value_seq_lengths: int [batch...]; keys at or past the length are ignored.
+      local_window_size: ``w`` or ``(left, right)``: attend to ``t - left <= s <= t + right``.
+      implementation: one of `IMPLEMENTATIONS`, or None to choose automatically.
+
+    Returns:
+      [batch..., T, N, Hv] attention output.
+
+    Raises:
+      TypeError: for non-floating query/key/value or non-integer lengths.
+      ValueError: for inconsistent shapes, a mask or bias that does not broadcast,
+        a bad dropout configuration or an unknown implementation.
+    """
+    check_qkv(query, key, value)
+    if implementation is None:
+        implementation = "reference"
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation should be one of {IMPLEMENTATIONS} or None, but got {implementation!r}"
+        )
+    qk_einsum, wv_einsum = _einsums(
+        precision, einsum_dot_general, qk_attn_weights_einsum, attn_weights_value_einsum
+    )
+    dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(query, key, value)
+    query, key, value = (x.astype(dtype) for x in (query, key, value))
+
+    batch = query.shape[:-3]
+    T, N, H = query.shape[-3:]
+    S = key.shape[-3]
+    full = (*batch, N, T, S)
+    if mask is not None:
+        mask = as_full_rank("mask", mask, full).astype(bool)
+    if bias is not None:
+        check_float("bias", bias)
+        bias = as_full_rank("bias", bias, full)
+
+    # Causal, window and length constraints, as one [B or 1, 1, T, S] mask.
+    window = masks_lib.normalize_window(local_window_size)
+    q_lengths = _lengths("query_seq_lengths", query_seq_lengths, batch)
+    kv_lengths = _lengths("key_value_seq_lengths", key_value_seq_lengths, batch)
+    positional = functools.partial(
+        masks_lib.position_mask, jnp.arange(T), jnp.arange(S), is_causal=is_causal,
+        local_window=window,
+    )  # fmt: skip
+    if q_lengths is not None or kv_lengths is not None:
+        pos_mask = jax.vmap(lambda ql, kl: positional(q_length=ql, kv_length=kl))(
+            q_lengths if q_lengths is not None else jnp.full((math.prod(batch),), T),
+            kv_lengths if kv_lengths is not None else jnp.full((math.prod(batch),), S),
+        )[:, None]
+    else:
+        pos_mask = positional()
+        pos_mask = None if pos_mask is None else pos_mask[None, None]
+
+    dropout = None
+    if not deterministic and dropout_rate > 0.0:
+        if not 0.0 <= dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate should be in [0, 1), but got {dropout_rate}")
+        if dropout_rng is None:
+            raise ValueError("dropout_rng should be a PRNG key when dropout is active, got None")
+        shape = (1,) * (len(batch) + 1) + (T, S) if broadcast_dropout else full
+        dropout = dropout_multiplier(dropout_rng, dropout_rate, shape, dtype)
+
+    mask_b = _flatten_batch(mask, batch)
+    if pos_mask is not None:
+        mask_b = pos_mask if mask_b is None else jnp.logical_and(mask_b, pos_mask)
+    B = math.prod(batch)
+    flat = [x.reshape(B, *x.shape[-3:]) for x in (query, key, value)]
+    out, weights = reference_attention(
+        *flat,
+        mask=mask_b,
+        bias=_flatten_batch(bias, batch),
+        dropout=_flatten_batch(dropout, batch),
+        scale=default_scale(H) if scale is None else scale,
+        precision=precision,
+        qk_einsum=qk_einsum,
+        wv_einsum=wv_einsum,
+        weights_dtype=jnp.float32 if force_fp32_for_softmax else None,
+    )
+    if module is not None:
+        module.sow("intermediates", "attention_weights", weights.reshape(*batch, N, T, S))
+    return out.reshape(*batch, T, N, out.shape[-1]).astype(dtype)
