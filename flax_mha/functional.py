@@ -50,8 +50,20 @@ Einsum = Callable[..., Array]
 DotGeneral = Callable[..., Array]
 
 
-def _einsum(einsum: Einsum | None, precision: Any) -> Einsum:
-    return einsum if einsum is not None else functools.partial(jnp.einsum, precision=precision)
+def _trailing(x: Array, ndim: int) -> Array:
+    """Adds leading size-1 axes so ``x`` broadcasts against an ``ndim``-dim array explicitly."""
+    return x.reshape((1,) * (ndim - x.ndim) + x.shape)
+
+
+def _einsum(einsum: Einsum | None, precision: Any, accumulate: Any = None) -> Einsum:
+    """A user's einsum as given, or `jnp.einsum` accumulating in ``accumulate`` dtype."""
+    if einsum is not None:
+        return einsum
+    return functools.partial(jnp.einsum, precision=precision, preferred_element_type=accumulate)
+
+
+def _at_least_f32(*xs: Array) -> Any:
+    return jnp.promote_types(jnp.result_type(*xs), jnp.float32)
 
 
 # --- Step 1: projections -------------------------------------------------------------
@@ -82,7 +94,7 @@ def project(
     dot_general = dot_general or lax.dot_general
     out = dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
     if bias is not None:
-        out = out + bias
+        out = out + _trailing(bias, out.ndim)
     return out
 
 
@@ -131,9 +143,10 @@ def attention_scores(
       einsum: replacement for `jnp.einsum`.
 
     Returns:
-      [T, S] unnormalised scores.
+      [T, S] unnormalised scores, in at least float32: bf16/fp16 products are
+      accumulated and returned in float32 so large logits cannot overflow.
     """
-    return _einsum(einsum, precision)("TH,SH->TS", q, k)
+    return _einsum(einsum, precision, _at_least_f32(q, k))("TH,SH->TS", q, k)
 
 
 def default_scale(head_dim: int) -> float:
@@ -234,9 +247,11 @@ def weighted_sum(
       einsum: replacement for `jnp.einsum`.
 
     Returns:
-      [T, H] the head's output.
+      [T, H] the head's output (accumulated in at least float32, returned in the
+      promoted dtype of the inputs).
     """
-    return _einsum(einsum, precision)("TS,SH->TH", weights, v)
+    dtype = jnp.result_type(weights, v)
+    return _einsum(einsum, precision, _at_least_f32(dtype))("TS,SH->TH", weights, v).astype(dtype)
 
 
 def single_head_attention(
@@ -269,7 +284,7 @@ def single_head_attention(
       qk_einsum: replacement for `jnp.einsum` in the scores.
       wv_einsum: replacement for `jnp.einsum` in the weighted sum.
       weights_dtype: dtype of the weights in the weighted sum; default the dtype
-        of the scores. The softmax itself always computes in at least float32
+        of q and k. Scores and softmax always compute in at least float32
         (Flax's ``force_fp32_for_softmax=True`` corresponds to float32 here).
 
     Returns:
@@ -281,7 +296,8 @@ def single_head_attention(
     )
     if bias is not None:
         scores = scores + bias.astype(scores.dtype)
-    weights = softmax(scores if weights_dtype is None else scores.astype(weights_dtype), mask)
+    weights_dtype = weights_dtype or jnp.result_type(q, k)
+    weights = softmax(scores, mask).astype(weights_dtype)
     applied = weights if dropout is None else weights * dropout.astype(weights.dtype)
     out = weighted_sum(applied, v, precision=precision, einsum=wv_einsum)
     return out, weights
@@ -430,7 +446,7 @@ def layer_norm(
     var = jnp.var(xf, axis=-1, keepdims=True, ddof=ddof)
     y = (xf - mean) * lax.rsqrt(var + epsilon)
     if scale is not None:
-        y = y * scale
+        y = y * _trailing(scale, y.ndim)
     if bias is not None:
-        y = y + bias
+        y = y + _trailing(bias, y.ndim)
     return y.astype(dtype)

@@ -241,11 +241,18 @@ def to_torch_state_dict(
     Raises:
       ValueError: if the config has no torch equivalent: torch requires the
         query input size, ``qkv_features`` and ``out_features`` to all equal
-        ``embed_dim``, and either all or no biases.
+        ``embed_dim``, either all or no biases, and no extra params
+        (``normalize_qk=True``).
       ImportError: if torch is not installed.
     """
     torch = _require_torch()
     p = _unwrap_params(params)
+    extra = set(p) - {"query", "key", "value", "out"}
+    if extra:
+        raise ValueError(
+            f"params {sorted(extra)} have no torch equivalent (e.g. normalize_qk=True adds "
+            "'query_ln'/'key_ln')"
+        )
     kq = np.asarray(p["query"]["kernel"], dtype=np.float32)
     if kq.ndim != 3:
         raise ValueError(f"query kernel should have shape [D, N, H], but got {kq.shape}")
