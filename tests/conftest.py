@@ -1,7 +1,6 @@
 """Test-wide JAX strictness and the float64 NumPy references shared by the tests."""
 
 import jax
-import numpy as np
 import pytest
 
 # Silent rank promotion hides shape bugs: make it an error everywhere in the tests.

@@ -234,5 +234,5 @@ def test_check_grads_on_the_functional_core():
         check_grads(lambda x: F.layer_norm(x, x[0], x[1]), (rand(8, (3, 6), jnp.float64),), 2)
         w = rand(9, (4, 2, 3), jnp.float64)
         check_grads(lambda x, w: F.project_heads(x, w), (rand(10, (5, 4), jnp.float64), w), 2)
-        check_grads(lambda h, w: F.output_projection(h, w), (rand(11, (5, 2, 3), jnp.float64),
-                                                            rand(12, (2, 3, 4), jnp.float64)), 2)  # fmt: skip
+        heads, w_out = rand(11, (5, 2, 3), jnp.float64), rand(12, (2, 3, 4), jnp.float64)
+        check_grads(lambda h, w: F.output_projection(h, w), (heads, w_out), 2)

@@ -1,0 +1,267 @@
+"""`flax_mha.MultiHeadAttention` against `flax.linen.MultiHeadDotProductAttention` on the same params."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from np_reference import FP32_TOL, np_attention
+
+import flax_mha
+
+TOL = dict(atol=FP32_TOL, rtol=FP32_TOL)
+
+
+def rand(seed, shape, dtype=jnp.float32):
+    return jax.random.normal(jax.random.key(seed), shape, dtype)
+
+
+def both(**kw):
+    return nn.MultiHeadDotProductAttention(**kw), flax_mha.MultiHeadAttention(**kw)
+
+
+def assert_trees_close(a, b, **tol):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, **(tol or TOL))
+
+
+CASES = {
+    "self": dict(kw=dict(num_heads=4), q=(2, 5, 16), kv=None),
+    "cross": dict(kw=dict(num_heads=2), q=(2, 5, 16), kv=(2, 7, 12)),
+    "qkv_out_features": dict(
+        kw=dict(num_heads=3, qkv_features=12, out_features=10), q=(2, 5, 8), kv=(2, 6, 8)
+    ),
+    "multi_batch": dict(kw=dict(num_heads=2), q=(2, 3, 5, 8), kv=(2, 3, 4, 8)),
+    "no_batch": dict(kw=dict(num_heads=2), q=(5, 8), kv=None),
+    "no_bias_normalize_qk": dict(
+        kw=dict(num_heads=2, use_bias=False, normalize_qk=True), q=(2, 5, 8), kv=None
+    ),
+    "fp32_softmax": dict(kw=dict(num_heads=2, force_fp32_for_softmax=True), q=(2, 5, 8), kv=None),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("jit", [False, True])
+def test_module_matches_flax_on_same_params(case, jit):
+    c = CASES[case]
+    theirs, ours = both(**c["kw"])
+    x = rand(0, c["q"])
+    args = (x,) if c["kv"] is None else (x, rand(1, c["kv"]))
+    params = theirs.init(jax.random.key(2), *args)
+    apply_ours = jax.jit(ours.apply) if jit else ours.apply
+    np.testing.assert_allclose(apply_ours(params, *args), theirs.apply(params, *args), **TOL)
+
+
+def test_same_rng_gives_identical_params_and_trees_load_both_ways():
+    theirs, ours = both(num_heads=4, qkv_features=16, out_features=8, normalize_qk=True)
+    x, kv = rand(0, (2, 5, 12)), rand(1, (2, 7, 6))
+    p_theirs = theirs.init(jax.random.key(3), x, kv)
+    p_ours = ours.init(jax.random.key(3), x, kv)
+    assert_trees_close(p_theirs, p_ours, atol=0, rtol=0)
+    shapes = jax.tree.map(jnp.shape, p_ours["params"])
+    assert shapes["query"] == {"kernel": (12, 4, 4), "bias": (4, 4)}
+    assert shapes["key"] == {"kernel": (6, 4, 4), "bias": (4, 4)}
+    assert shapes["out"] == {"kernel": (4, 4, 8), "bias": (8,)}
+    # Each class runs with the other's params and gives the other's output.
+    other = flax_mha.MultiHeadAttention(num_heads=4, qkv_features=16, out_features=8,
+                                        normalize_qk=True)  # fmt: skip
+    p2 = other.init(jax.random.key(9), x, kv)
+    np.testing.assert_allclose(ours.apply(p2, x, kv), theirs.apply(p2, x, kv), **TOL)
+    np.testing.assert_allclose(theirs.apply(p_ours, x, kv), ours.apply(p_theirs, x, kv), **TOL)
+
+
+def test_swapping_the_import_keeps_submodule_names():
+    class Model(nn.Module):
+        attention_cls: type
+
+        @nn.compact
+        def __call__(self, x):
+            return self.attention_cls(num_heads=2)(x)
+
+    x = rand(0, (2, 4, 8))
+    theirs = Model(nn.MultiHeadDotProductAttention).init(jax.random.key(0), x)
+    ours = Model(flax_mha.MultiHeadDotProductAttention).init(jax.random.key(0), x)
+    assert_trees_close(theirs, ours, atol=0, rtol=0)
+
+
+def test_padding_and_causal_masks_match_flax_and_numpy():
+    theirs, ours = both(num_heads=2)
+    tokens = jnp.array([[3, 4, 5, 0, 0], [1, 2, 0, 0, 0]])
+    x = rand(0, (2, 5, 8))
+    mask = flax_mha.combine_masks(
+        flax_mha.make_attention_mask(tokens > 0, tokens > 0), flax_mha.make_causal_mask(tokens)
+    )
+    np.testing.assert_array_equal(
+        mask,
+        nn.combine_masks(
+            nn.make_attention_mask(tokens > 0, tokens > 0), nn.make_causal_mask(tokens)
+        ),  # fmt: skip
+    )
+    params = theirs.init(jax.random.key(1), x)
+    out = ours.apply(params, x, mask=mask)
+    valid = np.asarray(tokens > 0)  # padded query rows are fully masked (see below)
+    np.testing.assert_allclose(
+        np.asarray(out)[valid], np.asarray(theirs.apply(params, x, mask=mask))[valid], **TOL
+    )
+    # Independent float64 reference of the whole module on the same params.
+    p = jax.tree.map(np.float64, params["params"])
+    q = np.einsum("btd,dnh->btnh", x, p["query"]["kernel"]) + p["query"]["bias"]
+    k = np.einsum("btd,dnh->btnh", x, p["key"]["kernel"]) + p["key"]["bias"]
+    v = np.einsum("btd,dnh->btnh", x, p["value"]["kernel"]) + p["value"]["bias"]
+    heads, _ = np_attention(q, k, v, mask=np.asarray(mask))
+    ref = np.einsum("btnh,nhd->btd", heads, p["out"]["kernel"]) + p["out"]["bias"]
+    np.testing.assert_allclose(out, ref, **TOL)
+
+
+def test_fully_masked_query_rows_give_bias_only_not_nan():
+    _, ours = both(num_heads=2)
+    x = rand(0, (1, 3, 8))
+    mask = jnp.zeros((1, 1, 3, 3), bool).at[..., 0, :].set(True)
+    params = ours.init(jax.random.key(1), x)
+    out = ours.apply(params, x, mask=mask)
+    assert np.all(np.isfinite(out))
+    # A row that attends to nothing has zero heads, so the output is the out bias.
+    np.testing.assert_allclose(out[0, 1:], np.broadcast_to(params["params"]["out"]["bias"],
+                                                           (2, 8)), **TOL)  # fmt: skip
+    grads = jax.grad(lambda p: ours.apply(p, x, mask=mask).sum())(params)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("broadcast_dropout", [True, False])
+def test_dropout_with_same_rng_matches_flax(broadcast_dropout):
+    kw = dict(num_heads=2, dropout_rate=0.4, broadcast_dropout=broadcast_dropout)
+    theirs, ours = both(**kw)
+    x = rand(0, (2, 6, 8))
+    params = theirs.init(jax.random.key(1), x, deterministic=True)
+    rngs = {"dropout": jax.random.key(7)}
+    out = ours.apply(params, x, deterministic=False, rngs=rngs)
+    np.testing.assert_allclose(out, theirs.apply(params, x, deterministic=False, rngs=rngs), **TOL)
+    # An explicit dropout_rng gives the same as the same key through rngs in Flax.
+    explicit = ours.apply(params, x, deterministic=False, dropout_rng=jax.random.key(7))
+    np.testing.assert_allclose(
+        explicit, theirs.apply(params, x, deterministic=False, dropout_rng=jax.random.key(7)), **TOL
+    )
+    # Dropout is active: it differs from the deterministic output.
+    assert not np.allclose(out, ours.apply(params, x, deterministic=True), atol=1e-3)
+
+
+def test_deterministic_is_required_with_dropout_like_flax():
+    _, ours = both(num_heads=2, dropout_rate=0.1)
+    x = rand(0, (1, 3, 8))
+    params = ours.init(jax.random.key(1), x, deterministic=True)
+    with pytest.raises(ValueError, match="deterministic"):
+        ours.apply(params, x)
+
+
+def test_sow_weights_matches_flax_intermediates():
+    theirs, ours = both(num_heads=2)
+    x = rand(0, (2, 5, 8))
+    mask = flax_mha.make_causal_mask(jnp.ones((2, 5)))
+    params = theirs.init(jax.random.key(1), x)
+    _, s_theirs = theirs.apply(params, x, mask=mask, sow_weights=True, mutable=["intermediates"])
+    _, s_ours = ours.apply(params, x, mask=mask, sow_weights=True, mutable=["intermediates"])
+    assert_trees_close(s_theirs, s_ours)
+    (w,) = s_ours["intermediates"]["attention_weights"]
+    assert w.shape == (2, 2, 5, 5)
+    np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-6)
+    _, none = ours.apply(params, x, mutable=["intermediates"])
+    assert not none  # nothing is sown unless asked
+
+
+def test_decode_step_by_step_matches_flax_and_full_causal():
+    theirs, ours = both(num_heads=2, decode=True)
+    B, L, D = 2, 6, 8
+    x = rand(0, (B, L, D))
+    variables = theirs.init(jax.random.key(1), x)
+    params, cache_t = variables["params"], variables["cache"]
+    cache_o = ours.init(jax.random.key(1), x)["cache"]
+    assert_trees_close(cache_t, cache_o, atol=0, rtol=0)
+    step = jax.jit(lambda c, xt: ours.apply({"params": params, "cache": c}, xt, mutable=["cache"]))
+    outs = []
+    for t in range(L):
+        out_t, mut_t = theirs.apply({"params": params, "cache": cache_t}, x[:, t : t + 1],
+                                    mutable=["cache"])  # fmt: skip
+        out_o, mut_o = step(cache_o, x[:, t : t + 1])
+        np.testing.assert_allclose(out_o, out_t, **TOL)
+        cache_t, cache_o = mut_t["cache"], mut_o["cache"]
+        outs.append(out_o)
+    assert_trees_close(cache_t, cache_o)
+    full = nn.MultiHeadDotProductAttention(num_heads=2).apply(
+        {"params": params}, x, mask=nn.make_causal_mask(jnp.ones((B, L)))
+    )
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, **TOL)
+
+
+def test_decode_prefill_then_steps_matches_full_causal():
+    ours = flax_mha.MultiHeadAttention(num_heads=2, decode=True)
+    B, L, P, D = 2, 7, 4, 8
+    x = rand(0, (B, L, D))
+    variables = ours.init(jax.random.key(1), x)
+    params, cache = variables["params"], variables["cache"]
+    out_p, mut = ours.apply({"params": params, "cache": cache}, x[:, :P], mutable=["cache"])
+    outs = [out_p]
+    cache = mut["cache"]
+    for t in range(P, L):
+        out_t, mut = ours.apply({"params": params, "cache": cache}, x[:, t : t + 1],
+                                mutable=["cache"])  # fmt: skip
+        outs.append(out_t)
+        cache = mut["cache"]
+    assert int(cache["cache_index"]) == L
+    full = flax_mha.MultiHeadAttention(num_heads=2).apply(
+        {"params": params}, x, mask=flax_mha.make_causal_mask(jnp.ones((B, L)))
+    )
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, **TOL)
+
+
+def test_flax_attention_fn_plugs_in():
+    _, ours = both(num_heads=2)
+    custom = flax_mha.MultiHeadAttention(num_heads=2, attention_fn=nn.dot_product_attention)
+    x = rand(0, (2, 5, 8))
+    params = ours.init(jax.random.key(1), x)
+    np.testing.assert_allclose(custom.apply(params, x), ours.apply(params, x), **TOL)
+
+
+def test_self_attention_class():
+    x = rand(0, (2, 5, 8))
+    ours = flax_mha.SelfAttention(num_heads=2)
+    params = ours.init(jax.random.key(1), x)
+    with pytest.warns(DeprecationWarning):
+        expected = nn.SelfAttention(num_heads=2).apply(params, x)
+    np.testing.assert_allclose(ours.apply(params, x), expected, **TOL)
+
+
+def test_inputs_kv_is_deprecated_but_works():
+    theirs, ours = both(num_heads=2)
+    x, kv = rand(0, (2, 5, 8)), rand(1, (2, 3, 8))
+    params = ours.init(jax.random.key(1), x, kv)
+    with pytest.warns(DeprecationWarning, match="inputs_kv"):
+        out = ours.apply(params, x, inputs_kv=kv)
+    np.testing.assert_allclose(out, theirs.apply(params, x, kv), **TOL)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_module_is_finite_and_close(dtype):
+    theirs, ours = both(num_heads=2, dtype=dtype)
+    x = rand(0, (2, 5, 8)) * 30
+    params = ours.init(jax.random.key(1), x)
+    out = ours.apply(params, x)
+    assert out.dtype == dtype
+    assert np.all(np.isfinite(np.asarray(out, np.float32)))
+    ref = nn.MultiHeadDotProductAttention(num_heads=2).apply(params, x)  # fp32 Flax
+    # bf16 has 8 mantissa bits: relative error ~2**-8 per op; allow a few ulps of the scale.
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=5e-2, atol=5e-2 * 30)
+
+
+def test_gradients_match_flax():
+    theirs, ours = both(num_heads=2)
+    x = rand(0, (2, 5, 8))
+    mask = flax_mha.make_causal_mask(jnp.ones((2, 5)))
+    params = theirs.init(jax.random.key(1), x)
+
+    def loss(m):
+        return lambda p, x: jnp.sum(m.apply(p, x, mask=mask) ** 2)
+
+    g_theirs = jax.grad(loss(theirs), argnums=(0, 1))(params, x)
+    g_ours = jax.grad(loss(ours), argnums=(0, 1))(params, x)
+    assert_trees_close(g_theirs, g_ours, atol=1e-5, rtol=1e-5)
