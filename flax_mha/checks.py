@@ -65,9 +65,7 @@ def check_qkv(query: Array, key: Array, value: Array) -> None:
 def as_full_rank(name: str, x: Any, target: tuple[int, ...]) -> Array:
     """Left-pads ``x`` with size-1 axes to ``len(target)`` dims and checks it broadcasts."""
     x = jnp.asarray(x)
-    if x.ndim > len(target):
+    padded = (1,) * (len(target) - x.ndim) + x.shape
+    if x.ndim > len(target) or any(a not in (1, b) for a, b in zip(padded, target, strict=True)):
         raise ValueError(f"{name} should broadcast to {target}, but got {x.shape}")
-    x = x.reshape((1,) * (len(target) - x.ndim) + x.shape)
-    if any(a not in (1, b) for a, b in zip(x.shape, target, strict=True)):
-        raise ValueError(f"{name} should broadcast to {target}, but got {x.shape}")
-    return x
+    return x.reshape(padded)

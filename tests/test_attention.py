@@ -265,3 +265,58 @@ def test_gradients_match_flax():
     g_theirs = jax.grad(loss(theirs), argnums=(0, 1))(params, x)
     g_ours = jax.grad(loss(ours), argnums=(0, 1))(params, x)
     assert_trees_close(g_theirs, g_ours, atol=1e-5, rtol=1e-5)
+
+
+# --- Bad input: one row of the README's table each ----------------------------------------------
+
+X = jnp.zeros((2, 5, 8))
+
+MODULE_BAD = [
+    ("rank", dict(num_heads=2), dict(inputs_q=jnp.zeros((8,))), ValueError,
+     r"inputs_q should have shape \[batch..., length, features\] \(rank >= 2\), but got \(8,\)"),
+    ("batch", dict(num_heads=2), dict(inputs_k=jnp.zeros((3, 5, 8))), ValueError,
+     r"same batch dimensions, but got shapes \(2, 5, 8\), \(3, 5, 8\)"),
+    ("kv length", dict(num_heads=2), dict(inputs_k=X, inputs_v=jnp.zeros((2, 4, 8))), ValueError,
+     "inputs_k and inputs_v should have the same length"),
+    ("divisible", dict(num_heads=3), {}, ValueError,
+     r"qkv_features \(8\) should be divisible by num_heads \(3\)"),
+    ("num_heads", dict(num_heads=0), {}, ValueError, "num_heads should be a positive int, but got 0"),
+    ("int input", dict(num_heads=2), dict(inputs_q=jnp.zeros((2, 5, 8), jnp.int32)), TypeError,
+     "inputs_q should be a floating-point array, but got dtype int32"),
+    ("bool input", dict(num_heads=2), dict(inputs_k=jnp.zeros((2, 5, 8), bool)), TypeError,
+     "inputs_k should be a floating-point array, but got dtype bool"),
+    ("mask", dict(num_heads=2), dict(mask=jnp.ones((2, 1, 5, 4))), ValueError,
+     r"mask should broadcast to \(2, 2, 5, 5\), but got \(2, 1, 5, 4\)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "kw", "call", "error", "match"), MODULE_BAD,
+                         ids=[b[0] for b in MODULE_BAD])  # fmt: skip
+def test_module_bad_input_raises(name, kw, call, error, match):
+    args = dict(inputs_q=X) | call
+    module = flax_mha.MultiHeadAttention(**kw)
+    with pytest.raises(error, match=match):
+        module.init(jax.random.key(0), **args)
+    # Raised during tracing, before anything runs.
+    with pytest.raises(error, match=match):
+        jax.eval_shape(lambda: module.init(jax.random.key(0), **args))
+
+
+def test_features_not_matching_loaded_params_name_the_argument():
+    module = flax_mha.MultiHeadAttention(num_heads=2)
+    params = module.init(jax.random.key(0), X)
+    with pytest.raises(
+        ValueError,
+        match=r"inputs_q should have 8 features to match the 'query' "
+        r"kernel of shape \(8, 2, 4\), but got shape \(2, 5, 6\)",
+    ):
+        module.apply(params, jnp.zeros((2, 5, 6)), X)  # fmt: skip
+    with pytest.raises(ValueError, match=r"inputs_k should have 8 features"):
+        module.apply(params, X, jnp.zeros((2, 5, 3)))
+
+
+def test_decode_step_with_wrong_query_shape_is_rejected():
+    module = flax_mha.MultiHeadAttention(num_heads=2, decode=True)
+    variables = module.init(jax.random.key(0), X)
+    with pytest.raises(ValueError, match="autoregressive cache"):
+        module.apply(variables, jnp.zeros((3, 1, 8)), mutable=["cache"])

@@ -1,0 +1,228 @@
+"""`flax_mha.dot_product_attention` against float64 NumPy, jax.nn, flax.linen and torch."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from np_reference import FP32_TOL, np_attention
+
+import flax_mha
+
+TOL = dict(atol=FP32_TOL, rtol=FP32_TOL)
+
+
+def rand(seed, shape, dtype=jnp.float32):
+    return jax.random.normal(jax.random.key(seed), shape, dtype)
+
+
+def np_positional_mask(B, T, S, is_causal=False, window=None, q_len=None, kv_len=None):
+    """[B, 1, T, S] float64-side mask built with plain loops' logic (NumPy broadcasting)."""
+    t = np.arange(T)[:, None]
+    s = np.arange(S)[None, :]
+    m = np.ones((B, 1, T, S), bool)
+    if is_causal:
+        m &= s <= t
+    if window is not None:
+        m &= (s >= t - window[0]) & (s <= t + window[1])
+    if q_len is not None:
+        m &= t < np.asarray(q_len)[:, None, None, None]
+    if kv_len is not None:
+        m &= s < np.asarray(kv_len)[:, None, None, None]
+    return m
+
+
+GRID = [
+    dict(),
+    dict(is_causal=True),
+    dict(is_causal=True, T=5, S=9),
+    dict(local_window_size=(2, 1)),
+    dict(local_window_size=2, is_causal=True),
+    dict(key_value_seq_lengths=[9, 4]),
+    dict(query_seq_lengths=[3, 7], key_value_seq_lengths=[5, 9], is_causal=True),
+    dict(K=2),
+    dict(K=1, is_causal=True),
+    dict(mask=True),
+    dict(bias=True),
+    dict(mask=True, bias=True, K=2, is_causal=True),
+    dict(scale=0.3),
+]
+
+
+@pytest.mark.parametrize("case", GRID, ids=[str(c) for c in GRID])
+@pytest.mark.parametrize("jit", [False, True])
+def test_matches_numpy_reference_and_gradients(case, jit):
+    case = dict(case)
+    B, T, S, N, H = 2, case.pop("T", 7), case.pop("S", 9), 4, 8
+    K = case.pop("K", N)
+    q, k, v = rand(0, (B, T, N, H)), rand(1, (B, S, K, H)), rand(2, (B, S, K, H))
+    mask = (
+        jax.random.bernoulli(jax.random.key(3), 0.8, (B, 1, T, S)) if case.pop("mask", 0) else None
+    )
+    bias = rand(4, (1, N, T, S)) if case.pop("bias", False) else None
+    kwargs = dict(case)
+    for name in ("query_seq_lengths", "key_value_seq_lengths"):
+        if name in kwargs:
+            kwargs[name] = jnp.array(kwargs[name])
+    static = {k_: kwargs.pop(k_) for k_ in ("is_causal", "local_window_size", "scale")
+              if k_ in kwargs}  # fmt: skip
+
+    def f(q, k, v, bias):
+        return flax_mha.dot_product_attention(q, k, v, bias, mask, **static, **kwargs)
+
+    f = jax.jit(f) if jit else f
+    out = f(q, k, v, bias)
+    window = flax_mha.masks.normalize_window(static.get("local_window_size"))
+    m = np_positional_mask(B, T, S, static.get("is_causal", False), window,
+                           case.get("query_seq_lengths"), case.get("key_value_seq_lengths"))  # fmt: skip
+    if mask is not None:
+        m &= np.asarray(mask)
+    ref, _ = np_attention(q, k, v, m, bias, static.get("scale"))
+    np.testing.assert_allclose(out, ref, **TOL)
+
+    # Gradients against a float64 jnp version of the same reference.
+    cot = rand(5, out.shape)
+
+    def loss_ours(q, k, v):
+        return jnp.sum(f(q, k, v, bias) * cot)
+
+    g = jax.grad(loss_ours, (0, 1, 2))(q, k, v)
+    with jax.enable_x64(True):
+
+        def loss_ref(q, k, v):
+            G = N // K
+            k2, v2 = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
+            sc = static.get("scale", 1 / np.sqrt(H))
+            s = jnp.einsum("btnh,bsnh->bnts", q, k2) * sc
+            if bias is not None:
+                s = s + jnp.asarray(bias, jnp.float64)
+            w = jnp.where(m, jax.nn.softmax(jnp.where(m, s, -1e30), axis=-1), 0.0)
+            return jnp.sum(jnp.einsum("bnts,bsnh->btnh", w, v2) * jnp.asarray(cot, jnp.float64))
+
+        g_ref = jax.grad(loss_ref, (0, 1, 2))(*(jnp.asarray(a, jnp.float64) for a in (q, k, v)))
+    for a, b in zip(g, g_ref, strict=True):
+        np.testing.assert_allclose(a, np.asarray(b), **TOL)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(is_causal=True), dict(local_window_size=(1, 2)),
+     dict(key_value_seq_lengths=jnp.array([3, 6])), dict(K=2)],
+)  # fmt: skip
+def test_matches_jax_nn(kwargs):
+    kwargs = dict(kwargs)
+    K = kwargs.pop("K", 4)
+    q, k, v = rand(0, (2, 6, 4, 8)), rand(1, (2, 6, K, 8)), rand(2, (2, 6, K, 8))
+    bias, mask = rand(3, (2, 4, 6, 6)), jax.random.bernoulli(jax.random.key(4), 0.9, (2, 4, 6, 6))
+    mask = mask.at[..., 0].set(True)  # no fully masked rows (jax.nn gives uniform weights there)
+    ours = flax_mha.dot_product_attention(q, k, v, bias, mask, **kwargs)
+    theirs = jax.nn.dot_product_attention(q, k, v, bias, mask, **kwargs)
+    np.testing.assert_allclose(ours, theirs, **TOL)
+
+
+def test_matches_flax_dot_product_attention_with_dropout():
+    q, k, v = rand(0, (2, 3, 5, 4, 8)), rand(1, (2, 3, 7, 4, 8)), rand(2, (2, 3, 7, 4, 8))
+    mask = jax.random.bernoulli(jax.random.key(3), 0.9, (2, 3, 1, 5, 7)).at[..., 0].set(True)
+    for broadcast in (True, False):
+        kw = dict(mask=mask, dropout_rng=jax.random.key(5), dropout_rate=0.3,
+                  broadcast_dropout=broadcast)  # fmt: skip
+        np.testing.assert_allclose(
+            flax_mha.dot_product_attention(q, k, v, **kw), nn.dot_product_attention(q, k, v, **kw),
+            **TOL,
+        )  # fmt: skip
+
+
+def test_matches_torch_sdpa():
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    q, k, v = rand(0, (2, 6, 4, 8)), rand(1, (2, 9, 4, 8)), rand(2, (2, 9, 4, 8))
+
+    def t(x):  # [B, T, N, H] -> torch [B, N, T, H]
+        return torch.tensor(np.asarray(x)).transpose(1, 2)
+
+    for causal in (False, True):
+        expected = F.scaled_dot_product_attention(t(q), t(k), t(v), is_causal=causal)
+        ours = flax_mha.dot_product_attention(q, k, v, is_causal=causal)
+        np.testing.assert_allclose(ours, expected.transpose(1, 2).numpy(), **TOL)
+    attn_mask = torch.rand(2, 1, 6, 9, generator=torch.Generator().manual_seed(0)) > 0.2
+    attn_mask[..., 0] = True
+    expected = F.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=attn_mask)
+    ours = flax_mha.dot_product_attention(q, k, v, mask=jnp.asarray(attn_mask.numpy()))
+    np.testing.assert_allclose(ours, expected.transpose(1, 2).numpy(), **TOL)
+
+
+def test_module_sowing_through_dot_product_attention():
+    class Sower(nn.Module):
+        @nn.compact
+        def __call__(self, q, k, v):
+            return flax_mha.dot_product_attention(q, k, v, module=self)
+
+    q = rand(0, (1, 3, 2, 4))
+    _, state = Sower().apply({}, q, q, q, mutable=["intermediates"])
+    (w,) = state["intermediates"]["attention_weights"]
+    _, ref = np_attention(q, q, q)
+    np.testing.assert_allclose(w, ref, **TOL)
+
+
+def test_fully_masked_and_padded_queries_give_zeros_and_finite_grads():
+    q = rand(0, (2, 4, 2, 8))
+    lengths = jnp.array([2, 0])
+
+    def f(q):
+        return flax_mha.dot_product_attention(q, q, q, key_value_seq_lengths=lengths,
+                                              query_seq_lengths=jnp.array([4, 3]))  # fmt: skip
+
+    out = f(q)
+    np.testing.assert_array_equal(out[1], 0.0)
+    g = jax.grad(lambda q: f(q).sum())(q)
+    assert np.all(np.isfinite(g))
+
+
+def test_implementation_names():
+    q = rand(0, (1, 3, 2, 4))
+    np.testing.assert_allclose(
+        flax_mha.dot_product_attention(q, q, q, implementation="xla"),
+        flax_mha.dot_product_attention(q, q, q, implementation="reference"),
+    )
+    with pytest.raises(ValueError, match="implementation should be one of"):
+        flax_mha.dot_product_attention(q, q, q, implementation="magic")
+
+
+# --- Bad input: one row of the README's table each ----------------------------------------------
+
+Q = jnp.zeros((2, 5, 4, 8))
+KV = jnp.zeros((2, 7, 4, 8))
+
+BAD = [
+    ("rank", dict(query=jnp.zeros((5, 8))), ValueError, r"query should have shape .*got \(5, 8\)"),
+    ("rank mismatch", dict(key=jnp.zeros((7, 4, 8))), ValueError, "same rank"),
+    ("batch", dict(key=jnp.zeros((3, 7, 4, 8)), value=jnp.zeros((3, 7, 4, 8))), ValueError,
+     r"same batch dimensions, but got \(2,\), \(3,\)"),
+    ("kv length", dict(value=jnp.zeros((2, 6, 4, 8))), ValueError, "key and value should have the same length"),
+    ("heads", dict(key=jnp.zeros((2, 7, 3, 8)), value=jnp.zeros((2, 7, 3, 8))), ValueError,
+     r"query heads \(4\) should be a multiple of the number of key/value heads \(3\)"),
+    ("head dim", dict(key=jnp.zeros((2, 7, 4, 6))), ValueError, "same head_dim"),
+    ("int input", dict(query=jnp.zeros((2, 5, 4, 8), jnp.int32)), TypeError, "query should be a floating"),
+    ("bool input", dict(value=jnp.zeros((2, 7, 4, 8), bool)), TypeError, "value should be a floating"),
+    ("mask", dict(mask=jnp.ones((2, 5, 5), bool)), ValueError,
+     r"mask should broadcast to \(2, 4, 5, 7\), but got \(2, 5, 5\)"),
+    ("bias", dict(bias=jnp.ones((3, 1, 5, 7))), ValueError, r"bias should broadcast to \(2, 4, 5, 7\)"),
+    ("lengths", dict(key_value_seq_lengths=jnp.array([1, 2, 3])), ValueError,
+     r"key_value_seq_lengths should have shape \(2,\), but got \(3,\)"),
+    ("float lengths", dict(query_seq_lengths=jnp.array([1.0, 2.0])), TypeError, "integer"),
+    ("window", dict(local_window_size=(1, 2, 3)), ValueError, "local_window_size"),
+    ("dropout rng", dict(dropout_rate=0.5), ValueError, "dropout_rng"),
+    ("dropout rate", dict(dropout_rate=1.5, dropout_rng=jax.random.key(0)), ValueError, "dropout_rate"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "override", "error", "match"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_raises_at_trace_time(name, override, error, match):
+    args = dict(query=Q, key=KV, value=KV) | override
+    with pytest.raises(error, match=match):
+        flax_mha.dot_product_attention(**args)
+    # The same error is raised while tracing under jit (shape-only checks).
+    arrays = {k: v for k, v in args.items() if isinstance(v, jax.Array)}
+    rest = {k: v for k, v in args.items() if k not in arrays}
+    with pytest.raises(error, match=match):
+        jax.jit(lambda a: flax_mha.dot_product_attention(**a, **rest)).lower(arrays)
