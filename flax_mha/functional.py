@@ -303,15 +303,23 @@ def single_head_attention(
     return out, weights
 
 
-def _head_axis(x: Array | None, num_heads: int) -> tuple[Array | None, int | None]:
-    """Splits ``x`` [N or 1, T, S] for vmap over heads: (array, in_axis)."""
+def _group_rows(x: Array | None, K: int, G: int) -> tuple[Array | None, int | None]:
+    """[N or 1, T or 1, S] -> rows of each kv head's query group: ([K, G*T, S] or [G*T, S], axis).
+
+    Query heads ``k*G .. k*G + G - 1`` share kv head ``k``; their rows are stacked.
+    A size-1 head axis stays unmapped; a size-1 T axis stays 1 (it broadcasts).
+    """
     if x is None:
         return None, None
-    if x.shape[0] == 1:
-        return x[0], None
-    if x.shape[0] != num_heads:
-        raise ValueError(f"head axis should have size 1 or {num_heads}, but got {x.shape}")
-    return x, 0
+    N1, T1, S1 = x.shape
+    if N1 == 1:
+        x = x[0]
+        return (x if G == 1 or T1 == 1 else jnp.tile(x, (G, 1))), None
+    if N1 != K * G:
+        raise ValueError(f"head axis should have size 1 or {K * G}, but got {x.shape}")
+    if T1 == 1 and G > 1:
+        return x.reshape(K, G, S1)[:, :1], 0  # same row for every query of the group
+    return x.reshape(K, G * T1, S1), 0
 
 
 def multi_head_attention(
@@ -326,40 +334,34 @@ def multi_head_attention(
     """`single_head_attention` mapped over heads with `jax.vmap`.
 
     With fewer key/value heads than query heads (grouped-query attention, ``K``
-    divides ``N``), query head ``n`` uses key/value head ``n // (N // K)``; the keys
-    and values are never repeated: the per-head function is mapped over the ``K``
-    kv heads and, inside, over the ``G = N // K`` query heads of each group.
+    divides ``N``), query head ``n`` uses key/value head ``n // (N // K)``. Keys and
+    values are never repeated: the per-head function is mapped over the ``K`` kv
+    heads, and each call gets the queries of its ``G = N // K`` query heads stacked
+    as ``G * T`` rows (queries are independent rows of attention).
 
     Args:
       q: [T, N, H] queries.
       k: [S, K, H] keys.
       v: [S, K, Hv] values.
-      mask: bool of shape [N or 1, T, S], True = attend.
-      bias: [N or 1, T, S] additive bias.
+      mask: bool of shape [N or 1, T or 1, S or 1], True = attend.
+      bias: [N or 1, T or 1, S or 1] additive bias.
       dropout: [N or 1, T, S] dropout multiplier.
       **kwargs: keyword arguments of `single_head_attention` (scale, precision, ...).
 
     Returns:
       ``(out, weights)``: [T, N, Hv] and [N, T, S].
     """
-    T, N, _ = q.shape
+    T, N, H = q.shape
     K = k.shape[1]
     G = N // K
     one_head = functools.partial(single_head_attention, **kwargs)
-    # Heads of the extra arrays: [N or 1, T, S] -> [K, G, T, S] (or unmapped).
-    extras, axes = [], []
-    for x in (mask, bias, dropout):
-        x, axis = _head_axis(x, N)
-        if axis is not None:
-            x = x.reshape(K, G, *x.shape[1:])
-        extras.append(x)
-        axes.append(axis)
-    # Inner map: the G query heads that share one kv head.
-    over_group = jax.vmap(one_head, in_axes=(1, None, None, *axes), out_axes=(1, 0))
-    # Outer map: the K kv heads.
-    over_kv = jax.vmap(over_group, in_axes=(1, 1, 1, *axes), out_axes=(1, 0))
-    out, weights = over_kv(q.reshape(T, K, G, q.shape[-1]), k, v, *extras)
-    return out.reshape(T, N, out.shape[-1]), weights.reshape(N, *weights.shape[2:])
+    extras, axes = zip(*(_group_rows(x, K, G) for x in (mask, bias, dropout)), strict=True)
+    # [T, N, H] -> [K, G*T, H]: the head axis leads, so each head's [rows, S] scores
+    # keep their natural layout in the batched matmuls.
+    q = q.reshape(T, K, G, H).transpose(1, 2, 0, 3).reshape(K, G * T, H)
+    out, weights = jax.vmap(one_head, in_axes=(0, 1, 1, *axes))(q, k, v, *extras)
+    out = out.reshape(N, T, out.shape[-1]).transpose(1, 0, 2)  # [K, G*T, Hv] -> [T, N, Hv]
+    return out, weights.reshape(N, T, weights.shape[-1])
 
 
 # --- Step 4: concatenate, project out, residual, layer norm ------------------------------
