@@ -53,7 +53,7 @@ def main() -> None:
         q, k, v = (jax.random.normal(kk, (B, T, N, H)) for kk in keys)
         for name, wrap in [
             ("fwd", jax.jit),
-            ("fwd+bwd", lambda f: jax.jit(jax.grad(lambda q, k, v: f(q, k, v).sum(), (0, 1, 2)))),
+            ("fwd+bwd", lambda f: jax.jit(jax.grad(lambda a, b, c: f(a, b, c).sum(), (0, 1, 2)))),
         ]:
             t_vmap = median_ms(wrap(vmap_attention), (q, k, v), args.repeats)
             t_ein = median_ms(wrap(einsum_attention), (q, k, v), args.repeats)
