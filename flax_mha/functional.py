@@ -200,16 +200,15 @@ def softmax(
     """
     dtype = scores.dtype
     x = scores.astype(jnp.promote_types(dtype, jnp.float32))
-    if mask is None:
-        mask = x != -jnp.inf  # only -inf entries are masked; NaN propagates
-    else:
-        mask = jnp.broadcast_to(mask, x.shape)
-    m = jnp.max(jnp.where(mask, x, -jnp.inf), axis=axis, keepdims=True)
-    # A fully masked row has m = -inf; any finite shift works there, since its
-    # entries are zeroed below. The shift does not change the result, so it
+    if mask is not None:
+        # exp(-inf - m) is exactly 0 and has zero gradient, so masked entries drop out.
+        x = jnp.where(mask, x, -jnp.inf)
+    m = jnp.max(x, axis=axis, keepdims=True)
+    # A fully masked row has m = -inf; any finite shift works there (all its
+    # entries are exp(-inf) = 0). The shift does not change the result, so it
     # carries no gradient (as in jax.nn.softmax).
     m = lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-    e = jnp.where(mask, jnp.exp(jnp.where(mask, x, m) - m), 0.0)
+    e = jnp.exp(x - m)
     total = jnp.sum(e, axis=axis, keepdims=True)
     w = e / jnp.where(total > 0, total, 1.0)
     return w.astype(dtype)
