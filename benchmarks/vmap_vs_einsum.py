@@ -50,7 +50,8 @@ def main() -> None:
     print(f"jax {jax.__version__}, {platform.processor() or platform.machine()}, "
           f"devices {jax.devices()}")  # fmt: skip
     print(
-        "| B, T, N, H | pass | vmap (ms) | einsum (ms) | jax.nn (ms) | vmap / einsum | vmap / jax.nn |"
+        "| B, T, N, H | pass | vmap (ms) | einsum (ms) | jax.nn (ms) "
+        "| vmap / einsum | vmap / jax.nn |"
     )
     print("|---|---|---|---|---|---|---|")
     for B, T, N, H in [(4, 128, 8, 64), (4, 512, 8, 64), (2, 1024, 8, 64)]:
