@@ -1,0 +1,401 @@
+"""The Transformer of "Attention is All You Need", built from `flax_mha.MultiHeadAttention`.
+
+* `Transformer`: encoder-decoder (6 + 6 blocks in the paper's base model).
+* `TransformerLM`: decoder-only language model.
+
+Every block is attention + feed-forward, each wrapped in a residual connection and
+layer normalisation: post-LN as in the paper, ``LN(x + dropout(sublayer(x)))``
+(default), or pre-LN, ``x + dropout(sublayer(LN(x)))``. Token id 0 is padding; padding
+masks are built from the token ids and causal masks are built in.
+
+Shapes: ``B`` batch, ``L`` input length, ``T`` target length, ``D`` model dim, ``V`` vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+from jax import Array, lax
+
+from flax_mha import functional
+from flax_mha.attention import MultiHeadAttention
+from flax_mha.layers import LayerNorm
+from flax_mha.masks import combine_masks, make_attention_mask, make_causal_mask
+
+__all__ = [
+    "DecoderBlock",
+    "EncoderBlock",
+    "FeedForward",
+    "Transformer",
+    "TransformerConfig",
+    "TransformerLM",
+    "shift_right",
+    "sinusoidal_positions",
+]
+
+PAD_ID = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Hyperparameters of `Transformer` and `TransformerLM` (defaults: the paper's base model).
+
+    Attributes:
+      vocab_size: size of the input vocabulary (and of the output one unless given).
+      output_vocab_size: size of the target vocabulary; None = ``vocab_size``.
+      share_embeddings: one embedding table for inputs, targets and the output
+        projection (the paper's choice; needs equal vocabularies).
+      d_model: model dimension ``D``.
+      num_heads: attention heads per layer.
+      num_encoder_layers: encoder blocks (ignored by `TransformerLM`).
+      num_decoder_layers: decoder blocks.
+      d_ff: inner size of the feed-forward layers.
+      dropout_rate: dropout on embeddings and on every sublayer output.
+      attention_dropout_rate: dropout on the attention weights.
+      max_len: longest sequence the positional encoding covers.
+      pre_ln: pre-LN blocks (with a final LayerNorm) instead of the paper's post-LN.
+      dtype: computation dtype.
+      decode: keep autoregressive caches (for generation).
+    """
+
+    vocab_size: int
+    output_vocab_size: int | None = None
+    share_embeddings: bool = False
+    d_model: int = 512
+    num_heads: int = 8
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    d_ff: int = 2048
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.0
+    max_len: int = 256
+    pre_ln: bool = False
+    dtype: Any = jnp.float32
+    decode: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "d_model", "num_heads", "d_ff", "max_len")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} should be positive, but got {getattr(self, name)}")
+        for name in ("num_encoder_layers", "num_decoder_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} should be >= 0, but got {getattr(self, name)}")
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) should be divisible by num_heads ({self.num_heads})"
+            )
+        for name in ("dropout_rate", "attention_dropout_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} should be in [0, 1), but got {getattr(self, name)}")
+        if self.share_embeddings and self.output_vocab_size not in (None, self.vocab_size):
+            raise ValueError(
+                f"share_embeddings needs output_vocab_size == vocab_size ({self.vocab_size}), "
+                f"but got {self.output_vocab_size}"
+            )
+
+    @property
+    def target_vocab_size(self) -> int:
+        return self.output_vocab_size or self.vocab_size
+
+    def replace(self, **changes: Any) -> TransformerConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def sinusoidal_positions(max_len: int, d_model: int) -> np.ndarray:
+    """The paper's positional encoding, [max_len, d_model]:
+
+    ``PE[pos, 2i] = sin(pos / 10000^(2i / d_model))``,
+    ``PE[pos, 2i + 1] = cos(pos / 10000^(2i / d_model))``.
+    """
+    pos = np.arange(max_len)[:, None]
+    two_i = np.arange(0, d_model, 2)[None, :]
+    angle = pos / np.power(10000.0, two_i / d_model)
+    pe = np.zeros((max_len, d_model), np.float32)
+    pe[:, 0::2] = np.sin(angle)
+    pe[:, 1::2] = np.cos(angle[:, : d_model // 2])
+    return pe
+
+
+def shift_right(tokens: Array) -> Array:
+    """Decoder inputs for teacher forcing: ``[BOS=0, t_0, ..., t_{T-2}]`` along the last axis."""
+    pad = [(0, 0)] * (tokens.ndim - 1) + [(1, 0)]
+    return jnp.pad(tokens, pad, constant_values=PAD_ID)[..., :-1]
+
+
+class PositionalEncoding(nn.Module):
+    """Adds the sinusoidal encoding; with ``decode`` it tracks the position in the cache."""
+
+    max_len: int
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """[B, T, D] -> [B, T, D]."""
+        T, D = x.shape[-2:]
+        pe = jnp.asarray(sinusoidal_positions(self.max_len, D), x.dtype)
+        if self.decode:
+            initialized = self.has_variable("cache", "position")
+            position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+            if initialized:
+                start = position.value
+                position.value = start + T
+                return x + lax.dynamic_slice_in_dim(pe, start, T, axis=0)[None]
+        if T > self.max_len:
+            raise ValueError(f"inputs have length {T}, longer than max_len ({self.max_len})")
+        return x + pe[None, :T]
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward network: ``relu(x W1 + b1) W2 + b2``."""
+
+    d_ff: int
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        """[..., D] -> [..., D]."""
+        h = nn.relu(nn.Dense(self.d_ff, dtype=self.dtype, name="wi")(x))
+        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        return nn.Dense(x.shape[-1], dtype=self.dtype, name="wo")(h)
+
+
+class Sublayer(nn.Module):
+    """Residual connection and layer norm around one sublayer (post-LN or pre-LN)."""
+
+    pre_ln: bool = False
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, sublayer: Callable[[Array], Array], deterministic: bool) -> Array:
+        """Post-LN: ``LN(x + drop(f(x)))``; pre-LN: ``x + drop(f(LN(x)))``."""
+        norm = LayerNorm(dtype=self.dtype, name="norm")
+        drop = nn.Dropout(self.dropout_rate)
+        if self.pre_ln:
+            return functional.residual(x, drop(sublayer(norm(x)), deterministic=deterministic))
+        return norm(functional.residual(x, drop(sublayer(x), deterministic=deterministic)))
+
+
+def _attention(config: TransformerConfig, name: str, decode: bool = False) -> MultiHeadAttention:
+    return MultiHeadAttention(
+        num_heads=config.num_heads,
+        dtype=config.dtype,
+        dropout_rate=config.attention_dropout_rate,
+        broadcast_dropout=False,
+        decode=decode,
+        name=name,
+    )
+
+
+class EncoderBlock(nn.Module):
+    """Self-attention then feed-forward, each with residual + LayerNorm."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array | None, deterministic: bool = True) -> Array:
+        """[B, L, D] with mask [B, 1, L, L] -> [B, L, D]."""
+        c = self.config
+        sub = dict(pre_ln=c.pre_ln, dropout_rate=c.dropout_rate, dtype=c.dtype)
+        attn = _attention(c, "self_attention")
+        x = Sublayer(**sub, name="attention_sublayer")(
+            x, lambda h: attn(h, mask=mask, deterministic=deterministic), deterministic
+        )
+        ff = FeedForward(c.d_ff, c.dropout_rate, c.dtype, name="feed_forward")
+        return Sublayer(**sub, name="feed_forward_sublayer")(
+            x, lambda h: ff(h, deterministic), deterministic
+        )
+
+
+class DecoderBlock(nn.Module):
+    """Causal self-attention, cross-attention (if ``encoded`` is given), feed-forward."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        y: Array,
+        self_mask: Array | None,
+        encoded: Array | None = None,
+        cross_mask: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        """[B, T, D] (and encoder output [B, L, D]) -> [B, T, D]."""
+        c = self.config
+        sub = dict(pre_ln=c.pre_ln, dropout_rate=c.dropout_rate, dtype=c.dtype)
+        self_attn = _attention(c, "self_attention", decode=c.decode)
+        y = Sublayer(**sub, name="self_attention_sublayer")(
+            y, lambda h: self_attn(h, mask=self_mask, deterministic=deterministic), deterministic
+        )
+        if encoded is not None:
+            cross = _attention(c, "cross_attention")
+            y = Sublayer(**sub, name="cross_attention_sublayer")(
+                y,
+                lambda h: cross(h, encoded, mask=cross_mask, deterministic=deterministic),
+                deterministic,
+            )
+        ff = FeedForward(c.d_ff, c.dropout_rate, c.dtype, name="feed_forward")
+        return Sublayer(**sub, name="feed_forward_sublayer")(
+            y, lambda h: ff(h, deterministic), deterministic
+        )
+
+
+class _Embedder(nn.Module):
+    """Token embedding scaled by sqrt(D) (the paper), plus positions and dropout."""
+
+    config: TransformerConfig
+    embed: nn.Embed
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, tokens: Array, deterministic: bool) -> Array:
+        c = self.config
+        x = self.embed(tokens.astype(jnp.int32)) * jnp.sqrt(jnp.asarray(c.d_model, c.dtype))
+        x = PositionalEncoding(c.max_len, decode=self.decode, name="positions")(x.astype(c.dtype))
+        return nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
+
+
+def _check_tokens(name: str, tokens: Array) -> None:
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"{name} should be integer token ids, but got dtype {tokens.dtype}")
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} should have shape [batch, length], but got {tokens.shape}")
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder Transformer.
+
+    ``__call__(inputs, targets)`` returns logits [B, T, V] for teacher forcing (the
+    decoder reads ``shift_right(targets)``); ``encode`` and ``decode`` are the two
+    halves, used by generation with ``config.decode=True``.
+    """
+
+    config: TransformerConfig
+
+    def setup(self) -> None:
+        c = self.config
+        init = nn.initializers.normal(stddev=c.d_model**-0.5)
+        self.input_embed = nn.Embed(c.vocab_size, c.d_model, embedding_init=init)
+        if c.share_embeddings:
+            self.target_embed = self.input_embed
+        else:
+            self.target_embed = nn.Embed(c.target_vocab_size, c.d_model, embedding_init=init)
+            self.logits_dense = nn.Dense(c.target_vocab_size, dtype=c.dtype)
+        self.encoder_embedder = _Embedder(c, self.input_embed)
+        self.decoder_embedder = _Embedder(c, self.target_embed, decode=c.decode)
+        self.encoder_blocks = [EncoderBlock(c) for _ in range(c.num_encoder_layers)]
+        self.decoder_blocks = [DecoderBlock(c) for _ in range(c.num_decoder_layers)]
+        if c.pre_ln:
+            self.encoder_norm = LayerNorm(dtype=c.dtype)
+            self.decoder_norm = LayerNorm(dtype=c.dtype)
+
+    def encode(self, inputs: Array, deterministic: bool = True) -> Array:
+        """[B, L] token ids -> [B, L, D] encoder output."""
+        _check_tokens("inputs", inputs)
+        mask = make_attention_mask(inputs > PAD_ID, inputs > PAD_ID, dtype=jnp.bool_)
+        x = self.encoder_embedder(inputs, deterministic)
+        for block in self.encoder_blocks:
+            x = block(x, mask, deterministic)
+        return self.encoder_norm(x) if self.config.pre_ln else x
+
+    def decode(
+        self,
+        encoded: Array,
+        inputs: Array,
+        decoder_inputs: Array,
+        targets: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        """Decoder logits.
+
+        Args:
+          encoded: [B, L, D] encoder output.
+          inputs: [B, L] input ids (for the cross-attention padding mask).
+          decoder_inputs: [B, T] decoder input ids (``shift_right(targets)``, or the
+            last generated token when ``config.decode``).
+          targets: [B, T] targets, for the padding mask when training; None when decoding.
+          deterministic: disable dropout.
+
+        Returns:
+          [B, T, V] logits.
+        """
+        c = self.config
+        _check_tokens("decoder_inputs", decoder_inputs)
+        if c.decode:
+            self_mask = None  # the attention cache masks future positions
+            valid_q = jnp.ones_like(decoder_inputs, dtype=bool)
+        else:
+            valid_q = (targets if targets is not None else decoder_inputs) > PAD_ID
+            if targets is None:
+                valid_q = valid_q.at[:, 0].set(True)  # BOS is token 0
+            self_mask = combine_masks(
+                make_attention_mask(valid_q, valid_q, dtype=jnp.bool_),
+                make_causal_mask(decoder_inputs, dtype=jnp.bool_),
+                dtype=jnp.bool_,
+            )
+        cross_mask = make_attention_mask(valid_q, inputs > PAD_ID, dtype=jnp.bool_)
+        y = self.decoder_embedder(decoder_inputs, deterministic)
+        for block in self.decoder_blocks:
+            y = block(y, self_mask, encoded, cross_mask, deterministic)
+        if c.pre_ln:
+            y = self.decoder_norm(y)
+        if c.share_embeddings:
+            return self.target_embed.attend(y.astype(jnp.float32)) / jnp.sqrt(c.d_model)
+        return self.logits_dense(y)
+
+    def __call__(self, inputs: Array, targets: Array, deterministic: bool = True) -> Array:
+        """[B, L] inputs and [B, T] targets -> [B, T, V] logits (teacher forcing)."""
+        _check_tokens("targets", targets)
+        encoded = self.encode(inputs, deterministic)
+        return self.decode(encoded, inputs, shift_right(targets), targets, deterministic)
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only language model: causal self-attention blocks, no cross-attention.
+
+    ``__call__(tokens)`` returns logits [B, T, V] where position ``t`` predicts
+    ``tokens[t + 1]``. With ``config.decode=True`` each call appends its tokens to the
+    attention caches (a whole prompt at once, then one token per step).
+    """
+
+    config: TransformerConfig
+
+    def setup(self) -> None:
+        c = self.config
+        init = nn.initializers.normal(stddev=c.d_model**-0.5)
+        self.embed = nn.Embed(c.vocab_size, c.d_model, embedding_init=init)
+        self.embedder = _Embedder(c, self.embed, decode=c.decode)
+        self.blocks = [DecoderBlock(c) for _ in range(c.num_decoder_layers)]
+        if c.pre_ln:
+            self.final_norm = LayerNorm(dtype=c.dtype)
+        if not c.share_embeddings:
+            self.logits_dense = nn.Dense(c.vocab_size, dtype=c.dtype)
+
+    def __call__(self, tokens: Array, deterministic: bool = True) -> Array:
+        """[B, T] token ids -> [B, T, V] next-token logits."""
+        c = self.config
+        _check_tokens("tokens", tokens)
+        mask = None
+        if not c.decode:
+            valid = tokens > PAD_ID
+            mask = combine_masks(
+                make_attention_mask(valid, valid, dtype=jnp.bool_),
+                make_causal_mask(tokens, dtype=jnp.bool_),
+                dtype=jnp.bool_,
+            )
+        y = self.embedder(tokens, deterministic)
+        for block in self.blocks:
+            y = block(y, mask, deterministic=deterministic)
+        if c.pre_ln:
+            y = self.final_norm(y)
+        if c.share_embeddings:
+            return self.embed.attend(y.astype(jnp.float32)) / jnp.sqrt(c.d_model)
+        return self.logits_dense(y)
