@@ -34,10 +34,9 @@ def plot_attention(
     Raises:
       ValueError: if ``weights`` is not 2-D or 3-D, or labels do not match its shape.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure renders without a display and leaves pyplot's backend alone
+    # (notebooks keep showing their inline figures).
+    from matplotlib.figure import Figure
 
     w = np.asarray(weights, dtype=np.float32)
     if w.ndim == 2:
@@ -49,7 +48,8 @@ def plot_attention(
     for name, labels, size in (("query_tokens", query_tokens, T), ("key_tokens", key_tokens, S)):
         if labels is not None and len(labels) != size:
             raise ValueError(f"{name} should have {size} entries, but got {len(labels)}")
-    fig, axes = plt.subplots(1, N, figsize=(3.2 * N + 0.8, 3.4), squeeze=False)
+    fig = Figure(figsize=(3.2 * N + 0.8, 3.4))
+    axes = fig.subplots(1, N, squeeze=False)
     for n, ax in enumerate(axes[0]):
         im = ax.imshow(w[n], vmin=0.0, vmax=1.0, cmap="viridis")
         ax.set_title(f"head {n}")
@@ -65,5 +65,4 @@ def plot_attention(
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
