@@ -50,8 +50,10 @@ GRID = [
 
 
 @pytest.mark.parametrize("case", GRID, ids=[str(c) for c in GRID])
-@pytest.mark.parametrize("jit", [False, True])
-def test_matches_numpy_reference_and_gradients(case, jit):
+@pytest.mark.parametrize(
+    ("impl", "jit"), [("reference", False), ("reference", True), ("blockwise", True)]
+)
+def test_matches_numpy_reference_and_gradients(case, impl, jit):
     case = dict(case)
     B, T, S, N, H = 2, case.pop("T", 7), case.pop("S", 9), 4, 8
     K = case.pop("K", N)
@@ -68,7 +70,8 @@ def test_matches_numpy_reference_and_gradients(case, jit):
               if k_ in kwargs}  # fmt: skip
 
     def f(q, k, v, bias):
-        return flax_mha.dot_product_attention(q, k, v, bias, mask, **static, **kwargs)
+        return flax_mha.dot_product_attention(q, k, v, bias, mask, **static, **kwargs,
+                                              implementation=impl)  # fmt: skip
 
     f = jax.jit(f) if jit else f
     out = f(q, k, v, bias)
@@ -226,3 +229,116 @@ def test_bad_input_raises_at_trace_time(name, override, error, match):
     rest = {k: v for k, v in args.items() if k not in arrays}
     with pytest.raises(error, match=match):
         jax.jit(lambda a: flax_mha.dot_product_attention(**a, **rest)).lower(arrays)
+
+
+# --- Backends ------------------------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from flax_mha.kernels.dispatch import Request, choose_implementation  # noqa: E402
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    B=st.integers(1, 2), T=st.integers(1, 40), S=st.integers(1, 40), K=st.sampled_from([1, 2]),
+    G=st.sampled_from([1, 2]), H=st.sampled_from([4, 8]), causal=st.booleans(),
+    use_lengths=st.booleans(), seed=st.integers(0, 1000),
+)  # fmt: skip
+def test_blockwise_backend_on_random_shapes(B, T, S, K, G, H, causal, use_lengths, seed):
+    N = K * G
+    q, k, v = rand(seed, (B, T, N, H)), rand(seed + 1, (B, S, K, H)), rand(seed + 2, (B, S, K, H))
+    kv_len = jax.random.randint(jax.random.key(seed), (B,), 0, S + 1) if use_lengths else None
+    out = flax_mha.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=kv_len,
+                                         implementation="blockwise")  # fmt: skip
+    m = np_positional_mask(
+        B, T, S, causal, None, None, None if kv_len is None else np.asarray(kv_len)
+    )
+    ref, _ = np_attention(q, k, v, m)
+    np.testing.assert_allclose(out, ref, **TOL)
+
+
+PALLAS_CASES = [
+    dict(),
+    dict(is_causal=True, key_value_seq_lengths=[0, 120], query_seq_lengths=[90, 100]),
+    dict(bias=True, mask=True, is_causal=True),
+]
+
+
+@pytest.mark.parametrize("case", PALLAS_CASES, ids=[str(c) for c in PALLAS_CASES])
+def test_pallas_tpu_backend_in_interpret_mode(case):
+    pltpu = pytest.importorskip("jax.experimental.pallas.tpu")
+    case = dict(case)
+    B, T, S, N, H = 2, 100, 150, 2, 16
+    q, k, v = rand(0, (B, T, N, H)), rand(1, (B, S, N, H)), rand(2, (B, S, N, H))
+    kw = {}
+    if case.pop("bias", False):
+        kw["bias"] = rand(3, (1, N, T, S))
+    if case.pop("mask", False):
+        kw["mask"] = (
+            jax.random.bernoulli(jax.random.key(4), 0.7, (B, 1, T, S)).at[1, :, 5].set(False)
+        )
+    kw |= {k_: (jnp.array(v_) if isinstance(v_, list) else v_) for k_, v_ in case.items()}
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(
+            flax_mha.dot_product_attention(q, k, v, **kw, implementation=impl) ** 2
+        )
+
+    with pltpu.force_tpu_interpret_mode():
+        out = flax_mha.dot_product_attention(q, k, v, **kw, implementation="pallas_tpu")
+        grads = jax.grad(loss("pallas_tpu"), (0, 1, 2))(q, k, v)
+    ref = flax_mha.dot_product_attention(q, k, v, **kw, implementation="reference")
+    ref_grads = jax.grad(loss("reference"), (0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(out, ref, **TOL)
+    for a, b in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(a, b, **TOL)
+
+
+def request(**kw):
+    base = dict(platform="cpu", T=1024, S=1024, N=8, K=8, H=64, Hv=64, dtype=jnp.float32)
+    return Request(**(base | kw))
+
+
+@pytest.mark.parametrize(
+    ("kw", "expected"),
+    [
+        (dict(), "blockwise"),
+        (dict(T=16, S=16), "reference"),
+        (dict(weights=True), "reference"),
+        (dict(dropout=True), "reference"),
+        (dict(custom_matmuls=True), "reference"),
+        (dict(platform="tpu"), "pallas_tpu"),
+        (dict(platform="tpu", K=2), "blockwise"),
+        (dict(platform="tpu", window=True), "blockwise"),
+        (dict(platform="gpu", dtype=jnp.bfloat16), "cudnn"),
+        (dict(platform="gpu"), "blockwise"),  # cuDNN needs bf16/fp16
+        (dict(platform="gpu", dtype=jnp.float16, H=256, Hv=256), "blockwise"),
+    ],
+)
+def test_automatic_backend_choice(kw, expected):
+    assert choose_implementation(request(**kw)) == expected
+
+
+def test_requested_backend_that_cannot_serve_is_an_error_not_a_silent_fallback():
+    with pytest.raises(
+        ValueError, match="implementation='cudnn' cannot be used here: it needs a GPU"
+    ):
+        choose_implementation(request(), "cudnn")
+    with pytest.raises(ValueError, match="pallas_tpu.*no attention dropout"):
+        choose_implementation(request(dropout=True), "pallas_tpu")
+    with pytest.raises(ValueError, match="blockwise.*weights are requested"):
+        choose_implementation(request(weights=True), "blockwise")
+    q = rand(0, (1, 4, 2, 8))
+    with pytest.raises(ValueError, match="cannot be used here"):
+        flax_mha.dot_product_attention(q, q, q, implementation="cudnn")
+
+
+def test_blockwise_dropout_is_reproducible_and_drops():
+    q = rand(0, (2, 64, 2, 8))
+    kw = dict(dropout_rate=0.5, implementation="blockwise")
+    a = flax_mha.dot_product_attention(q, q, q, dropout_rng=jax.random.key(1), **kw)
+    b = flax_mha.dot_product_attention(q, q, q, dropout_rng=jax.random.key(1), **kw)
+    c = flax_mha.dot_product_attention(q, q, q, dropout_rng=jax.random.key(2), **kw)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c, atol=1e-3)

@@ -12,6 +12,7 @@ cost nothing under `jax.jit`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -24,13 +25,98 @@ from jax import Array
 from flax_mha import masks as masks_lib
 from flax_mha.checks import as_full_rank, check_float, check_qkv
 from flax_mha.functional import default_scale, dropout_multiplier
+from flax_mha.kernels.blockwise import blockwise_attention
+from flax_mha.kernels.pallas_tpu import pallas_tpu_attention
 from flax_mha.kernels.reference import reference_attention
 
-__all__ = ["IMPLEMENTATIONS", "dot_product_attention"]
+__all__ = ["IMPLEMENTATIONS", "Request", "choose_implementation", "dot_product_attention"]
 
 #: Backends `dot_product_attention` can run. ``"xla"`` is jax.nn's name for the
 #: materialising implementation and is an alias of ``"reference"`` here.
-IMPLEMENTATIONS = ("reference", "xla")
+IMPLEMENTATIONS = ("reference", "xla", "blockwise", "cudnn", "pallas_tpu")
+
+#: On CPU the blockwise kernel is chosen when T * S is at least this (smaller problems
+#: fit in cache and the materialising reference is as fast; see benchmarks/RESULTS.md).
+BLOCKWISE_MIN_CPU_ELEMENTS = 256 * 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What an attention call needs, as the backend choice sees it (shapes, no arrays)."""
+
+    platform: str
+    T: int
+    S: int
+    N: int
+    K: int
+    H: int
+    Hv: int
+    dtype: Any
+    weights: bool = False  # the caller wants the [T, S] weights (sowing)
+    dropout: bool = False
+    window: bool = False
+    custom_matmuls: bool = False  # precision or einsum/dot_general overrides
+
+
+def _ineligible(name: str, r: Request) -> str | None:
+    """Why backend ``name`` cannot serve ``r``, or None."""
+    if name in ("reference", "xla"):
+        return None
+    if r.weights:
+        return "the attention weights are requested (sow_weights / module)"
+    if r.custom_matmuls:
+        return "precision or einsum/dot_general overrides are given"
+    if name == "blockwise":
+        return None
+    if name == "cudnn":
+        if r.platform != "gpu":
+            return f"it needs a GPU (platform is {r.platform})"
+        if r.dropout:
+            return "it has no attention dropout"
+        if jnp.dtype(r.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            return f"it needs bf16 or fp16 inputs, got {jnp.dtype(r.dtype)}"
+        if r.H != r.Hv or r.H > 128 or r.H % 8:
+            return f"it needs head_dim <= 128, a multiple of 8, equal for q and v ({r.H}, {r.Hv})"
+        return None
+    if name == "pallas_tpu":
+        if r.dropout:
+            return "it has no attention dropout"
+        if r.window:
+            return "it has no local window"
+        if r.K != r.N:
+            return "it has no grouped-query attention (k and v would be repeated)"
+        if r.Hv != r.H:
+            return "it needs value head_dim == query head_dim"
+        return None
+    raise ValueError(f"unknown implementation {name!r}")
+
+
+def choose_implementation(r: Request, implementation: str | None = None) -> str:
+    """The backend that runs ``r``: ``implementation`` if given (checked), else automatic.
+
+    Automatic choice: the reference when the weights are wanted, precision/einsum
+    overrides are given, or dropout is active (it reproduces Flax's dropout stream
+    exactly; pass ``implementation="blockwise"`` for dropout in O(L) memory); on TPU
+    the Pallas kernel, on GPU cuDNN, when eligible; otherwise the blockwise kernel,
+    except on CPU for small T * S where the reference is as fast.
+
+    Raises:
+      ValueError: if the requested backend cannot serve the request (with the reason).
+    """
+    if implementation is not None:
+        why = _ineligible(implementation, r)
+        if why is not None:
+            raise ValueError(f"implementation={implementation!r} cannot be used here: {why}")
+        return implementation
+    if r.weights or r.custom_matmuls or r.dropout:
+        return "reference"
+    if r.platform == "tpu" and _ineligible("pallas_tpu", r) is None:
+        return "pallas_tpu"
+    if r.platform == "gpu" and _ineligible("cudnn", r) is None:
+        return "cudnn"
+    if r.platform == "cpu" and r.T * r.S < BLOCKWISE_MIN_CPU_ELEMENTS:
+        return "reference"
+    return "blockwise"
 
 
 def _flatten_batch(x: Array | None, batch: tuple[int, ...]) -> Array | None:
@@ -148,9 +234,7 @@ def dot_product_attention(
         a bad dropout configuration or an unknown implementation.
     """
     check_qkv(query, key, value)
-    if implementation is None:
-        implementation = "reference"
-    if implementation not in IMPLEMENTATIONS:
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation should be one of {IMPLEMENTATIONS} or None, but got {implementation!r}"
         )
@@ -163,55 +247,100 @@ def dot_product_attention(
     batch = query.shape[:-3]
     T, N, H = query.shape[-3:]
     S = key.shape[-3]
+    B = math.prod(batch)
     full = (*batch, N, T, S)
     if mask is not None:
-        mask = as_full_rank("mask", mask, full).astype(bool)
+        mask = _flatten_batch(as_full_rank("mask", mask, full).astype(bool), batch)
     if bias is not None:
         check_float("bias", bias)
-        bias = as_full_rank("bias", bias, full)
-
-    # Causal, window and length constraints, as one [B or 1, 1, T, S] mask.
+        bias = _flatten_batch(as_full_rank("bias", bias, full), batch)
     window = masks_lib.normalize_window(local_window_size)
     q_lengths = _lengths("query_seq_lengths", query_seq_lengths, batch)
     kv_lengths = _lengths("key_value_seq_lengths", key_value_seq_lengths, batch)
-    positional = functools.partial(
-        masks_lib.position_mask, jnp.arange(T), jnp.arange(S), is_causal=is_causal,
-        local_window=window,
-    )  # fmt: skip
-    if q_lengths is not None or kv_lengths is not None:
-        pos_mask = jax.vmap(lambda ql, kl: positional(q_length=ql, kv_length=kl))(
-            q_lengths if q_lengths is not None else jnp.full((math.prod(batch),), T),
-            kv_lengths if kv_lengths is not None else jnp.full((math.prod(batch),), S),
-        )[:, None]
-    else:
-        pos_mask = positional()
-        pos_mask = None if pos_mask is None else pos_mask[None, None]
-
-    dropout = None
-    if not deterministic and dropout_rate > 0.0:
+    dropping = not deterministic and dropout_rate > 0.0
+    if dropping:
         if not 0.0 <= dropout_rate < 1.0:
             raise ValueError(f"dropout_rate should be in [0, 1), but got {dropout_rate}")
         if dropout_rng is None:
             raise ValueError("dropout_rng should be a PRNG key when dropout is active, got None")
-        shape = (1,) * (len(batch) + 1) + (T, S) if broadcast_dropout else full
-        dropout = dropout_multiplier(dropout_rng, dropout_rate, shape, dtype)
 
-    mask_b = _flatten_batch(mask, batch)
-    if pos_mask is not None:
-        mask_b = pos_mask if mask_b is None else jnp.logical_and(mask_b, pos_mask)
-    B = math.prod(batch)
-    flat = [x.reshape(B, *x.shape[-3:]) for x in (query, key, value)]
-    out, weights = reference_attention(
-        *flat,
-        mask=mask_b,
-        bias=_flatten_batch(bias, batch),
-        dropout=_flatten_batch(dropout, batch),
-        scale=default_scale(H) if scale is None else scale,
-        precision=precision,
-        qk_einsum=qk_einsum,
-        wv_einsum=wv_einsum,
-        weights_dtype=jnp.float32 if force_fp32_for_softmax else None,
+    request = Request(
+        platform=jax.default_backend(),
+        T=T,
+        S=S,
+        N=N,
+        K=key.shape[-2],
+        H=H,
+        Hv=value.shape[-1],
+        dtype=dtype,
+        weights=module is not None,
+        dropout=dropping,
+        window=window is not None,
+        custom_matmuls=qk_einsum is not None or precision is not None,
     )
-    if module is not None:
-        module.sow("intermediates", "attention_weights", weights.reshape(*batch, N, T, S))
+    implementation = choose_implementation(request, implementation)
+    scale = default_scale(H) if scale is None else scale
+    q, k, v = (x.reshape(B, *x.shape[-3:]) for x in (query, key, value))
+    common = dict(
+        scale=scale,
+        bias=bias,
+        mask=mask,
+        is_causal=is_causal,
+        query_seq_lengths=q_lengths,
+        key_value_seq_lengths=kv_lengths,
+    )
+
+    if implementation == "blockwise":
+        out = blockwise_attention(
+            q, k, v, **common, local_window=window,
+            dropout_rate=dropout_rate if dropping else 0.0,
+            dropout_rng=dropout_rng if dropping else None,
+        )  # fmt: skip
+    elif implementation == "pallas_tpu":
+        out = pallas_tpu_attention(q, k, v, **common)
+    elif implementation == "cudnn":
+        out = jax.nn.dot_product_attention(
+            q, k, v, bias, mask, scale=scale, is_causal=is_causal,
+            query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths,
+            local_window_size=window, implementation="cudnn",
+        )  # fmt: skip
+    else:
+        dropout = None
+        if dropping:
+            shape = (1,) * (len(batch) + 1) + (T, S) if broadcast_dropout else full
+            dropout = _flatten_batch(dropout_multiplier(dropout_rng, dropout_rate, shape, dtype),
+                                     batch)  # fmt: skip
+        pos_mask = _positional_mask(T, S, B, is_causal, window, q_lengths, kv_lengths)
+        if pos_mask is not None:
+            mask = pos_mask if mask is None else jnp.logical_and(mask, pos_mask)
+        out, weights = reference_attention(
+            q, k, v, mask=mask, bias=bias, dropout=dropout, scale=scale,
+            precision=precision, qk_einsum=qk_einsum, wv_einsum=wv_einsum,
+            weights_dtype=jnp.float32 if force_fp32_for_softmax else None,
+        )  # fmt: skip
+        if module is not None:
+            module.sow("intermediates", "attention_weights", weights.reshape(*batch, N, T, S))
     return out.reshape(*batch, T, N, out.shape[-1]).astype(dtype)
+
+
+def _positional_mask(
+    T: int,
+    S: int,
+    B: int,
+    is_causal: bool,
+    window: tuple[int, int] | None,
+    q_lengths: Array | None,
+    kv_lengths: Array | None,
+) -> Array | None:
+    """Causal, window and length constraints as one [B or 1, 1, T, S] bool mask."""
+    positional = functools.partial(
+        masks_lib.position_mask, jnp.arange(T), jnp.arange(S), is_causal=is_causal,
+        local_window=window,
+    )  # fmt: skip
+    if q_lengths is None and kv_lengths is None:
+        mask = positional()
+        return None if mask is None else mask[None, None]
+    return jax.vmap(lambda ql, kl: positional(q_length=ql, kv_length=kl))(
+        q_lengths if q_lengths is not None else jnp.full((B,), T),
+        kv_lengths if kv_lengths is not None else jnp.full((B,), S),
+    )[:, None]

@@ -7,8 +7,8 @@ boolean mask into a bias, and zeroes the rows that attend to nothing (the kernel
 itself would average them), so the backend means exactly what the reference means.
 
 It does not do dropout, local windows, grouped-query attention (it would have to
-repeat k and v) or a value head size different from the query's; `eligibility`
-says which, and the dispatcher then picks another backend. On a machine without a
+repeat k and v) or a value head size different from the query's; the dispatcher
+(`flax_mha.kernels.dispatch`) then picks another backend. On a machine without a
 TPU it runs in Pallas interpret mode (slowly) inside
 ``jax.experimental.pallas.tpu.force_tpu_interpret_mode()``, which is how the tests
 check its numerics on CPU.
@@ -21,26 +21,6 @@ from jax import Array
 
 #: Block size of the Pallas kernel along T and S (its default; TPU lanes are 128 wide).
 BLOCK = 128
-
-
-def eligibility(
-    query: Array,
-    key: Array,
-    value: Array,
-    *,
-    dropout: bool,
-    local_window: tuple[int, int] | None,
-) -> str | None:
-    """Why this backend cannot run the request, or None if it can."""
-    if dropout:
-        return "it has no attention dropout"
-    if local_window is not None:
-        return "it has no local window"
-    if key.shape[-2] != query.shape[-2]:
-        return "it has no grouped-query attention (k and v would be repeated)"
-    if value.shape[-1] != query.shape[-1]:
-        return "it needs value head_dim == query head_dim"
-    return None
 
 
 def _pad_to(x: Array, axis: int, size: int) -> Array:
