@@ -22,7 +22,8 @@ from jax import Array, lax
 from flax_mha.checks import as_full_rank, check_float
 from flax_mha.kernels.dispatch import dot_product_attention
 from flax_mha.layers import HeadProjection, LayerNorm, OutputProjection, default_kernel_init
-from flax_mha.masks import combine_masks
+from flax_mha.masks import combine_masks, normalize_window
+from flax_mha.variants import DEFAULT_ROPE_BASE, alibi_bias, alibi_slopes, apply_rope
 
 __all__ = ["MultiHeadAttention", "MultiHeadDotProductAttention", "SelfAttention"]
 
@@ -87,6 +88,19 @@ class MultiHeadAttention(nn.Module):
       out_dot_general_cls: factory of the output projection's dot_general.
       qk_attn_weights_einsum_cls: factory of the einsum computing the scores.
       attn_weights_value_einsum_cls: factory of the einsum computing the weighted sum.
+      num_kv_heads: key/value heads ``K`` (grouped-query attention; 1 = multi-query);
+        must divide ``num_heads``. Key/value kernels are [D, K, H], biases [K, H],
+        and the decode cache holds K heads. Default ``num_heads`` (Flax's tree).
+      is_causal: causal self-attention without a mask array (the blockwise kernel
+        then skips the blocks above the diagonal).
+      local_window_size: sliding-window attention, ``w`` or ``(left, right)``.
+      use_rope: rotary position embeddings on queries and keys (positions 0..T-1,
+        or the cache positions when decoding).
+      rope_base: RoPE base wavelength.
+      use_alibi: ALiBi linear position biases (per-head slopes of Press et al.).
+      logit_softcap: soft-cap scaled scores to ``cap * tanh(scores / cap)``.
+      learned_scale: a learned per-head multiplier of the queries (param
+        ``per_head_scale`` [N], initialised to 1).
     """
 
     num_heads: int
@@ -113,6 +127,15 @@ class MultiHeadAttention(nn.Module):
     out_dot_general_cls: Any = None
     qk_attn_weights_einsum_cls: Callable[..., Callable[..., Array]] | None = None
     attn_weights_value_einsum_cls: Callable[..., Callable[..., Array]] | None = None
+    # Beyond Flax (defaults keep Flax's behaviour and parameter tree):
+    num_kv_heads: int | None = None
+    is_causal: bool = False
+    local_window_size: int | tuple[int, int] | None = None
+    use_rope: bool = False
+    rope_base: float = DEFAULT_ROPE_BASE
+    use_alibi: bool = False
+    logit_softcap: float | None = None
+    learned_scale: bool = False
 
     @nn.compact
     def __call__(
@@ -162,11 +185,24 @@ class MultiHeadAttention(nn.Module):
                 f"qkv_features ({qkv_features}) should be divisible by num_heads ({self.num_heads})"
             )
         head_dim = qkv_features // self.num_heads
-
-        query, key, value = (
-            self._project(name, x, head_dim)
-            for name, x in (("query", inputs_q), ("key", inputs_k), ("value", inputs_v))
-        )
+        kv_heads = self.num_kv_heads or self.num_heads
+        if kv_heads <= 0 or self.num_heads % kv_heads:
+            raise ValueError(
+                f"num_kv_heads ({self.num_kv_heads}) should be a positive divisor of "
+                f"num_heads ({self.num_heads})"
+            )
+        query = self._project("query", inputs_q, self.num_heads, head_dim)
+        key = self._project("key", inputs_k, kv_heads, head_dim)
+        value = self._project("value", inputs_v, kv_heads, head_dim)
+        if self.learned_scale:
+            per_head = self.param("per_head_scale", nn.initializers.ones, (self.num_heads,),
+                                  self.param_dtype)  # fmt: skip
+            query = (
+                query
+                * per_head.reshape(self.num_heads, 1).astype(query.dtype)[
+                    (None,) * (query.ndim - 2)
+                ]
+            )
         if self.normalize_qk:
             ln = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
             query = LayerNorm(name="query_ln", **ln)(query)
@@ -178,8 +214,38 @@ class MultiHeadAttention(nn.Module):
             if self.decode and self.has_variable("cache", "cached_key"):
                 S = self.get_variable("cache", "cached_key").shape[-3]
             as_full_rank("mask", mask, (*batch, self.num_heads, query.shape[-3], S))
+        T, S = query.shape[-3], key.shape[-3]
+        q_pos, k_pos = jnp.arange(T), jnp.arange(S)
+        extra: dict[str, Any] = {}
+        if self.decode and self.has_variable("cache", "cached_key"):
+            start = self.get_variable("cache", "cache_index")
+            q_pos = start + q_pos
+            k_pos = jnp.arange(self.get_variable("cache", "cached_key").shape[-3])
+        if self.use_rope:
+            query = apply_rope(query, q_pos, self.rope_base)
+            key = apply_rope(key, jnp.arange(S) + (q_pos[0] if self.decode else 0), self.rope_base)
         if self.decode:
-            key, value, mask = self._update_cache(query, key, value, mask)
+            key, value, mask, kv_length = self._update_cache(query, key, value, mask)
+            if kv_length is not None:
+                extra["key_value_seq_lengths"] = kv_length
+        elif self.is_causal:
+            extra["is_causal"] = True
+        if self.local_window_size is not None:
+            window = normalize_window(self.local_window_size)
+            if self.decode:  # positions are absolute in the cache: window as a mask
+                t, s_ = q_pos[:, None], k_pos[None, :]
+                in_window = (s_ >= t - window[0]) & (s_ <= t + window[1])
+                mask = combine_masks(
+                    mask,
+                    jnp.broadcast_to(in_window, (*query.shape[:-3], 1, T, k_pos.shape[0])),
+                    dtype=jnp.bool_,
+                )
+            else:
+                extra["local_window_size"] = window
+        if self.use_alibi:
+            extra["bias"] = alibi_bias(alibi_slopes(self.num_heads), q_pos, k_pos)
+        if self.logit_softcap is not None:
+            extra["logit_cap"] = self.logit_softcap
 
         if self.dropout_rate > 0.0:  # `deterministic` is only needed with dropout.
             m_deterministic = merge_param("deterministic", self.deterministic, deterministic)
@@ -206,6 +272,14 @@ class MultiHeadAttention(nn.Module):
         )
         accepted = inspect.signature(self.attention_fn).parameters
         kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        missing = [k for k in extra if k not in accepted]
+        if missing:
+            raise ValueError(
+                f"attention_fn {getattr(self.attention_fn, '__name__', self.attention_fn)} does "
+                f"not accept {missing}, which the configured options need; use "
+                f"flax_mha.dot_product_attention"
+            )
+        kwargs |= extra
         if sow_weights:
             kwargs["module"] = self
         heads = self.attention_fn(query, key, value, **kwargs)
@@ -249,7 +323,7 @@ class MultiHeadAttention(nn.Module):
             inputs_k = inputs_q
         return inputs_k, inputs_k if inputs_v is None else inputs_v
 
-    def _project(self, name: str, x: Array, head_dim: int) -> Array:
+    def _project(self, name: str, x: Array, num_heads: int, head_dim: int) -> Array:
         """[..., D] -> [..., N, H] with the ``name`` projection, checking loaded params."""
         if self.has_variable("params", name):
             kernel = self.get_variable("params", name)["kernel"]
@@ -260,7 +334,7 @@ class MultiHeadAttention(nn.Module):
                     f"'{name}' kernel of shape {kernel.shape}, but got shape {x.shape}"
                 )
         return HeadProjection(
-            num_heads=self.num_heads,
+            num_heads=num_heads,
             head_dim=head_dim,
             use_bias=self.use_bias,
             dtype=self.dtype,
@@ -275,28 +349,33 @@ class MultiHeadAttention(nn.Module):
 
     def _update_cache(
         self, query: Array, key: Array, value: Array, mask: Array | None
-    ) -> tuple[Array, Array, Array | None]:
-        """Writes this call's keys/values into the cache and masks unwritten slots.
+    ) -> tuple[Array, Array, Array | None, Array | None]:
+        """Writes this call's keys/values into the cache and hides unwritten slots.
 
-        Flax's cache layout: ``cached_key``/``cached_value`` [batch..., max_length, N, H]
+        Flax's cache layout: ``cached_key``/``cached_value`` [batch..., max_length, K, H]
         and a scalar ``cache_index``. The first call (initialisation) only creates
         the cache, sized by its inputs. Later calls write ``T >= 1`` new positions at
         ``cache_index`` (``T = 1`` is Flax's one-token step; ``T > 1`` prefills a
         prompt) and let query ``t`` attend to cache slots ``s <= cache_index + t``.
         The caller keeps ``cache_index + T <= max_length``.
+
+        Returns:
+          ``(keys, values, mask, kv_length)``. For a one-token step with an
+          attention_fn that takes ``key_value_seq_lengths``, the unwritten slots are
+          hidden by ``kv_length`` [batch...] (no mask array, and the blockwise
+          kernel skips blocks past it); otherwise by ``mask``.
         """
         initialized = self.has_variable("cache", "cached_key")
         cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
         cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
         if not initialized:
-            return key, value, mask
-        *batch, max_length, num_heads, head_dim = cached_key.value.shape
+            return key, value, mask, None
+        *batch, max_length, kv_heads, head_dim = cached_key.value.shape
         T = query.shape[-3]
-        expected = (*batch, T, num_heads, head_dim)
-        if query.shape != expected or T > max_length:
+        if key.shape != (*batch, T, kv_heads, head_dim) or T > max_length:
             raise ValueError(
-                f"query should have shape [batch..., T <= {max_length}, {num_heads}, "
+                f"query should have shape [batch..., T <= {max_length}, {self.num_heads}, "
                 f"{head_dim}] to match the autoregressive cache {tuple(cached_key.value.shape)}, "
                 f"but got {query.shape}"
             )
@@ -309,11 +388,13 @@ class MultiHeadAttention(nn.Module):
         )
         cached_key.value, cached_value.value = key, value
         cache_index.value = index + T
+        if T == 1 and "key_value_seq_lengths" in inspect.signature(self.attention_fn).parameters:
+            return key, value, mask, jnp.broadcast_to(index + 1, tuple(batch))
         visible = jnp.arange(max_length)[None, :] <= index + jnp.arange(T)[:, None]
         visible = jnp.broadcast_to(visible, (*batch, 1, T, max_length))
         if mask is not None:
             mask = jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, visible.shape))
-        return key, value, combine_masks(mask, visible)
+        return key, value, combine_masks(mask, visible), None
 
 
 class MultiHeadDotProductAttention(MultiHeadAttention):

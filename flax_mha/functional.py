@@ -262,6 +262,7 @@ def single_head_attention(
     dropout: Float[Array, "T S"] | None = None,
     *,
     scale: float | None = None,
+    logit_cap: float | None = None,
     precision: Any = None,
     qk_einsum: Einsum | None = None,
     wv_einsum: Einsum | None = None,
@@ -269,7 +270,7 @@ def single_head_attention(
 ) -> tuple[Float[Array, "T Hv"], Float[Array, "T S"]]:
     """Scaled dot-product attention of ONE head, composed from the steps above.
 
-    ``out = dropout(softmax(mask(q k^T * scale + bias))) v``
+    ``out = dropout(softmax(mask(cap(q k^T * scale) + bias))) v``
 
     Args:
       q: [T, H] queries.
@@ -279,6 +280,8 @@ def single_head_attention(
       bias: [T, S] additive bias on the scaled scores, or None.
       dropout: [T, S] multiplier applied to the weights (see `dropout_multiplier`), or None.
       scale: score scale; default ``1 / sqrt(H)``.
+      logit_cap: if given, soft-cap the scaled scores to ``cap * tanh(scores / cap)``
+        (before the bias and mask; Gemma 2's logit soft-capping).
       precision: `jax.lax.Precision` of both matmuls.
       qk_einsum: replacement for `jnp.einsum` in the scores.
       wv_einsum: replacement for `jnp.einsum` in the weighted sum.
@@ -293,6 +296,8 @@ def single_head_attention(
     scores = scale_scores(
         attention_scores(q, k, precision=precision, einsum=qk_einsum), q.shape[-1], scale
     )
+    if logit_cap is not None:
+        scores = logit_cap * jnp.tanh(scores / logit_cap)
     if bias is not None:
         scores = scores + bias.astype(scores.dtype)
     weights_dtype = weights_dtype or jnp.result_type(q, k)

@@ -19,11 +19,11 @@ softmax = jax.jit(functional.softmax, static_argnames=("axis",))
 weighted_sum = jax.jit(functional.weighted_sum, static_argnames=("precision", "einsum"))
 single_head_attention = jax.jit(
     functional.single_head_attention,
-    static_argnames=("scale", "precision", "qk_einsum", "wv_einsum", "weights_dtype"),
+    static_argnames=("scale", "logit_cap", "precision", "qk_einsum", "wv_einsum", "weights_dtype"),
 )
 multi_head_attention = jax.jit(
     functional.multi_head_attention,
-    static_argnames=("scale", "precision", "qk_einsum", "wv_einsum", "weights_dtype"),
+    static_argnames=("scale", "logit_cap", "precision", "qk_einsum", "wv_einsum", "weights_dtype"),
 )
 concat_heads = jax.jit(functional.concat_heads)
 output_projection = jax.jit(
@@ -47,6 +47,7 @@ dot_product_attention = jax.jit(
         "scale",
         "is_causal",
         "local_window_size",
+        "logit_cap",
         "implementation",
     ),
 )

@@ -56,6 +56,7 @@ class Request:
     dropout: bool = False
     window: bool = False
     custom_matmuls: bool = False  # precision or einsum/dot_general overrides
+    softcap: bool = False
 
 
 def _ineligible(name: str, r: Request) -> str | None:
@@ -66,6 +67,8 @@ def _ineligible(name: str, r: Request) -> str | None:
         return "the attention weights are requested (sow_weights / module)"
     if r.custom_matmuls:
         return "precision or einsum/dot_general overrides are given"
+    if r.softcap:
+        return "it has no logit soft-capping"
     if name == "blockwise":
         return None
     if name == "cudnn":
@@ -95,7 +98,7 @@ def choose_implementation(r: Request, implementation: str | None = None) -> str:
     """The backend that runs ``r``: ``implementation`` if given (checked), else automatic.
 
     Automatic choice: the reference when the weights are wanted, precision/einsum
-    overrides are given, or dropout is active (it reproduces Flax's dropout stream
+    overrides or soft-capping are given, or dropout is active (it reproduces Flax's dropout stream
     exactly; pass ``implementation="blockwise"`` for dropout in O(L) memory); on TPU
     the Pallas kernel, on GPU cuDNN, when eligible; otherwise the blockwise kernel,
     except on CPU for small T * S where the reference is as fast.
@@ -108,7 +111,7 @@ def choose_implementation(r: Request, implementation: str | None = None) -> str:
         if why is not None:
             raise ValueError(f"implementation={implementation!r} cannot be used here: {why}")
         return implementation
-    if r.weights or r.custom_matmuls or r.dropout:
+    if r.weights or r.custom_matmuls or r.dropout or r.softcap:
         return "reference"
     if r.platform == "tpu" and _ineligible("pallas_tpu", r) is None:
         return "pallas_tpu"
@@ -189,6 +192,7 @@ def dot_product_attention(
     query_seq_lengths: Array | None = None,
     key_value_seq_lengths: Array | None = None,
     local_window_size: int | tuple[int, int] | None = None,
+    logit_cap: float | None = None,
     implementation: str | None = None,
 ) -> Array:
     """Scaled dot-product attention: ``softmax(q k^T * scale + bias, mask) v`` per head.
@@ -223,6 +227,7 @@ def dot_product_attention(
       query_seq_lengths: int [batch...]; query rows at or past the length give zeros.
       key_value_seq_lengths: int [batch...]; keys at or past the length are ignored.
       local_window_size: ``w`` or ``(left, right)``: attend to ``t - left <= s <= t + right``.
+      logit_cap: soft-cap the scaled scores to ``cap * tanh(scores / cap)``.
       implementation: one of `IMPLEMENTATIONS`, or None to choose automatically.
 
     Returns:
@@ -277,6 +282,7 @@ def dot_product_attention(
         dropout=dropping,
         window=window is not None,
         custom_matmuls=qk_einsum is not None or precision is not None,
+        softcap=logit_cap is not None,
     )
     implementation = choose_implementation(request, implementation)
     scale = default_scale(H) if scale is None else scale
@@ -314,7 +320,7 @@ def dot_product_attention(
         if pos_mask is not None:
             mask = pos_mask if mask is None else jnp.logical_and(mask, pos_mask)
         out, weights = reference_attention(
-            q, k, v, mask=mask, bias=bias, dropout=dropout, scale=scale,
+            q, k, v, mask=mask, bias=bias, dropout=dropout, scale=scale, logit_cap=logit_cap,
             precision=precision, qk_einsum=qk_einsum, wv_einsum=wv_einsum,
             weights_dtype=jnp.float32 if force_fp32_for_softmax else None,
         )  # fmt: skip
