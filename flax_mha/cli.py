@@ -1,10 +1,22 @@
-"""The `flax-mha` command line: ``flax-mha demo | bench``."""
+"""The `flax-mha` command line: ``flax-mha demo | train | predict | bench``.
+
+``flax-mha train [--config FILE] [--workdir DIR] [--config.group.field=VALUE ...]``
+loads an ml_collections ``get_config()`` file (default: `flax_mha.default_config`, the
+same as ``configs/default.py``) and applies the overrides, cast to the type of the field
+they replace, the way ``ml_collections.config_flags`` does without absl.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -17,6 +29,128 @@ def _demo(args: argparse.Namespace) -> int:
         num_heads=args.num_heads,
         seed=args.seed,
     )
+    return 0
+
+
+def load_config(path: str | os.PathLike | None = None) -> ml_collections.ConfigDict:
+    """Calls ``get_config()`` of a config file (default: `flax_mha.default_config`).
+
+    Raises:
+      ValueError: if the file does not exist or has no ``get_config``.
+    """
+    if path is None:
+        from flax_mha.default_config import get_config
+
+        return get_config()
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"--config should be a Python file with get_config(), but got {path!r}")
+    spec = importlib.util.spec_from_file_location(f"_flax_mha_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"--config should define get_config(), but {path!r} does not")
+    return module.get_config()
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _cast(name: str, old: Any, text: str) -> Any:
+    """``text`` as the type of the field's current value ``old``."""
+    try:
+        if isinstance(old, bool):
+            if text.lower() not in _TRUE + _FALSE:
+                raise ValueError
+            return text.lower() in _TRUE
+        if isinstance(old, int):
+            return int(text)
+        if isinstance(old, float):
+            return float(text)
+        if isinstance(old, str):
+            return text
+        return ast.literal_eval(text)  # None, tuples, lists
+    except (ValueError, SyntaxError):
+        kind = type(old).__name__
+        raise ValueError(f"--config.{name} should be a {kind}, but got {text!r}") from None
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Sequence[str]
+) -> ml_collections.ConfigDict:
+    """Applies ``--config.a.b=value`` (or ``--config.a.b value``) arguments in place.
+
+    Raises:
+      ValueError: for an unknown field, a group given a value, a value of the wrong type,
+        or an argument that is not an override.
+    """
+    args = list(overrides)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--config."):
+            raise ValueError(f"unrecognized argument {arg!r} (overrides look like --config.a.b=v)")
+        name, has_value, text = arg[len("--config.") :].partition("=")
+        if not has_value:
+            if not args:
+                raise ValueError(f"--config.{name} should be given a value")
+            text = args.pop(0)
+        *groups, field = name.split(".")
+        node = config
+        for i, group in enumerate(groups):
+            if not isinstance(node, ml_collections.ConfigDict) or group not in node:
+                raise ValueError(f"unknown config group config.{'.'.join(groups[: i + 1])}")
+            node = node[group]
+        if not isinstance(node, ml_collections.ConfigDict) or field not in node:
+            known = (
+                ", ".join(sorted(node.keys()))
+                if isinstance(node, ml_collections.ConfigDict)
+                else ""
+            )
+            raise ValueError(f"unknown config field config.{name} (known: {known})")
+        if isinstance(node[field], ml_collections.ConfigDict):
+            raise ValueError(f"config.{name} is a group; override its fields instead")
+        node[field] = _cast(name, node[field], text)
+    return config
+
+
+def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    config = apply_overrides(load_config(args.config), overrides)
+    if args.resume is not None:
+        config.train.resume = args.resume
+    if args.no_progress:
+        config.train.progress_bar = False
+    from flax_mha.train import train_and_evaluate, validate_config
+
+    validate_config(config)  # before jax compiles anything
+    train_and_evaluate(config, args.workdir)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flax_mha import data
+    from flax_mha.generation import generate
+    from flax_mha.train import restore_params
+
+    sequences = list(args.input or [])
+    if args.digits:
+        sequences.append(" ".join(args.digits))
+    if not sequences:
+        raise ValueError("predict should be given digits, e.g. `flax-mha predict 3 1 4`")
+    config, model, params, step = restore_params(args.workdir)
+    width = config.model.max_len - 1  # the targets need one more position for EOS
+    encoded = [data.encode_digits(s) for s in sequences]
+    longest = max(len(e) for e in encoded)
+    if longest > width:
+        raise ValueError(f"inputs should have at most {width} digits, but got {longest}")
+    inputs = np.stack([data.encode_digits(s, longest) for s in sequences])
+    out = np.asarray(generate(model, params, jnp.asarray(inputs), longest + 1))
+    if longest > config.data.max_len:
+        print(f"note: trained on at most {config.data.max_len} digits", file=sys.stderr)
+    for src, tokens in zip(inputs, out, strict=True):
+        print(f"{data.decode_tokens(src)} -> {data.decode_tokens(tokens)}")
     return 0
 
 
@@ -35,14 +169,42 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-heads", type=int, default=2)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    train = sub.add_parser(
+        "train",
+        help="train a Transformer on the built-in task (resumes from the workdir)",
+        description="Overrides: --config.group.field=VALUE, e.g. --config.model.num_heads=2.",
+    )
+    train.add_argument(
+        "--config", default=None, help="config file with get_config() (default: configs/default.py)"
+    )
+    train.add_argument("--workdir", default="runs/default")
+    train.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="continue from the latest checkpoint (default: config.train.resume)",
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=_train)
+
+    predict = sub.add_parser("predict", help="decode digit sequences with a trained run")
+    predict.add_argument("digits", nargs="*", help="one input sequence, e.g. 3 1 4 1 5")
+    predict.add_argument("--input", action="append", help='a sequence, e.g. "3 1 4" (repeatable)')
+    predict.add_argument("--workdir", default="runs/default")
+    predict.set_defaults(func=_predict)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `flax-mha` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.command == "train":
+            return args.func(args, extra)
         return args.func(args)
     except ValueError as e:
         parser.exit(2, f"flax-mha {args.command}: error: {e}\n")

@@ -1,0 +1,697 @@
+"""Training of `flax_mha.models.Transformer` on the built-in tasks (optax, orbax).
+
+The layout follows Flax's ``examples/wmt``: `create_train_state`, a pure `train_step`
+jitted once, `eval_step`, `evaluate` (greedy decoding with the attention caches) and the
+loop `train_and_evaluate(config, workdir)`.
+
+Exact resume: the batch of step ``s`` is a pure function of ``(seed, s)``
+(`flax_mha.data.train_batch`) and the dropout key of step ``s`` is
+``fold_in(key(seed), s)``, so a checkpoint of ``(params, opt_state, step)`` is the whole
+state of a run: a run killed and resumed from its latest checkpoint ends with the same
+parameters as one that was never interrupted.
+
+Files in ``workdir``: ``config.json``, ``checkpoints/<step>/``, ``metrics.jsonl`` (one
+JSON object per log line), ``curves.png`` and ``attention/*.png``.
+
+Shapes: ``B`` batch, ``L`` input length, ``T`` target length, ``V`` vocabulary, ``N`` heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import struct
+from flax import traverse_util as flax_traverse
+from flax.training import train_state
+from jax import Array
+
+from flax_mha import data as data_lib
+from flax_mha.attention import MultiHeadAttention
+from flax_mha.generation import generate
+from flax_mha.models import PAD_ID, Transformer, TransformerConfig
+
+__all__ = [
+    "TrainState",
+    "attention_weights",
+    "create_train_state",
+    "cross_entropy_loss",
+    "eval_step",
+    "evaluate",
+    "load_workdir_config",
+    "make_optimizer",
+    "make_schedule",
+    "model_config",
+    "paper_schedule",
+    "plot_curves",
+    "plot_example_attention",
+    "read_metrics",
+    "restore_params",
+    "train_and_evaluate",
+    "train_step",
+    "validate_config",
+]
+
+SCHEDULES = ("warmup_cosine", "paper", "constant")
+OPTIMIZERS = ("adamw", "adam")
+# TransformerConfig fields a config file may not set: dtype is not JSON, decode is for generation.
+_MODEL_FIELDS = tuple(
+    f.name for f in dataclasses.fields(TransformerConfig) if f.name not in ("dtype", "decode")
+)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _require(ok: bool, path: str, value: Any, should: str) -> None:
+    if not ok:
+        raise ValueError(f"config.{path} should {should}, but got {value!r}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks a training config before anything is built or compiled.
+
+    Raises:
+      ValueError: naming the first bad field and its value.
+    """
+    for group in ("model", "data", "optim", "train"):
+        _require(group in config, group, None, "be a group of the config")
+    _require(isinstance(config.seed, int) and config.seed >= 0, "seed", config.seed, "be >= 0")
+    _validate_model(config.model)
+    _validate_data(config.data, config.model.max_len)
+    _validate_train(config.train)
+    _validate_optim(config.optim, config.train.num_steps)
+
+
+def _validate_model(m: ml_collections.ConfigDict) -> None:
+    unknown = sorted(set(m.keys()) - set(_MODEL_FIELDS))
+    _require(
+        not unknown, "model", unknown, f"only hold fields of TransformerConfig {_MODEL_FIELDS}"
+    )
+    for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_len"):
+        _require(m[name] > 0, f"model.{name}", m[name], "be positive")
+    _require(
+        m.d_model % m.num_heads == 0,
+        "model.num_heads",
+        m.num_heads,
+        f"divide config.model.d_model ({m.d_model})",
+    )
+    for name in ("num_encoder_layers", "num_decoder_layers"):
+        _require(m[name] >= 1, f"model.{name}", m[name], "be >= 1 (an encoder-decoder model)")
+    for name in ("dropout_rate", "attention_dropout_rate"):
+        _require(0.0 <= m[name] < 1.0, f"model.{name}", m[name], "be in [0, 1)")
+    _require(
+        m.vocab_size >= data_lib.VOCAB_SIZE,
+        "model.vocab_size",
+        m.vocab_size,
+        f"be >= {data_lib.VOCAB_SIZE} (the task's ids)",
+    )
+
+
+def _validate_data(d: ml_collections.ConfigDict, max_len: int) -> None:
+    _require(d.task in data_lib.TASKS, "data.task", d.task, f"be one of {data_lib.TASKS}")
+    for lo, hi in (("min_len", "max_len"), ("eval_min_len", "eval_max_len")):
+        _require(d[lo] >= 1, f"data.{lo}", d[lo], "be >= 1")
+        _require(d[hi] >= d[lo], f"data.{hi}", d[hi], f"be >= config.data.{lo} ({d[lo]})")
+        # Targets are the answer plus EOS: one position longer than the inputs.
+        _require(
+            d[hi] + 1 <= max_len,
+            f"data.{hi}",
+            d[hi],
+            f"be < config.model.max_len ({max_len}); targets have max_len + 1 tokens",
+        )
+    _require(d.num_eval_examples > 0, "data.num_eval_examples", d.num_eval_examples, "be > 0")
+
+
+def _validate_train(t: ml_collections.ConfigDict) -> None:
+    for name in ("num_steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
+        _require(t[name] > 0, f"train.{name}", t[name], "be > 0")
+    for name in ("eval_batch_size", "max_checkpoints_to_keep"):
+        _require(t[name] > 0, f"train.{name}", t[name], "be > 0")
+
+
+def _validate_optim(o: ml_collections.ConfigDict, num_steps: int) -> None:
+    _require(o.optimizer in OPTIMIZERS, "optim.optimizer", o.optimizer, f"be one of {OPTIMIZERS}")
+    _require(o.schedule in SCHEDULES, "optim.schedule", o.schedule, f"be one of {SCHEDULES}")
+    _require(o.learning_rate > 0, "optim.learning_rate", o.learning_rate, "be > 0")
+    _require(o.lr_scale > 0, "optim.lr_scale", o.lr_scale, "be > 0")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "be >= 0")
+    if o.schedule == "paper":
+        _require(o.warmup_steps > 0, "optim.warmup_steps", o.warmup_steps, "be > 0 for 'paper'")
+    if o.schedule == "warmup_cosine":
+        _require(
+            o.warmup_steps < num_steps,
+            "optim.warmup_steps",
+            o.warmup_steps,
+            f"be < config.train.num_steps ({num_steps})",
+        )
+    for name in ("b1", "b2"):
+        _require(0.0 <= o[name] < 1.0, f"optim.{name}", o[name], "be in [0, 1)")
+    _require(o.eps > 0, "optim.eps", o.eps, "be > 0")
+    _require(o.end_lr_factor >= 0, "optim.end_lr_factor", o.end_lr_factor, "be >= 0")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "be >= 0")
+    _require(o.grad_clip_norm >= 0, "optim.grad_clip_norm", o.grad_clip_norm, "be >= 0")
+    _require(
+        0.0 <= o.label_smoothing < 1.0, "optim.label_smoothing", o.label_smoothing, "be in [0, 1)"
+    )
+
+
+def model_config(config: ml_collections.ConfigDict) -> TransformerConfig:
+    """The `TransformerConfig` of ``config.model``."""
+    return TransformerConfig(**config.model.to_dict())
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def paper_schedule(d_model: int, warmup_steps: int, scale: float = 1.0) -> optax.Schedule:
+    """The paper's rate ``scale * d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)``.
+
+    The paper counts steps from 1 and optax from 0, so update ``count`` uses
+    ``step = count + 1`` (the first update is not wasted at rate 0).
+    """
+
+    def schedule(count: Array) -> Array:
+        step = jnp.asarray(count, jnp.float32) + 1.0
+        return scale * d_model**-0.5 * jnp.minimum(step**-0.5, step * warmup_steps**-1.5)
+
+    return schedule
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """The learning-rate schedule of ``config.optim`` (see `SCHEDULES`)."""
+    o = config.optim
+    if o.schedule == "paper":
+        return paper_schedule(config.model.d_model, o.warmup_steps, o.lr_scale)
+    if o.schedule == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=o.learning_rate,
+            warmup_steps=o.warmup_steps,
+            decay_steps=config.train.num_steps,
+            end_value=o.learning_rate * o.end_lr_factor,
+        )
+    if o.warmup_steps == 0:
+        return optax.constant_schedule(o.learning_rate)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps),
+         optax.constant_schedule(o.learning_rate)],
+        [o.warmup_steps],
+    )  # fmt: skip
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Clipping by global norm (if ``grad_clip_norm > 0``), then Adam or AdamW."""
+    o = config.optim
+    schedule = make_schedule(config)
+    if o.optimizer == "adamw":
+        # Decay matrices (kernels, embeddings) only, not biases and LayerNorm scales.
+        opt = optax.adamw(schedule, o.b1, o.b2, o.eps, weight_decay=o.weight_decay,
+                          mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))  # fmt: skip
+    else:
+        opt = optax.adam(schedule, o.b1, o.b2, o.eps)
+    if o.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), opt)
+    return opt
+
+
+# --------------------------------------------------------------------------- steps
+
+
+class TrainState(train_state.TrainState):
+    """Flax's `TrainState` plus the (static) label smoothing of the loss."""
+
+    label_smoothing: float = struct.field(pytree_node=False, default=0.0)
+
+
+def create_train_state(config: ml_collections.ConfigDict, rng: Array) -> TrainState:
+    """Initialises the model's parameters and the optimizer.
+
+    Args:
+      config: a validated training config.
+      rng: PRNG key for the parameters.
+
+    Returns:
+      A `TrainState` at step 0 (an int32 array, as after a restore).
+    """
+    model = Transformer(model_config(config))
+    tx = make_optimizer(config)
+    L = config.data.max_len
+
+    def init(rng: Array) -> TrainState:
+        inputs = jnp.ones((1, L), jnp.int32)
+        targets = jnp.ones((1, L + 1), jnp.int32)
+        state = TrainState.create(
+            apply_fn=model.apply,
+            params=model.init(rng, inputs, targets)["params"],
+            tx=tx,
+            label_smoothing=float(config.optim.label_smoothing),
+        )
+        return state.replace(step=jnp.zeros((), jnp.int32))
+
+    # One compilation for parameters and optimizer state (eagerly, optax's init
+    # would compile many small programs).
+    return jax.jit(init)(rng)
+
+
+def cross_entropy_loss(
+    logits: Array, targets: Array, label_smoothing: float = 0.0
+) -> tuple[Array, Array]:
+    """Label-smoothed cross entropy summed over the non-padding target tokens.
+
+    The smoothed target puts ``1 - label_smoothing + label_smoothing / V`` on the right
+    token and ``label_smoothing / V`` on every other one (`optax.smooth_labels`).
+
+    Args:
+      logits: [B, T, V] float logits.
+      targets: [B, T] int ids; ``PAD_ID`` positions do not count.
+      label_smoothing: in [0, 1).
+
+    Returns:
+      (sum of the per-token losses, number of non-padding tokens), both float32 scalars.
+    """
+    labels = optax.smooth_labels(jax.nn.one_hot(targets, logits.shape[-1]), label_smoothing)
+    loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)  # [B, T]
+    weights = (targets != PAD_ID).astype(jnp.float32)
+    return jnp.sum(loss * weights), jnp.sum(weights)
+
+
+def _metrics(logits: Array, targets: Array, label_smoothing: float) -> dict[str, Array]:
+    """Sums (not means), so metrics of several steps add up exactly."""
+    loss_sum, tokens = cross_entropy_loss(logits, targets, label_smoothing)
+    valid = targets != PAD_ID
+    correct = (jnp.argmax(logits, -1) == targets) & valid
+    return {"loss_sum": loss_sum, "correct": jnp.sum(correct), "tokens": tokens}
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def train_step(state: TrainState, batch: dict[str, Array], rng: Array) -> tuple[TrainState, dict]:
+    """One optimizer update on a batch (teacher forcing).
+
+    Args:
+      state: the current state; its buffers are donated (do not reuse it).
+      batch: ``inputs`` [B, L] and ``targets`` [B, T] int ids.
+      rng: the run's dropout key; this step uses ``fold_in(rng, state.step)`` so that the
+        randomness of step ``s`` does not depend on how the run got there.
+
+    Returns:
+      The new state, and metric sums ``loss_sum``, ``correct``, ``tokens`` plus ``lr``.
+    """
+    dropout_rng = jax.random.fold_in(rng, state.step)
+
+    def loss_fn(params):
+        logits = state.apply_fn({"params": params}, batch["inputs"], batch["targets"],
+                                deterministic=False, rngs={"dropout": dropout_rng})  # fmt: skip
+        loss_sum, tokens = cross_entropy_loss(logits, batch["targets"], state.label_smoothing)
+        return loss_sum / jnp.maximum(tokens, 1.0), logits
+
+    (_, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    metrics = _metrics(logits, batch["targets"], state.label_smoothing)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    new_state = state.apply_gradients(grads=grads)
+    return new_state, metrics
+
+
+@jax.jit
+def eval_step(state: TrainState, batch: dict[str, Array]) -> dict[str, Array]:
+    """Teacher-forced metric sums (``loss_sum``, ``correct``, ``tokens``) on a batch."""
+    logits = state.apply_fn({"params": state.params}, batch["inputs"], batch["targets"])
+    return _metrics(logits, batch["targets"], state.label_smoothing)
+
+
+# Greedy decoding compiled once per (model, length); Flax modules are hashable.
+_greedy = jax.jit(generate, static_argnums=(0, 3))
+
+
+def _batches(examples: dict[str, np.ndarray], batch_size: int) -> Iterable[tuple[dict, int]]:
+    """Fixed-size batches (one compilation) and the number of real rows in each.
+
+    The last batch is filled with all-padding rows: they have no target tokens, so they add
+    nothing to the metric sums, and the model maps them to zeros, not NaN.
+    """
+    n = len(examples["inputs"])
+    for start in range(0, n, batch_size):
+        chunk = {k: v[start : start + batch_size] for k, v in examples.items()}
+        real = len(chunk["inputs"])
+        if real < batch_size:
+            chunk = {k: np.pad(v, ((0, batch_size - real), (0, 0))) for k, v in chunk.items()}
+        yield chunk, real
+
+
+def evaluate(
+    state: TrainState, model: Transformer, examples: dict[str, np.ndarray], batch_size: int
+) -> dict[str, float]:
+    """Held-out metrics: teacher-forced loss and token accuracy, and greedy exact match.
+
+    Args:
+      state: the trained state.
+      model: the `Transformer` of ``state`` (used for cached decoding).
+      examples: ``inputs`` [E, L] and ``targets`` [E, T] (see `flax_mha.data.eval_set`).
+      batch_size: examples per decoding batch.
+
+    Returns:
+      ``eval_loss``, ``eval_accuracy`` (tokens, teacher-forced) and ``eval_exact_match``:
+      the fraction of examples whose greedy output, EOS included, equals the target.
+    """
+    sums = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
+    exact = 0
+    T = examples["targets"].shape[1]
+    for batch, real in _batches(examples, batch_size):
+        m = jax.device_get(eval_step(state, batch))
+        for k in sums:
+            sums[k] += float(m[k])
+        out = np.asarray(_greedy(model, state.params, jnp.asarray(batch["inputs"]), T))
+        exact += int(np.sum(np.all(out == batch["targets"], axis=1)[:real]))
+    return {
+        "eval_loss": sums["loss_sum"] / sums["tokens"],
+        "eval_accuracy": sums["correct"] / sums["tokens"],
+        "eval_exact_match": exact / len(examples["inputs"]),
+    }
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    # Synchronous saves: train_step donates the state's buffers, so an asynchronous save
+    # could still be reading arrays the next step reuses; saves here are small anyway.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.train.max_checkpoints_to_keep,
+        enable_async_checkpointing=False,
+        create=True,
+    )
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")), options=options
+    )
+
+
+def _checkpoint_tree(state: TrainState) -> dict[str, Any]:
+    """What a checkpoint holds; the data position is implied by ``step``."""
+    return {"params": state.params, "opt_state": state.opt_state, "step": state.step}
+
+
+def _restore(manager: ocp.CheckpointManager, state: TrainState, step: int) -> TrainState:
+    """``state`` with the checkpoint of ``step`` (``state`` gives structure, shapes, devices)."""
+    tree = manager.restore(step, args=ocp.args.StandardRestore(_checkpoint_tree(state)))
+    return state.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"])
+
+
+def load_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The config a run in ``workdir`` was trained with (``workdir/config.json``)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ValueError(
+            f"workdir should hold a training run (config.json), but got {os.fspath(workdir)!r}"
+        )
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_params(
+    workdir: str | os.PathLike,
+) -> tuple[ml_collections.ConfigDict, Transformer, Any, int]:
+    """Loads the latest checkpoint of a run.
+
+    Returns:
+      (config, model, params, step).
+
+    Raises:
+      ValueError: if ``workdir`` has no config or no checkpoint.
+    """
+    config = load_workdir_config(workdir)
+    abstract = jax.eval_shape(lambda: create_train_state(config, jax.random.key(0)))
+    state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
+    manager = _checkpoint_manager(os.fspath(workdir), config)
+    step = manager.latest_step()
+    if step is None:
+        raise ValueError(f"workdir should hold a checkpoint, but {os.fspath(workdir)!r} has none")
+    state = _restore(manager, state, step)
+    manager.close()
+    return config, Transformer(model_config(config)), state.params, step
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _summarize(metrics: list[dict[str, Array]], seconds: float) -> dict[str, float]:
+    """Mean loss/accuracy over the steps since the last log line, and throughput."""
+    host = jax.device_get(metrics)
+    tokens = sum(float(m["tokens"]) for m in host)
+    return {
+        "loss": sum(float(m["loss_sum"]) for m in host) / tokens,
+        "accuracy": sum(float(m["correct"]) for m in host) / tokens,
+        "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
+        "tokens_per_sec": tokens / max(seconds, 1e-9),
+    }
+
+
+def _rewind_metrics(path: str, step: int) -> None:
+    """Drops log lines past ``step`` (written after the checkpoint a resume starts from)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+def _start_state(
+    config: ml_collections.ConfigDict, workdir: str, manager: ocp.CheckpointManager
+) -> TrainState:
+    """A fresh state, or the latest checkpoint's when resuming."""
+    state = create_train_state(config, jax.random.fold_in(jax.random.key(config.seed), 0))
+    latest = manager.latest_step()
+    if latest is None:
+        return state
+    if not config.train.resume:
+        raise ValueError(
+            f"config.train.resume is False but {workdir!r} has checkpoints up to step {latest}; "
+            "resume, or train in an empty workdir"
+        )
+    saved = load_workdir_config(workdir)
+    if saved.model.to_dict() != config.model.to_dict():
+        raise ValueError(
+            f"config.model should match the run in {workdir!r} to resume it, "
+            f"but got {config.model.to_dict()} != {saved.model.to_dict()}"
+        )
+    return _restore(manager, state, latest)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainState:
+    """Trains (resuming from ``workdir``'s latest checkpoint), evaluates, checkpoints, plots.
+
+    Args:
+      config: a training config (see ``configs/default.py``); validated first.
+      workdir: folder for checkpoints, ``metrics.jsonl``, ``curves.png`` and ``attention/``.
+
+    Returns:
+      The final `TrainState`.
+
+    Raises:
+      ValueError: for a bad config, or a workdir that cannot be resumed with it.
+    """
+    from tqdm.auto import tqdm
+
+    validate_config(config)
+    workdir = os.fspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    t, d = config.train, config.data
+    model = Transformer(model_config(config))
+    manager = _checkpoint_manager(workdir, config)
+    state = _start_state(config, workdir, manager)
+    start = int(state.step)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json(indent=2))
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    _rewind_metrics(metrics_path, start)
+    dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+    examples = data_lib.eval_set(config.seed, d.num_eval_examples, d.task, d.eval_min_len,
+                                 d.eval_max_len)  # fmt: skip
+    schedule = make_schedule(config)
+    show_bar = bool(t.progress_bar) and sys.stderr.isatty()
+    bar = tqdm(total=t.num_steps, initial=start, disable=not show_bar, desc="train", unit="step")
+    say = bar.write if show_bar else (lambda line: print(line, flush=True))
+    if start:
+        say(f"resumed from the checkpoint of step {start} in {workdir}")
+    say(f"devices: {jax.devices()}; {sum(x.size for x in jax.tree.leaves(state.params)):,} params")
+
+    pending, tic = [], time.perf_counter()
+    for step in range(start, t.num_steps):
+        batch = data_lib.train_batch(config.seed, step, d.task, t.batch_size, d.min_len, d.max_len)
+        state, metrics = train_step(state, jax.device_put(batch), dropout_rng)
+        pending.append(metrics)
+        done = step + 1
+        bar.update(1)
+        is_last = done == t.num_steps
+        record = None
+        if done % t.log_every == 0 or is_last:
+            record = {"step": done, **_summarize(pending, time.perf_counter() - tic)}
+            record["lr"] = float(schedule(done - 1))  # the rate of this step's update
+            pending = []
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
+                            tok_s=f"{record['tokens_per_sec']:.0f}")  # fmt: skip
+        if done % t.eval_every == 0 or is_last:
+            record = {"step": done, **(record or {})}
+            record.update(evaluate(state, model, examples, t.eval_batch_size))
+        if record is not None:
+            say(_format(record, t.num_steps))
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if done % t.checkpoint_every == 0 or is_last:
+            manager.save(done, args=ocp.args.StandardSave(_checkpoint_tree(state)))
+        if record is not None or done % t.checkpoint_every == 0:
+            tic = time.perf_counter()  # time eval and saving out of tokens/s
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    if t.plots:
+        _write_plots(workdir, state, model, examples)
+    return state
+
+
+_LOG_FORMATS = (
+    ("loss", ".4f"),
+    ("accuracy", ".4f"),
+    ("lr", ".2e"),
+    ("tokens_per_sec", ".0f"),
+    ("eval_loss", ".4f"),
+    ("eval_accuracy", ".4f"),
+    ("eval_exact_match", ".4f"),
+)
+
+
+def _format(record: dict[str, float], num_steps: int) -> str:
+    parts = [f"step {record['step']}/{num_steps}"]
+    for key, fmt in _LOG_FORMATS:
+        if key in record:
+            parts.append(f"{key} {record[key]:{fmt}}")
+    return "  ".join(parts)
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, float]]:
+    """The records of ``workdir/metrics.jsonl``, in order."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def attention_weights(
+    model: Transformer, params: Any, inputs: Array, targets: Array
+) -> dict[str, np.ndarray]:
+    """Every attention layer's weights for a teacher-forced pass.
+
+    The models do not ask their `MultiHeadAttention` layers to sow; an interceptor turns
+    ``sow_weights=True`` on for each of their calls, so the models stay untouched.
+
+    Args:
+      model: the `Transformer`.
+      params: its parameters.
+      inputs: [B, L] input ids.
+      targets: [B, T] target ids (the decoder reads ``shift_right(targets)``).
+
+    Returns:
+      {layer path, e.g. ``"decoder_blocks_0/cross_attention"``: [B, N, T_q, T_k] weights}.
+    """
+
+    def sow_weights(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        if isinstance(context.module, MultiHeadAttention) and context.method_name == "__call__":
+            kwargs = {**kwargs, "sow_weights": True}
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(sow_weights):
+        _, variables = model.apply({"params": params}, inputs, targets, mutable=["intermediates"])
+    flat = flax_traverse.flatten_dict(variables["intermediates"], sep="/")
+    suffix = "/attention_weights"
+    return {k.removesuffix(suffix): np.asarray(v[0]) for k, v in flat.items() if k.endswith(suffix)}
+
+
+def _token_label(t: int) -> str:
+    return {PAD_ID: "<s>", data_lib.EOS_ID: "EOS"}.get(t, str(t - data_lib.DIGIT_OFFSET))
+
+
+def plot_example_attention(
+    out_dir: str, model: Transformer, params: Any, inputs: np.ndarray
+) -> list[str]:
+    """Decodes one [L] input greedily and plots every layer's attention heads as PNGs.
+
+    Returns:
+      The paths written: ``encoder_<i>_self_attention.png``, ``decoder_<i>_self_attention.png``
+      and ``decoder_<i>_cross_attention.png`` for each layer ``i``.
+    """
+    from flax_mha.viz import plot_attention
+
+    n = int(np.sum(inputs != PAD_ID))
+    x = jnp.asarray(inputs[None, :n])
+    out = np.asarray(_greedy(model, params, x, min(n + 1, model.config.max_len)))[0]
+    m = int(np.argmax(out == data_lib.EOS_ID)) + 1 if np.any(out == data_lib.EOS_ID) else len(out)
+    y = jnp.asarray(out[None, :m])
+    weights = attention_weights(model, params, x, y)
+    src = [_token_label(t) for t in inputs[:n].tolist()]
+    produced = [_token_label(t) for t in out[:m].tolist()]  # row t is the query predicting it
+    fed = ["<s>", *produced[:-1]]  # what the decoder reads at each position
+    paths = []
+    for path, w in sorted(weights.items()):
+        block, kind = path.split("/")
+        side, index = block.split("_blocks_")
+        keys = src if side == "encoder" or kind == "cross_attention" else fed
+        rows = (
+            src if side == "encoder" else [f"{a}→{b}" for a, b in zip(fed, produced, strict=True)]
+        )
+        name = f"{side}_{index}_{kind}"
+        example = f"{' '.join(src)} → {' '.join(produced)}"
+        title = f"{side} layer {index} {kind.replace('_', ' ')}: {example}"
+        paths.append(plot_attention(w[0], os.path.join(out_dir, f"{name}.png"),
+                                    query_tokens=rows, key_tokens=keys, title=title))  # fmt: skip
+    return paths
+
+
+def plot_curves(records: list[dict[str, float]], path: str) -> str:
+    """Loss and accuracy (training, held-out) against the step, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, keys in ((ax_loss, ("loss", "eval_loss")),
+                     (ax_acc, ("accuracy", "eval_accuracy", "eval_exact_match"))):  # fmt: skip
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in records if key in r]
+            if pts:
+                ax.plot(
+                    *zip(*pts, strict=True),
+                    marker="o" if key.startswith("eval") else None,
+                    label=key,
+                )
+        ax.set_xlabel("step")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    ax_loss.set_yscale("log")
+    ax_acc.set_ylim(0, 1.02)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _write_plots(workdir: str, state: TrainState, model: Transformer, examples: dict) -> None:
+    plot_curves(read_metrics(workdir), os.path.join(workdir, "curves.png"))
+    # The longest held-out example shows the most structure.
+    longest = int(np.argmax(np.sum(examples["inputs"] != PAD_ID, axis=1)))
+    plot_example_attention(os.path.join(workdir, "attention"), model, state.params,
+                           examples["inputs"][longest])  # fmt: skip

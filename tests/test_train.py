@@ -1,0 +1,234 @@
+"""Training: loss and schedules against NumPy, a real tiny run, kill-and-resume, predict."""
+
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from flax_mha import data, train
+from flax_mha.cli import load_config, main
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def np_smoothed_cross_entropy(logits, targets, eps):
+    """float64 reference: sum over non-padding tokens of -sum_v q_v log softmax(logits)_v."""
+    logits = np.asarray(logits, np.float64)
+    V = logits.shape[-1]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    q = np.full(logits.shape, eps / V)
+    np.put_along_axis(q, np.asarray(targets)[..., None], 1.0 - eps + eps / V, axis=-1)
+    per_token = -(q * logp).sum(-1)
+    weights = np.asarray(targets) != 0
+    return (per_token * weights).sum(), weights.sum()
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_label_smoothed_loss_matches_numpy(eps, maybe_jit):
+    logits = 3 * jax.random.normal(jax.random.key(0), (3, 6, 12))
+    targets = jnp.array([[5, 6, 1, 0, 0, 0], [2, 3, 4, 5, 6, 1], [11, 1, 0, 0, 0, 0]])
+    loss, tokens = maybe_jit(lambda x, y: train.cross_entropy_loss(x, y, eps))(logits, targets)
+    ref_loss, ref_tokens = np_smoothed_cross_entropy(logits, targets, eps)
+    assert float(tokens) == ref_tokens == 11
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("count", [0, 1, 99, 3998, 3999, 4000, 10_000, 99_999])
+def test_paper_schedule_follows_the_formula(count):
+    step = count + 1  # the paper counts from 1, optax from 0
+    expected = 512**-0.5 * min(step**-0.5, step * 4000**-1.5)
+    base = load_config(ROOT / "configs" / "base.py")
+    for schedule in (train.paper_schedule(512, 4000), train.make_schedule(base)):
+        np.testing.assert_allclose(float(schedule(count)), expected, rtol=1e-6)
+
+
+def test_paper_schedule_peaks_at_warmup():
+    lr = train.paper_schedule(512, 4000)
+    peak = 512**-0.5 * 4000**-0.5  # 6.99e-4
+    np.testing.assert_allclose(float(lr(3999)), peak, rtol=1e-6)
+    assert float(lr(3998)) < peak and float(lr(4000)) < peak
+
+
+def test_warmup_cosine_schedule():
+    config = load_config(TINY)  # lr 3e-3, warmup 10, 60 steps, ends at 1%
+    lr = train.make_schedule(config)
+    assert float(lr(0)) == 0.0
+    np.testing.assert_allclose(float(lr(10)), 3e-3, rtol=1e-6)
+    np.testing.assert_allclose(float(lr(60)), 3e-5, rtol=1e-5)
+
+
+def test_train_step_is_deterministic_and_counts_tokens():
+    s1 = train.create_train_state(load_config(TINY), jax.random.key(0))
+    s2 = jax.tree.map(jnp.copy, s1)  # train_step donates its state
+    batch = jax.device_put(data.train_batch(0, 0, "reverse", 8, 1, 6))
+    s1, m1 = train.train_step(s1, batch, jax.random.key(1))
+    s2, m2 = train.train_step(s2, batch, jax.random.key(1))
+    assert int(s1.step) == 1
+    assert float(m1["tokens"]) == np.sum(np.asarray(batch["targets"]) != 0)
+    jax.tree.map(np.testing.assert_array_equal, s1.params, s2.params)
+    assert float(m1["loss_sum"]) == float(m2["loss_sum"])
+
+
+def test_gradient_clipping_bounds_the_update():
+    config = load_config(TINY)
+    config.optim.grad_clip_norm = 1e-3
+    tx = train.make_optimizer(config)
+    grads = {"w": jnp.full((4, 4), 100.0)}
+    clipped, _ = optax.clip_by_global_norm(1e-3).update(grads, None)
+    np.testing.assert_allclose(float(optax.tree.norm(clipped)), 1e-3, rtol=1e-5)
+    assert tx.init({"w": jnp.zeros((4, 4))}) is not None
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One uninterrupted tiny run (in process), with plots: the reference of the tests below."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    config = load_config(TINY)
+    config.train.plots = True
+    state = train.train_and_evaluate(config, workdir)
+    return workdir, state
+
+
+def test_tiny_run_learns_and_writes_its_files(tiny_run):
+    workdir, state = tiny_run
+    assert int(state.step) == 60
+    records = train.read_metrics(workdir)
+    assert [r["step"] for r in records] == list(range(5, 61, 5))
+    for key in ("loss", "accuracy", "lr", "tokens_per_sec"):
+        assert all(key in r for r in records)
+    assert "eval_exact_match" in records[-1] and "eval_accuracy" in records[-1]
+    # Stated factor: the loss of the last 5 steps is under 0.7x that of the first 5.
+    assert records[-1]["loss"] < 0.7 * records[0]["loss"], (records[0], records[-1])
+    assert sorted(os.listdir(workdir / "checkpoints")) == [str(s) for s in range(10, 61, 10)]
+    pngs = ["curves.png"] + [f"attention/{n}.png" for n in (
+        "encoder_0_self_attention", "decoder_0_self_attention", "decoder_0_cross_attention")]  # fmt: skip
+    for name in pngs:
+        assert (workdir / name).read_bytes()[:8] == PNG_MAGIC, name
+
+
+def test_attention_weights_are_captured_per_layer_and_head(tiny_run):
+    workdir, state = tiny_run
+    config, model, params, step = train.restore_params(workdir)
+    x = jnp.asarray(data.encode_digits("3 1 4 1", 4)[None])
+    y = jnp.array([[3, 6, 3, 5, 1]])
+    weights = train.attention_weights(model, params, x, y)
+    assert set(weights) == {"encoder_blocks_0/self_attention", "decoder_blocks_0/self_attention",
+                            "decoder_blocks_0/cross_attention"}  # fmt: skip
+    assert weights["encoder_blocks_0/self_attention"].shape == (1, 2, 4, 4)
+    assert weights["decoder_blocks_0/cross_attention"].shape == (1, 2, 5, 4)
+    for w in weights.values():
+        np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
+
+
+def test_restored_params_are_the_final_params(tiny_run):
+    workdir, state = tiny_run
+    _, _, params, step = train.restore_params(workdir)
+    assert step == 60
+    jax.tree.map(np.testing.assert_array_equal, params, state.params)
+
+
+# Runs the real CLI in a subprocess that SIGKILLs itself right after the update of step
+# KILL_AT: after the checkpoint of step 20 and the log line of step 25, mid-way to the
+# checkpoint of step 30 (a deterministic point; polling from outside races a tiny run).
+KILL_AT = 27
+KILLER = """
+import os, signal, sys
+import flax_mha.train as T
+from flax_mha.cli import main
+step_fn = T.train_step
+def train_step(state, batch, rng):
+    state, metrics = step_fn(state, batch, rng)
+    if int(state.step) == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return state, metrics
+T.train_step = train_step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _run(args, **kwargs):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, check=False, **kwargs)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_equals_uninterrupted_run(tiny_run, tmp_path):
+    ref_dir, ref_state = tiny_run
+    workdir = tmp_path / "killed"
+    cli_args = ["train", "--config", str(TINY), "--workdir", str(workdir)]
+    killed = _run(["-c", KILLER.format(kill_at=KILL_AT), *cli_args])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20"]
+    assert train.read_metrics(workdir)[-1]["step"] == 25  # logged after the last checkpoint
+
+    resumed = _run(["-m", "flax_mha.cli", *cli_args])  # no flag: resumes automatically
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from the checkpoint of step 20" in resumed.stdout
+
+    _, _, params, step = train.restore_params(workdir)
+    assert step == 60
+    jax.tree.map(np.testing.assert_array_equal, params, ref_state.params)  # bit for bit
+    # The log was rewound to step 20 and continued: same steps, same losses.
+    got, want = train.read_metrics(workdir), train.read_metrics(ref_dir)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want, strict=True):
+        for key in ("loss", "accuracy", "lr", "eval_exact_match"):
+            assert g.get(key) == pytest.approx(w.get(key), abs=1e-6), (key, g, w)
+
+
+def test_no_resume_refuses_a_workdir_with_checkpoints(tiny_run, capsys):
+    workdir, _ = tiny_run
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", str(TINY), "--workdir", str(workdir), "--no-resume"])
+    assert e.value.code == 2
+    assert "has checkpoints up to step 60" in capsys.readouterr().err
+
+
+def test_resume_of_a_finished_run_changes_nothing(tiny_run, capsys):
+    workdir, state = tiny_run
+    assert main(["train", "--config", str(TINY), "--workdir", str(workdir)]) == 0
+    assert "resumed from the checkpoint of step 60" in capsys.readouterr().out
+    _, _, params, _ = train.restore_params(workdir)
+    jax.tree.map(np.testing.assert_array_equal, params, state.params)
+
+
+def test_predict_prints_digits(tiny_run, capsys):
+    workdir, _ = tiny_run
+    assert main(["predict", "--workdir", str(workdir), "3", "1", "4"]) == 0
+    assert main(["predict", "--workdir", str(workdir), "--input", "2 7", "--input", "9"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(" -> ")[0] for line in lines] == ["3 1 4", "2 7", "9"]
+    for line in lines:
+        assert re.fullmatch(r"[0-9 ]+ -> [0-9 ]*", line), line
+
+
+def test_predict_bad_input(tiny_run, tmp_path, capsys):
+    workdir, _ = tiny_run
+    for argv, message in [
+        (["predict", "--workdir", str(workdir), "3", "x"], "inputs should be digits 0-9"),
+        (["predict", "--workdir", str(workdir), "1" * 20], "at most 15 digits, but got 20"),
+        (["predict", "--workdir", str(tmp_path)], "should be given digits"),
+        (["predict", "--workdir", str(tmp_path), "1"], "should hold a training run"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_workdir_config_is_json(tiny_run):
+    workdir, _ = tiny_run
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["model"]["d_model"] == 32 and saved["data"]["task"] == "reverse"
