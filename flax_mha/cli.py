@@ -154,6 +154,28 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from flax_mha.bench import run_bench
+
+    if args.quick:
+        run_bench(args.out, batch=1, length=256, module_length=64, model_dim=64,
+                  memory_lengths=(512, 2048), repeats=2)  # fmt: skip
+        return 0
+    run_bench(
+        args.out,
+        batch=args.batch,
+        length=args.length,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        module_length=args.module_length,
+        model_dim=args.model_dim,
+        memory_lengths=tuple(args.memory_lengths),
+        long_length=args.long,
+        repeats=args.repeats,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `flax-mha`, one subcommand per job."""
     from flax_mha.demo import DEFAULT_SENTENCE
@@ -193,6 +215,25 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--input", action="append", help='a sequence, e.g. "3 1 4" (repeatable)')
     predict.add_argument("--workdir", default="runs/default")
     predict.set_defaults(func=_predict)
+
+    bench = sub.add_parser(
+        "bench", help="time and size our kernels and module against jax.nn, Flax and torch"
+    )
+    bench.add_argument("--out", default="out/bench", help="folder for results.md/json and PNGs")
+    bench.add_argument("--batch", type=int, default=4)
+    bench.add_argument("--length", type=int, default=2048)
+    bench.add_argument("--heads", type=int, default=8)
+    bench.add_argument("--head-dim", type=int, default=64)
+    bench.add_argument("--module-length", type=int, default=512)
+    bench.add_argument("--model-dim", type=int, default=512)
+    bench.add_argument(
+        "--memory-lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536],
+        help="sequence lengths whose compiled fwd+bwd temporaries are reported (not run)",
+    )  # fmt: skip
+    bench.add_argument("--long", type=int, default=None, help="also run fwd+bwd once at this L")
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    bench.set_defaults(func=_bench)
     return parser
 
 

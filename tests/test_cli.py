@@ -45,3 +45,20 @@ def test_console_script(tmp_path):
                          text=True, timeout=300, check=False)  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "attention_weights.png").exists()
+
+
+def test_bench_quick_writes_tables_json_and_plots(tmp_path, capsys):
+    import json
+
+    assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "fp32 GEMM ceiling" in text and "flax_mha blockwise" in text
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"kernel", "module", "memory"}
+    assert all(r["ms"] > 0 for r in rows if "ms" in r)
+    mem = {(r["impl"], r["L"]): r["temp_bytes"] for r in rows if r["kind"] == "memory"}
+    # The blockwise kernel never holds the L x L matrix: less memory than jax.nn at 2048.
+    assert mem[("flax_mha blockwise", 2048)] < mem[("jax.nn.dot_product_attention", 2048)]
+    for name in ("results.md", "memory_vs_length.png", "time.png"):
+        assert (tmp_path / name).exists()
