@@ -55,6 +55,9 @@ def check_qkv(query: Array, key: Array, value: Array) -> None:
             f"the number of query heads ({N}) should be a multiple of the number of "
             f"key/value heads ({K}); got query {query.shape} and key {key.shape}"
         )
+    for name, x in (("query", query), ("key", key)):
+        if x.shape[-3] == 0:
+            raise ValueError(f"{name} should have length >= 1, but got shape {x.shape}")
     if query.shape[-1] != key.shape[-1]:
         raise ValueError(
             f"query and key should have the same head_dim, but got shapes {query.shape} "

@@ -205,6 +205,8 @@ BAD = [
     ("heads", dict(key=jnp.zeros((2, 7, 3, 8)), value=jnp.zeros((2, 7, 3, 8))), ValueError,
      r"query heads \(4\) should be a multiple of the number of key/value heads \(3\)"),
     ("head dim", dict(key=jnp.zeros((2, 7, 4, 6))), ValueError, "same head_dim"),
+    ("empty", dict(key=jnp.zeros((2, 0, 4, 8)), value=jnp.zeros((2, 0, 4, 8))), ValueError,
+     r"key should have length >= 1, but got shape \(2, 0, 4, 8\)"),
     ("int input", dict(query=jnp.zeros((2, 5, 4, 8), jnp.int32)), TypeError, "query should be a floating"),
     ("bool input", dict(value=jnp.zeros((2, 7, 4, 8), bool)), TypeError, "value should be a floating"),
     ("mask", dict(mask=jnp.ones((2, 5, 5), bool)), ValueError,

@@ -288,9 +288,12 @@ def blockwise_attention_with_lse(
     block_k = bk if block_k is None else block_k
     cfg = _config(scale, is_causal, local_window, dropout_rate, dropout_rng, block_q, block_k)
     rng = dropout_rng if cfg.dropout_rate > 0.0 else None
-    return _attention(
-        cfg, query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths, rng
+    # Lengths and masks must be arrays (not lists) to be custom_vjp leaves.
+    q_len, kv_len = (
+        None if x is None else jnp.asarray(x) for x in (query_seq_lengths, key_value_seq_lengths)
     )
+    mask = None if mask is None else jnp.asarray(mask)
+    return _attention(cfg, query, key, value, bias, mask, q_len, kv_len, rng)
 
 
 def blockwise_attention(

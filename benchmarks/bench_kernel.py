@@ -1,0 +1,169 @@
+"""Quick timing of the blockwise kernel against torch SDPA and jax.nn on CPU.
+
+Usage (fp32, median of --runs runs after one warm-up, block_until_ready):
+
+  python benchmarks/bench_kernel.py                        # B=4 L=2048 N=8 H=64
+  python benchmarks/bench_kernel.py --only ours --block-q 256 --block-k 512
+  python benchmarks/bench_kernel.py --memory 65536         # compiled temp bytes, fwd+bwd
+  python benchmarks/bench_kernel.py --long 32768           # one real fwd+bwd run, B=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_mha.kernels.blockwise import blockwise_attention
+
+
+def _median_ms(fn, runs: int) -> float:
+    fn()  # warm-up (compilation)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _jax_fns(attn, q, k, v):
+    fwd = jax.jit(attn)
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v)), argnums=(0, 1, 2)))
+    return (
+        lambda: jax.block_until_ready(fwd(q, k, v)),
+        lambda: jax.block_until_ready(grad(q, k, v)),
+    )
+
+
+def bench(args: argparse.Namespace) -> None:
+    B, L, N, H = args.batch, args.length, args.heads, args.head_dim
+    rng = np.random.default_rng(0)
+    qn, kn, vn = (rng.standard_normal((B, L, N, H), dtype=np.float32) for _ in range(3))
+    q, k, v = (jnp.asarray(x) for x in (qn, kn, vn))
+    scale = 1.0 / np.sqrt(H)
+    results = {}
+    for causal in (False, True):
+        tag = "causal" if causal else "full"
+        if args.only in ("all", "ours"):
+
+            def ours(q, k, v, causal=causal):
+                return blockwise_attention(
+                    q,
+                    k,
+                    v,
+                    scale=scale,
+                    is_causal=causal,
+                    block_q=args.block_q,
+                    block_k=args.block_k,
+                )
+
+            f, g = _jax_fns(ours, q, k, v)
+            results[f"ours {tag} fwd"] = _median_ms(f, args.runs)
+            results[f"ours {tag} fwd+bwd"] = _median_ms(g, args.runs)
+        if args.only in ("all", "torch"):
+            import torch
+
+            torch.set_num_threads(args.torch_threads or torch.get_num_threads())
+            tq, tk, tv = (torch.from_numpy(x).transpose(1, 2).contiguous() for x in (qn, kn, vn))
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+
+            def t_fwd(causal=causal, sdpa=sdpa, qkv=(tq, tk, tv)):
+                with torch.no_grad():
+                    sdpa(*qkv, is_causal=causal)
+
+            def t_bwd(causal=causal, sdpa=sdpa, qkv=(tq, tk, tv)):
+                a, b, c = (x.clone().requires_grad_(True) for x in qkv)
+                sdpa(a, b, c, is_causal=causal).sum().backward()
+
+            results[f"torch {tag} fwd"] = _median_ms(t_fwd, args.runs)
+            results[f"torch {tag} fwd+bwd"] = _median_ms(t_bwd, args.runs)
+        if args.only == "all" and not args.skip_jaxnn:
+
+            def jnn(q, k, v, causal=causal):
+                return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal)
+
+            f, g = _jax_fns(jnn, q, k, v)
+            results[f"jax.nn {tag} fwd"] = _median_ms(f, args.runs)
+            results[f"jax.nn {tag} fwd+bwd"] = _median_ms(g, args.runs)
+    print(
+        f"B={B} L={L} N={N} H={H} fp32 block_q={args.block_q} block_k={args.block_k} "
+        f"runs={args.runs} (median ms)"
+    )
+    for name, ms in results.items():
+        print(f"  {name:24s} {ms:9.1f} ms")
+
+
+def memory(L: int, block_q: int | None, block_k: int | None, causal: bool = False) -> int:
+    """Compiled temp bytes of grad(sum(attention)) at B=1, N=8, H=64 (compile only)."""
+    spec = jax.ShapeDtypeStruct((1, L, 8, 64), jnp.float32)
+
+    def loss(q, k, v):
+        out = blockwise_attention(
+            q, k, v, scale=0.125, is_causal=causal, block_q=block_q, block_k=block_k
+        )
+        return jnp.sum(out)
+
+    fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return fn.lower(spec, spec, spec).compile().memory_analysis().temp_size_in_bytes
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--block-q", type=int, default=None, help="default: auto")
+    p.add_argument("--block-k", type=int, default=None, help="default: auto")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--only", choices=("all", "ours", "torch"), default="all")
+    p.add_argument("--skip-jaxnn", action="store_true")
+    p.add_argument("--torch-threads", type=int, default=0)
+    p.add_argument("--memory", type=int, default=0, help="report compiled temp bytes at this L")
+    p.add_argument("--long", type=int, default=0, help="one timed fwd+bwd run at this L, B=1")
+    args = p.parse_args()
+    if args.memory:
+        for causal in (False, True):
+            b = memory(args.memory, args.block_q, args.block_k, causal)
+            print(f"L={args.memory} causal={causal} temp={b / 2**20:.1f} MiB")
+        return
+    if args.long:
+        L = args.long
+        q, k, v = (
+            jax.random.normal(jax.random.key(i), (1, L, 8, 64), jnp.float32) for i in range(3)
+        )
+        for causal in (False, True):
+
+            def loss(q, k, v, causal=causal):
+                out = blockwise_attention(
+                    q,
+                    k,
+                    v,
+                    scale=0.125,
+                    is_causal=causal,
+                    block_q=args.block_q,
+                    block_k=args.block_k,
+                )
+                return jnp.sum(out)
+
+            g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+            t0 = time.perf_counter()
+            jax.block_until_ready(g(q, k, v))
+            t1 = time.perf_counter()
+            jax.block_until_ready(g(q, k, v))
+            t2 = time.perf_counter()
+            print(
+                f"L={L} B=1 N=8 H=64 causal={causal}: "
+                f"first call {t1 - t0:.1f} s, second {t2 - t1:.1f} s"
+            )
+        return
+    bench(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,531 @@
+"""Tests for the blockwise attention kernel (flax_mha.kernels.blockwise).
+
+Reference: a dense softmax attention written below in jax.numpy and run in
+float64 (``jax.enable_x64``), so its own rounding error is negligible. Fully
+masked rows give zero output in the reference, as in the kernel.
+
+Tolerances (not to be loosened; a failure means a bug, not noise):
+  * float32 inputs: outputs, lse and all gradients within atol = rtol = 1e-5
+    of the float64 reference evaluated on the same (float32-valued) inputs.
+  * bfloat16 inputs: outputs within atol = rtol = 2e-2 of the reference on the
+    bf16-rounded inputs (bf16 keeps 8 significant bits, ~4e-3 relative, and
+    the output is rounded to bf16 once); gradients within 2e-2 * max|ref|.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flax_mha.kernels import blockwise_tiles
+from flax_mha.kernels.blockwise import (
+    blockwise_attention,
+    blockwise_attention_with_lse,
+    default_block_sizes,
+    dropout_keep_mask,
+    visited_tiles,
+)
+
+# The project's conftest sets this too; the kernel must be rank-promotion clean.
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+ATOL = RTOL = 1e-5  # float32 vs float64 reference
+BF16_TOL = 2e-2
+
+
+# --- dense float64 reference ---------------------------------------------------------
+
+
+def allowed_mask(B, N, T, S, *, mask, is_causal, q_len, kv_len, window):
+    """NumPy bool [B, N, T, S]: which (query, key) pairs may attend."""
+    t = np.arange(T)[:, None]
+    s = np.arange(S)[None, :]
+    allowed = np.ones((B, N, T, S), bool)
+    if is_causal:
+        allowed &= (s <= t)[None, None]
+    if window is not None:
+        left, right = window
+        allowed &= ((s >= t - left) & (s <= t + right))[None, None]
+    if q_len is not None:
+        allowed &= (t[None] < np.asarray(q_len)[:, None, None])[:, None]
+    if kv_len is not None:
+        allowed &= (s[None] < np.asarray(kv_len)[:, None, None])[:, None]
+    if mask is not None:
+        allowed &= np.broadcast_to(np.asarray(mask), (B, N, T, S))
+    return allowed
+
+
+def dense_reference(q, k, v, bias, *, scale, allowed, keep=None, rate=0.0):
+    """Dense attention in whatever precision the inputs have. Returns (out, lse)."""
+    N, K = q.shape[2], k.shape[2]
+    k = jnp.repeat(k, N // K, axis=2)
+    v = jnp.repeat(v, N // K, axis=2)
+    s = jnp.einsum("btnh,bsnh->bnts", q, k) * scale
+    if bias is not None:
+        s = s + bias
+    s = jnp.where(allowed, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+    e = jnp.exp(s - m)
+    l = jnp.sum(e, axis=-1, keepdims=True)
+    p = e / jnp.where(l > 0, l, 1.0)
+    lse = jnp.where(l > 0, jnp.log(jnp.where(l > 0, l, 1.0)) + m, -jnp.inf)[..., 0]
+    if keep is not None:
+        p = jnp.where(keep, p, 0.0) / (1.0 - rate)
+    return jnp.einsum("bnts,bsnh->btnh", p, v), lse
+
+
+def reference_with_grads(args, cts, *, scale, allowed, keep=None, rate=0.0):
+    """(out, lse, grads) of the float64 reference; grads w.r.t. q, k, v (and bias)."""
+    with jax.enable_x64(True):
+        args64 = [None if a is None else jnp.asarray(np.asarray(a, np.float64)) for a in args]
+        cts64 = [jnp.asarray(np.asarray(c, np.float64)) for c in cts]
+        has_bias = args64[3] is not None
+
+        @jax.jit  # one compilation instead of one per primitive
+        def run(primals, cts, allowed, keep):
+            def f(*xs):
+                bias = xs[3] if has_bias else None
+                return dense_reference(
+                    *xs[:3], bias, scale=scale, allowed=allowed, keep=keep, rate=rate
+                )
+
+            (out, lse), vjp = jax.vjp(f, *primals)
+            # lse cotangent: zero where lse is -inf (those rows have no gradient anyway).
+            ct_lse = jnp.where(jnp.isfinite(lse), cts[1], 0.0)
+            return out, lse, vjp((cts[0], ct_lse))
+
+        primals = args64 if has_bias else args64[:3]
+        out, lse, grads = run(primals, cts64, allowed, keep)
+        return np.asarray(out), np.asarray(lse), [np.asarray(g) for g in grads]
+
+
+def kernel_with_grads(args, cts, *, jit=True, **kw):
+    """(out, lse, grads) of the kernel, forward and backward in one (jitted) function.
+
+    Array-valued options (mask, lengths, rng) are traced arguments, so calls
+    that differ only in them share one compilation.
+    """
+    dynamic = {name: x for name, x in kw.items() if isinstance(x, jax.Array)}
+    static = tuple(sorted((name, x) for name, x in kw.items() if name not in dynamic))
+    run = _kernel_runner(args[3] is not None, static, jit)
+    out, lse, grads = run(*args, *cts, dynamic)
+    return np.asarray(out), np.asarray(lse), [np.asarray(g) for g in grads]
+
+
+@functools.cache
+def _kernel_runner(has_bias, static, jit):
+    def run(q, k, v, bias, ct_out, ct_lse, dynamic):
+        def f(*xs):
+            b = xs[3] if has_bias else None
+            return blockwise_attention_with_lse(*xs[:3], bias=b, **dict(static), **dynamic)
+
+        primals = (q, k, v, bias) if has_bias else (q, k, v)
+        (out, lse), vjp = jax.vjp(f, *primals)
+        return out, lse, vjp((ct_out, jnp.where(jnp.isfinite(lse), ct_lse, 0.0)))
+
+    return jax.jit(run) if jit else run
+
+
+def make_inputs(rng, B, T, S, N, K, H, Hv, bias_shape=None, dtype=np.float32):
+    q = rng.standard_normal((B, T, N, H)).astype(dtype)
+    k = rng.standard_normal((B, S, K, H)).astype(dtype)
+    v = rng.standard_normal((B, S, K, Hv)).astype(dtype)
+    bias = None if bias_shape is None else rng.standard_normal(bias_shape).astype(dtype)
+    cts = (
+        rng.standard_normal((B, T, N, Hv)).astype(np.float32),
+        rng.standard_normal((B, N, T)).astype(np.float32),
+    )
+    return (q, k, v, bias), cts
+
+
+def check_case(
+    *,
+    B=2,
+    T=64,
+    S=64,
+    N=4,
+    K=2,
+    H=8,
+    Hv=8,
+    is_causal=False,
+    q_len=None,
+    kv_len=None,
+    window=None,
+    mask_shape=None,
+    bias_shape=None,
+    block_q=16,
+    block_k=32,
+    jit=True,
+    seed=0,
+):
+    rng = np.random.default_rng(seed)
+    args, cts = make_inputs(rng, B, T, S, N, K, H, Hv, bias_shape)
+    mask = None if mask_shape is None else rng.random(mask_shape) < 0.7
+    scale = 1.0 / np.sqrt(H)
+    allowed = allowed_mask(
+        B, N, T, S, mask=mask, is_causal=is_causal, q_len=q_len, kv_len=kv_len, window=window
+    )
+    r_out, r_lse, r_grads = reference_with_grads(args, cts, scale=scale, allowed=allowed)
+    o, lse, grads = kernel_with_grads(
+        args,
+        cts,
+        jit=jit,
+        scale=scale,
+        mask=None if mask is None else jnp.asarray(mask),
+        is_causal=is_causal,
+        query_seq_lengths=None if q_len is None else jnp.asarray(q_len, jnp.int32),
+        key_value_seq_lengths=None if kv_len is None else jnp.asarray(kv_len, jnp.int32),
+        local_window=window,
+        block_q=block_q,
+        block_k=block_k,
+    )
+    np.testing.assert_allclose(o, r_out, atol=ATOL, rtol=RTOL, err_msg="out")
+    np.testing.assert_allclose(lse, r_lse, atol=ATOL, rtol=RTOL, err_msg="lse")
+    names = ("dq", "dk", "dv", "dbias")[: len(grads)]
+    for name, g, rg in zip(names, grads, r_grads, strict=True):
+        assert g.shape == rg.shape, name
+        np.testing.assert_allclose(g, rg, atol=ATOL, rtol=RTOL, err_msg=name)
+    return o, grads, allowed
+
+
+# --- parametrised grid ---------------------------------------------------------------
+
+GRID = {
+    # name: kwargs for check_case
+    "square": dict(T=64, S=64),
+    "ragged_tails": dict(T=100, S=130),
+    "ragged_tails_causal": dict(T=130, S=100, is_causal=True),
+    "causal_square": dict(T=64, S=64, is_causal=True),
+    "decode_T1": dict(T=1, S=100),
+    "decode_T1_causal": dict(T=1, S=7, is_causal=True),
+    "S1": dict(T=7, S=1),
+    "tiny": dict(T=7, S=7, is_causal=True, block_q=4, block_k=4),
+    "mqa_K1": dict(N=4, K=1, T=64, S=100, is_causal=True),
+    "mha_K4": dict(N=4, K=4, T=100, S=64),
+    "Hv_differs": dict(H=8, Hv=12, T=40, S=50),
+    "q_lengths": dict(T=100, S=100, q_len=[37, 100], is_causal=True),
+    "kv_lengths": dict(T=64, S=130, kv_len=[5, 97]),
+    "both_lengths_zero": dict(T=64, S=64, q_len=[0, 50], kv_len=[64, 0]),
+    "window": dict(T=100, S=100, window=(20, 5)),
+    "window_causal": dict(T=130, S=130, window=(17, 0), is_causal=True),
+    "window_asym_T_ne_S": dict(T=64, S=100, window=(3, 40), kv_len=[90, 30]),
+    "mask_full": dict(T=64, S=100, mask_shape=(2, 4, 64, 100)),
+    "mask_bcast": dict(T=100, S=64, mask_shape=(1, 4, 1, 64), is_causal=True),
+    "mask_bcast_batch": dict(T=40, S=64, mask_shape=(2, 1, 40, 1)),
+    "bias_full": dict(T=64, S=100, bias_shape=(2, 4, 64, 100)),
+    "bias_bcast_heads": dict(T=100, S=64, bias_shape=(1, 4, 100, 64), is_causal=True),
+    "bias_bcast_keys": dict(T=40, S=70, bias_shape=(2, 4, 40, 1), kv_len=[70, 33]),
+    "bias_bcast_rows": dict(T=40, S=70, bias_shape=(2, 1, 1, 70)),
+    "bias_scalar": dict(T=7, S=64, bias_shape=(1, 1, 1, 1)),
+    "everything": dict(
+        T=100,
+        S=130,
+        N=4,
+        K=1,
+        is_causal=True,
+        window=(50, 50),
+        q_len=[90, 100],
+        kv_len=[130, 61],
+        mask_shape=(2, 1, 100, 130),
+        bias_shape=(1, 4, 1, 130),
+    ),
+    "no_jit": dict(T=40, S=33, is_causal=True, jit=False, bias_shape=(2, 1, 40, 33)),
+    "big_blocks": dict(T=130, S=130, is_causal=True, block_q=512, block_k=512),
+}
+
+
+@pytest.mark.parametrize("name", list(GRID))
+def test_grid_matches_float64_reference(name):
+    check_case(**GRID[name])
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    B=st.integers(1, 2),
+    T=st.integers(1, 40),
+    S=st.integers(1, 40),
+    heads=st.sampled_from([(1, 1), (2, 1), (4, 2)]),
+    block_q=st.integers(1, 24),
+    block_k=st.integers(1, 24),
+    is_causal=st.booleans(),
+    window=st.none() | st.tuples(st.integers(0, 12), st.integers(0, 12)),
+    use_len=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes_and_blocks(
+    B, T, S, heads, block_q, block_k, is_causal, window, use_len, seed
+):
+    rng = np.random.default_rng(seed)
+    kv_len = list(rng.integers(0, S + 1, size=B)) if use_len else None
+    check_case(
+        B=B,
+        T=T,
+        S=S,
+        N=heads[0],
+        K=heads[1],
+        H=4,
+        Hv=4,
+        is_causal=is_causal,
+        window=window,
+        kv_len=kv_len,
+        block_q=block_q,
+        block_k=block_k,
+        seed=seed,
+    )
+
+
+# --- edge cases ----------------------------------------------------------------------
+
+
+def test_fully_masked_rows_are_zero_with_finite_zero_grads():
+    T, S = 40, 50
+    mask = np.ones((2, 4, T, S), bool)
+    mask[0, 1, 3] = False  # one all-False row
+    mask[1, :, 10:20] = False  # rows masked in every head
+    out, grads, allowed = _masked_rows_case(mask)
+    dead = ~allowed.any(-1)  # [B, N, T]
+    assert dead.any()
+    out_bnt = np.transpose(out, (0, 2, 1, 3))
+    assert np.all(out_bnt[dead] == 0.0)
+    for g in grads:
+        assert np.all(np.isfinite(g))
+    dq_bnt = np.transpose(grads[0], (0, 2, 1, 3))
+    assert np.all(dq_bnt[dead] == 0.0)
+
+
+def _masked_rows_case(mask):
+    B, N, T, S = mask.shape
+    rng = np.random.default_rng(1)
+    args, cts = make_inputs(rng, B, T, S, N, 2, 8, 8)
+    allowed = allowed_mask(
+        B, N, T, S, mask=mask, is_causal=False, q_len=[30, 40], kv_len=None, window=None
+    )
+    r_out, r_lse, r_grads = reference_with_grads(args, cts, scale=0.3, allowed=allowed)
+    out, lse, grads = kernel_with_grads(
+        args,
+        cts,
+        scale=0.3,
+        mask=jnp.asarray(mask),
+        query_seq_lengths=jnp.asarray([30, 40]),
+        block_q=16,
+        block_k=16,
+    )
+    assert np.all(np.isneginf(lse[~allowed.any(-1)]))
+    np.testing.assert_allclose(out, r_out, atol=ATOL, rtol=RTOL)
+    for g, rg in zip(grads, r_grads, strict=True):
+        np.testing.assert_allclose(g, rg, atol=ATOL, rtol=RTOL)
+    return out, grads, allowed
+
+
+def test_huge_logits_stay_finite():
+    rng = np.random.default_rng(0)
+    B, T, S, N, H = 1, 33, 40, 2, 4
+    q = np.full((B, T, N, H), 50.0, np.float32)
+    k = rng.choice([-50.0, 50.0], size=(B, S, N, H)).astype(np.float32)  # logits in {±1e4, ...}
+    v = rng.standard_normal((B, S, N, H)).astype(np.float32)
+    scale = 1.0
+    fn = functools.partial(blockwise_attention, scale=scale, is_causal=True, block_q=8, block_k=16)
+
+    def run(*args):
+        out, vjp = jax.vjp(fn, *args)
+        return out, vjp(jnp.ones_like(out))
+
+    out, grads = jax.jit(run)(q, k, v)
+    assert np.all(np.isfinite(out))
+    for g in grads:
+        assert np.all(np.isfinite(g))
+    allowed = allowed_mask(
+        B, N, T, S, mask=None, is_causal=True, q_len=None, kv_len=None, window=None
+    )
+    with jax.enable_x64(True):
+        ref, _ = dense_reference(
+            *(np.float64(x) for x in (q, k, v)), None, scale=scale, allowed=allowed
+        )
+    # Logits of 1e4 carry float32 rounding of ~1e-3, so ties may resolve
+    # differently; the values themselves must still be sane averages of v.
+    np.testing.assert_allclose(out, ref, atol=1e-2)
+
+
+def test_bfloat16_close_to_reference():
+    rng = np.random.default_rng(0)
+    B, T, S, N, K, H = 2, 70, 50, 4, 2, 16
+    args, cts = make_inputs(rng, B, T, S, N, K, H, H)
+    bf = [jnp.asarray(a, jnp.bfloat16) for a in args[:3]]
+    scale = 1.0 / np.sqrt(H)
+    fn = functools.partial(blockwise_attention, scale=scale, is_causal=True, block_q=16, block_k=16)
+    out, vjp = jax.vjp(fn, *bf)
+    grads = vjp(jnp.asarray(cts[0], jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16
+    assert all(g.dtype == jnp.bfloat16 for g in grads)
+    allowed = allowed_mask(
+        B, N, T, S, mask=None, is_causal=True, q_len=None, kv_len=None, window=None
+    )
+    rounded = [np.asarray(x.astype(jnp.float32)) for x in bf] + [None]
+    r_out, _, r_grads = reference_with_grads(
+        rounded,
+        (np.asarray(jnp.asarray(cts[0], jnp.bfloat16).astype(jnp.float32)), cts[1] * 0),
+        scale=scale,
+        allowed=allowed,
+    )
+    out32 = np.asarray(out.astype(jnp.float32))
+    assert np.all(np.isfinite(out32))
+    np.testing.assert_allclose(out32, r_out, atol=BF16_TOL, rtol=BF16_TOL)
+    for g, rg in zip(grads, r_grads, strict=True):
+        g32 = np.asarray(g.astype(jnp.float32))
+        assert np.all(np.isfinite(g32))
+        np.testing.assert_allclose(g32, rg, atol=BF16_TOL * np.abs(rg).max(), rtol=0)
+
+
+# --- dropout ---------------------------------------------------------------------------
+
+
+def test_dropout_matches_reference_with_same_keep_mask():
+    rng = np.random.default_rng(0)
+    B, T, S, N, K, H = 2, 40, 50, 4, 2, 8
+    rate, bq, bk = 0.3, 16, 16
+    args, cts = make_inputs(rng, B, T, S, N, K, H, H, bias_shape=(1, N, T, S))
+    key = jax.random.key(42)
+    scale = 1.0 / np.sqrt(H)
+    kw = dict(
+        scale=scale, is_causal=True, dropout_rate=rate, dropout_rng=key, block_q=bq, block_k=bk
+    )
+    out, lse, grads = kernel_with_grads(args, cts, **kw)
+    out2, _, grads2 = kernel_with_grads(args, cts, **kw)
+    np.testing.assert_array_equal(out, out2)
+    for g, g2 in zip(grads, grads2, strict=True):
+        np.testing.assert_array_equal(g, g2)
+    keep = np.asarray(
+        dropout_keep_mask(
+            key,
+            batch=B,
+            num_heads=N,
+            query_length=T,
+            key_length=S,
+            rate=rate,
+            block_q=bq,
+            block_k=bk,
+        )
+    )
+    assert keep.shape == (B, N, T, S)
+    allowed = allowed_mask(
+        B, N, T, S, mask=None, is_causal=True, q_len=None, kv_len=None, window=None
+    )
+    r_out, r_lse, r_grads = reference_with_grads(
+        args, cts, scale=scale, allowed=allowed, keep=keep, rate=rate
+    )
+    np.testing.assert_allclose(out, r_out, atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(lse, r_lse, atol=ATOL, rtol=RTOL)
+    for g, rg in zip(grads, r_grads, strict=True):
+        np.testing.assert_allclose(g, rg, atol=ATOL, rtol=RTOL)
+    # A different rng gives a different result.
+    out3, _, _ = kernel_with_grads(args, cts, **{**kw, "dropout_rng": jax.random.key(43)})
+    assert not np.allclose(out, out3)
+
+
+def test_dropout_keep_fraction_and_independent_heads():
+    rate = 0.25
+    keep = np.asarray(
+        dropout_keep_mask(
+            jax.random.key(0),
+            batch=2,
+            num_heads=4,
+            query_length=200,
+            key_length=300,
+            rate=rate,
+            block_q=64,
+            block_k=128,
+        )
+    )
+    assert abs(keep.mean() - (1 - rate)) < 0.01
+    assert not np.array_equal(keep[0, 0], keep[0, 1])
+    assert not np.array_equal(keep[0, 0], keep[1, 0])
+
+
+def test_dropout_raw_uint32_key_and_vmap():
+    rng = np.random.default_rng(0)
+    (q, k, v, _), _ = make_inputs(rng, 2, 20, 20, 2, 2, 4, 4)
+    attn = functools.partial(blockwise_attention, scale=0.5, dropout_rate=0.5, block_q=8, block_k=8)
+    fn = jax.jit(lambda key: attn(q, k, v, dropout_rng=key))
+    out = fn(jax.random.PRNGKey(0))
+    assert np.all(np.isfinite(out))
+    keys = jax.random.split(jax.random.key(1), 3)
+    outs = jax.jit(jax.vmap(fn))(keys)
+    for i in range(3):
+        np.testing.assert_allclose(outs[i], fn(keys[i]), atol=ATOL, rtol=RTOL)
+
+
+# --- transformations, structure, memory -------------------------------------------------
+
+
+def test_vmap_over_extra_batch_axis_with_lengths():
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((3, 2, 30, 4, 8)).astype(np.float32)
+    k = rng.standard_normal((3, 2, 40, 2, 8)).astype(np.float32)
+    v = rng.standard_normal((3, 2, 40, 2, 8)).astype(np.float32)
+    lens = np.array([[40, 3], [17, 40], [0, 25]], np.int32)
+    fn = functools.partial(blockwise_attention, scale=0.3, is_causal=True, block_q=8, block_k=16)
+
+    def loss(q, k, v, lens):
+        return jnp.sum(fn(q, k, v, key_value_seq_lengths=lens) ** 2)
+
+    vg = jax.value_and_grad(loss, argnums=(0, 1, 2))
+    batched = jax.jit(jax.vmap(vg))(q, k, v, lens)
+    vg = jax.jit(vg)
+    for i in range(3):
+        single = vg(q[i], k[i], v[i], lens[i])
+        for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(single), strict=True):
+            np.testing.assert_allclose(a[i], b, atol=ATOL, rtol=RTOL)
+
+
+def test_causal_and_window_skip_blocks():
+    """The loops carry a tile counter; it would equal nq * nk without skipping."""
+    T = S = 256
+    q = jnp.zeros((1, T, 2, 8))
+    k = v = jnp.zeros((1, S, 2, 8))
+    kw = dict(block_q=32, block_k=32)
+    full = visited_tiles(q, k, v, **kw)
+    causal = visited_tiles(q, k, v, is_causal=True, **kw)
+    window = visited_tiles(q, k, v, local_window=(32, 0), **kw)
+    kv = visited_tiles(q, k, v, key_value_seq_lengths=jnp.array([64]), **kw)
+    assert [int(x) for x in full] == [64, 64]
+    assert [int(x) for x in causal] == [36, 36]  # 8 * 9 / 2: only on/below the diagonal
+    assert [int(x) for x in window] == [15, 15]  # diagonal + one block to its left
+    assert [int(x) for x in kv] == [16, 16]  # 2 key blocks x 8 query blocks
+    # The block geometry helper agrees with the size of the problem.
+    assert blockwise_tiles.geometry(T, S, 32, 32) == (32, 32, 8, 8)
+    # Default blocks keep a B * N * bq * bk logits tile near 2**19 elements.
+    assert default_block_sizes(4, 8) == (128, 128)
+    assert default_block_sizes(1, 8) == (256, 256)
+
+
+def test_bad_block_sizes_raise():
+    x = jnp.zeros((1, 4, 1, 4))
+    with pytest.raises(ValueError, match="block sizes"):
+        blockwise_attention(x, x, x, scale=1.0, block_q=0)
+    with pytest.raises(ValueError, match="dropout_rng"):
+        blockwise_attention(x, x, x, scale=1.0, dropout_rate=0.1)
+
+
+def _temp_bytes(L, is_causal):
+    spec = jax.ShapeDtypeStruct((1, L, 8, 64), jnp.float32)
+
+    def loss(q, k, v):
+        return jnp.sum(blockwise_attention(q, k, v, scale=0.125, is_causal=is_causal))
+
+    fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return fn.lower(spec, spec, spec).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_memory_is_linear_in_length():
+    """Compile only: forward + backward temp memory grows ~linearly in L."""
+    small, large = _temp_bytes(4096, True), _temp_bytes(16384, True)
+    assert large / small < 6  # 4x longer; quadratic would be 16x
+    # One [L, L] fp32 score matrix per head at L=16384 would be 8 GiB.
+    assert large < 512 * 2**20
