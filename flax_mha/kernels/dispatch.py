@@ -26,6 +26,7 @@ from flax_mha import masks as masks_lib
 from flax_mha.checks import as_full_rank, check_float, check_qkv
 from flax_mha.functional import default_scale, dropout_multiplier
 from flax_mha.kernels.blockwise import blockwise_attention
+from flax_mha.kernels.decode import decode_attention
 from flax_mha.kernels.pallas_tpu import pallas_tpu_attention
 from flax_mha.kernels.reference import reference_attention
 
@@ -33,11 +34,16 @@ __all__ = ["IMPLEMENTATIONS", "Request", "choose_implementation", "dot_product_a
 
 #: Backends `dot_product_attention` can run. ``"xla"`` is jax.nn's name for the
 #: materialising implementation and is an alias of ``"reference"`` here.
-IMPLEMENTATIONS = ("reference", "xla", "blockwise", "cudnn", "pallas_tpu")
+IMPLEMENTATIONS = ("reference", "xla", "blockwise", "decode", "cudnn", "pallas_tpu")
 
 #: On CPU the blockwise kernel is chosen when T * S is at least this (smaller problems
 #: fit in cache and the materialising reference is as fast; see benchmarks/RESULTS.md).
 BLOCKWISE_MIN_CPU_ELEMENTS = 256 * 256
+
+
+#: The decode kernel is chosen for one-query steps over caches at least this long
+#: (shorter caches are read whole as fast; see benchmarks/RESULTS.md).
+DECODE_MIN_LENGTH = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +63,10 @@ class Request:
     window: bool = False
     custom_matmuls: bool = False  # precision or einsum/dot_general overrides
     softcap: bool = False
+    mask: bool = False  # a mask or bias array is given
+    causal: bool = False
+    q_lengths: bool = False
+    kv_lengths: bool = False
 
 
 def _ineligible(name: str, r: Request) -> str | None:
@@ -70,6 +80,12 @@ def _ineligible(name: str, r: Request) -> str | None:
     if r.softcap:
         return "it has no logit soft-capping"
     if name == "blockwise":
+        return None
+    if name == "decode":
+        if r.T != 1 or not r.kv_lengths:
+            return "it serves one query per sequence (T = 1) with key_value_seq_lengths"
+        if r.mask or r.causal or r.q_lengths or r.window or r.dropout:
+            return "it takes no mask, bias, causal flag, query lengths, window or dropout"
         return None
     if name == "cudnn":
         if r.platform != "gpu":
@@ -99,7 +115,8 @@ def choose_implementation(r: Request, implementation: str | None = None) -> str:
 
     Automatic choice: the reference when the weights are wanted, precision/einsum
     overrides or soft-capping are given, or dropout is active (it reproduces Flax's dropout stream
-    exactly; pass ``implementation="blockwise"`` for dropout in O(L) memory); on TPU
+    exactly; pass ``implementation="blockwise"`` for dropout in O(L) memory); the
+    decode kernel for one-query steps over a long cache given by its lengths; on TPU
     the Pallas kernel, on GPU cuDNN, when eligible; otherwise the blockwise kernel,
     except on CPU for small T * S where the reference is as fast.
 
@@ -117,6 +134,8 @@ def choose_implementation(r: Request, implementation: str | None = None) -> str:
         return "pallas_tpu"
     if r.platform == "gpu" and _ineligible("cudnn", r) is None:
         return "cudnn"
+    if r.S >= DECODE_MIN_LENGTH and _ineligible("decode", r) is None:
+        return "decode"
     if r.platform == "cpu" and r.T * r.S < BLOCKWISE_MIN_CPU_ELEMENTS:
         return "reference"
     return "blockwise"
@@ -283,6 +302,10 @@ def dot_product_attention(
         window=window is not None,
         custom_matmuls=qk_einsum is not None or precision is not None,
         softcap=logit_cap is not None,
+        mask=mask is not None or bias is not None,
+        causal=is_causal,
+        q_lengths=q_lengths is not None,
+        kv_lengths=kv_lengths is not None,
     )
     implementation = choose_implementation(request, implementation)
     scale = default_scale(H) if scale is None else scale
@@ -302,6 +325,8 @@ def dot_product_attention(
             dropout_rate=dropout_rate if dropping else 0.0,
             dropout_rng=dropout_rng if dropping else None,
         )  # fmt: skip
+    elif implementation == "decode":
+        out = decode_attention(q, k, v, scale=scale, key_value_seq_lengths=kv_lengths)
     elif implementation == "pallas_tpu":
         out = pallas_tpu_attention(q, k, v, **common)
     elif implementation == "cudnn":
