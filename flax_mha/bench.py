@@ -161,6 +161,44 @@ def _memory_rows(lengths, N, H, progress) -> list[dict[str, Any]]:
     return rows
 
 
+def _decode_rows(lengths, filled_fraction, D, N, repeats, progress) -> list[dict[str, Any]]:
+    """Tokens/s of one decode step (B=1) with a cache of ``L`` slots, ``L * fraction`` filled."""
+    import flax.linen as nn
+
+    rows = []
+    for L in lengths:
+        filled = max(1, int(L * filled_fraction))
+        for name, module in (
+            ("flax_mha.MultiHeadAttention", MultiHeadAttention(num_heads=N, decode=True)),
+            ("flax.linen.MultiHeadDotProductAttention",
+             nn.MultiHeadDotProductAttention(num_heads=N, decode=True)),
+        ):  # fmt: skip
+            x = jnp.ones((1, L, D))
+            variables = jax.eval_shape(lambda m=module, x=x: m.init(jax.random.key(0), x))
+            params = MultiHeadAttention(num_heads=N).init(jax.random.key(0), x[:, :1])["params"]
+            cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables["cache"])
+            cache["cache_index"] = jnp.array(filled, jnp.int32)
+
+            def one(c, t, m=module, p=params):
+                out, state = m.apply({"params": p, "cache": c}, t, mutable=["cache"])
+                new = dict(state["cache"], cache_index=c["cache_index"])  # stay at `filled`
+                return out, new
+
+            step = jax.jit(one, donate_argnums=0)  # in-place cache update, as in a scan
+            box = {"cache": cache}
+            token = jnp.ones((1, 1, D))
+
+            def run(step=step, box=box, token=token):
+                out, box["cache"] = step(box["cache"], token)
+                jax.block_until_ready(out)
+
+            ms = median_ms(run, repeats)
+            rows.append(dict(kind="decode", impl=name, L=L, filled=filled, D=D, N=N, ms=ms,
+                             tokens_per_s=1e3 / ms))  # fmt: skip
+            progress()
+    return rows
+
+
 def _long_run(L: int, N: int, H: int) -> dict[str, Any]:
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(kk, (1, L, N, H)) for kk in keys)
@@ -206,6 +244,19 @@ def _markdown(rows: list[dict[str, Any]], gemm: float) -> str:
         for r in mem:
             lines.append(f"| {r['impl']} | 1, {r['L']}, {r['N']}, {r['H']} | "
                          f"{r['temp_bytes'] / 2**20:.1f} |")  # fmt: skip
+        lines.append("")
+    dec = [r for r in rows if r["kind"] == "decode"]
+    if dec:
+        lines += [
+            "| decode step (B=1) | max_length | filled | D, N | ms | tokens/s | ours / this |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in dec:
+            ours = next(o for o in dec if o["impl"] == "flax_mha.MultiHeadAttention"
+                        and o["L"] == r["L"])  # fmt: skip
+            speedup = ours["tokens_per_s"] / r["tokens_per_s"]
+            lines.append(f"| {r['impl']} | {r['L']} | {r['filled']} | {r['D']}, {r['N']} | "
+                         f"{r['ms']:.2f} | {r['tokens_per_s']:.0f} | {speedup:.2f} |")  # fmt: skip
         lines.append("")
     for r in rows:
         if r["kind"] == "long":
@@ -255,6 +306,8 @@ def run_bench(
     module_length: int = 512,
     model_dim: int = 512,
     memory_lengths: tuple[int, ...] = (1024, 4096, 16384, 65536),
+    decode_lengths: tuple[int, ...] = (512, 2048, 8192, 16384),
+    decode_filled: float = 0.125,
     long_length: int | None = None,
     repeats: int = 5,
     say: Callable[[str], None] = print,
@@ -269,7 +322,7 @@ def run_bench(
     except ImportError:
         torch_ok = False
     n_peers = 3 if torch_ok else 2
-    total = 4 * n_peers + 2 * n_peers + 2 * len(memory_lengths) + 1
+    total = 4 * n_peers + 2 * n_peers + 2 * len(memory_lengths) + 2 * len(decode_lengths) + 1
     os.makedirs(out, exist_ok=True)
     with tqdm(total=total, desc="flax-mha bench", disable=None) as bar:
         gemm = _gemm_gflops(2048, repeats)
@@ -277,6 +330,7 @@ def run_bench(
         rows = _attention_rows(batch, length, heads, head_dim, repeats, torch_ok, bar.update)
         rows += _module_rows(batch, module_length, model_dim, heads, repeats, torch_ok, bar.update)
         rows += _memory_rows(memory_lengths, heads, head_dim, bar.update)
+        rows += _decode_rows(decode_lengths, decode_filled, model_dim, heads, repeats, bar.update)
     if long_length:
         say(f"real fwd+bwd run at L={long_length} ...")
         rows.append(_long_run(long_length, heads, head_dim))

@@ -159,7 +159,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.quick:
         run_bench(args.out, batch=1, length=256, module_length=64, model_dim=64,
-                  memory_lengths=(512, 2048), repeats=2)  # fmt: skip
+                  memory_lengths=(512, 2048), decode_lengths=(256, 1024), repeats=2)  # fmt: skip
         return 0
     run_bench(
         args.out,
@@ -170,6 +170,7 @@ def _bench(args: argparse.Namespace) -> int:
         module_length=args.module_length,
         model_dim=args.model_dim,
         memory_lengths=tuple(args.memory_lengths),
+        decode_lengths=tuple(args.decode_lengths),
         long_length=args.long,
         repeats=args.repeats,
     )
@@ -229,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--memory-lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536],
         help="sequence lengths whose compiled fwd+bwd temporaries are reported (not run)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--decode-lengths", type=int, nargs="+", default=[512, 2048, 8192, 16384],
+        help="cache lengths of the decode-step benchmark (1/8 filled)",
     )  # fmt: skip
     bench.add_argument("--long", type=int, default=None, help="also run fwd+bwd once at this L")
     bench.add_argument("--repeats", type=int, default=5)

@@ -55,7 +55,7 @@ def test_bench_quick_writes_tables_json_and_plots(tmp_path, capsys):
     assert "fp32 GEMM ceiling" in text and "flax_mha blockwise" in text
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     kinds = {r["kind"] for r in rows}
-    assert kinds == {"kernel", "module", "memory"}
+    assert kinds == {"kernel", "module", "memory", "decode"}
     assert all(r["ms"] > 0 for r in rows if "ms" in r)
     mem = {(r["impl"], r["L"]): r["temp_bytes"] for r in rows if r["kind"] == "memory"}
     # The blockwise kernel never holds the L x L matrix: less memory than jax.nn at 2048.
