@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax.linen.module import merge_param
 from jax import Array, lax
@@ -149,6 +150,7 @@ class MultiHeadAttention(nn.Module):
         deterministic: bool | None = None,
         dropout_rng: Array | None = None,
         sow_weights: bool = False,
+        prompt_lengths: Array | None = None,
     ) -> Array:
         """Applies multi-head attention.
 
@@ -165,6 +167,9 @@ class MultiHeadAttention(nn.Module):
           dropout_rng: PRNG key for dropout (default ``self.make_rng('dropout')``).
           sow_weights: sow the [batch..., N, T, S] attention weights into
             ``intermediates/attention_weights``.
+          prompt_lengths: with ``decode=True``, on a prefill call: [batch...] true
+            lengths of right-padded prompts. Each sequence then continues from its own
+            length: later one-token calls write and attend per sequence (ragged batch).
 
         Returns:
           [batch..., T, out_features] output.
@@ -215,31 +220,39 @@ class MultiHeadAttention(nn.Module):
                 S = self.get_variable("cache", "cached_key").shape[-3]
             as_full_rank("mask", mask, (*batch, self.num_heads, query.shape[-3], S))
         T, S = query.shape[-3], key.shape[-3]
-        q_pos, k_pos = jnp.arange(T), jnp.arange(S)
+        batch = query.shape[:-3]
+        q_pos, k_pos = jnp.arange(T), jnp.arange(S)  # positions; per sequence when ragged
         extra: dict[str, Any] = {}
         if self.decode and self.has_variable("cache", "cached_key"):
-            start = self.get_variable("cache", "cache_index")
-            q_pos = start + q_pos
             k_pos = jnp.arange(self.get_variable("cache", "cached_key").shape[-3])
+            if self.has_variable("cache", "cache_lengths") and prompt_lengths is None:
+                lengths = self.get_variable("cache", "cache_lengths")
+                q_pos = lengths[..., None] + q_pos.reshape((1,) * lengths.ndim + (T,))
+            else:
+                q_pos = self.get_variable("cache", "cache_index") + q_pos
         if self.use_rope:
             query = apply_rope(query, q_pos, self.rope_base)
-            key = apply_rope(key, jnp.arange(S) + (q_pos[0] if self.decode else 0), self.rope_base)
+            key = apply_rope(key, q_pos if self.decode else jnp.arange(S), self.rope_base)
         if self.decode:
-            key, value, mask, kv_length = self._update_cache(query, key, value, mask)
+            key, value, mask, kv_length = self._update_cache(
+                query, key, value, mask, prompt_lengths
+            )
             if kv_length is not None:
                 extra["key_value_seq_lengths"] = kv_length
+        elif prompt_lengths is not None:
+            raise ValueError("prompt_lengths is only used with decode=True")
         elif self.is_causal:
             extra["is_causal"] = True
         if self.local_window_size is not None:
             window = normalize_window(self.local_window_size)
             if self.decode:  # positions are absolute in the cache: window as a mask
-                t, s_ = q_pos[:, None], k_pos[None, :]
-                in_window = (s_ >= t - window[0]) & (s_ <= t + window[1])
-                mask = combine_masks(
-                    mask,
-                    jnp.broadcast_to(in_window, (*query.shape[:-3], 1, T, k_pos.shape[0])),
-                    dtype=jnp.bool_,
+                t = q_pos[..., :, None]
+                s_ = k_pos.reshape((1,) * (t.ndim - 1) + k_pos.shape)
+                in_window = (s_ >= t - window[0]) & (s_ <= t + window[1])  # [(batch...,) T, S]
+                in_window = jnp.broadcast_to(
+                    in_window[..., None, :, :], (*batch, 1, T, k_pos.shape[0])
                 )
+                mask = combine_masks(mask, in_window, dtype=jnp.bool_)
             else:
                 extra["local_window_size"] = window
         if self.use_alibi:
@@ -348,7 +361,12 @@ class MultiHeadAttention(nn.Module):
         )(x)
 
     def _update_cache(
-        self, query: Array, key: Array, value: Array, mask: Array | None
+        self,
+        query: Array,
+        key: Array,
+        value: Array,
+        mask: Array | None,
+        prompt_lengths: Array | None = None,
     ) -> tuple[Array, Array, Array | None, Array | None]:
         """Writes this call's keys/values into the cache and hides unwritten slots.
 
@@ -357,13 +375,15 @@ class MultiHeadAttention(nn.Module):
         the cache, sized by its inputs. Later calls write ``T >= 1`` new positions at
         ``cache_index`` (``T = 1`` is Flax's one-token step; ``T > 1`` prefills a
         prompt) and let query ``t`` attend to cache slots ``s <= cache_index + t``.
-        The caller keeps ``cache_index + T <= max_length``.
+        A prefill with ``prompt_lengths`` adds ``cache_lengths`` [batch...]: from then
+        on each one-token call writes sequence ``b`` at ``cache_lengths[b]``.
+        The caller keeps every position below ``max_length``.
 
         Returns:
           ``(keys, values, mask, kv_length)``. For a one-token step with an
           attention_fn that takes ``key_value_seq_lengths``, the unwritten slots are
-          hidden by ``kv_length`` [batch...] (no mask array, and the blockwise
-          kernel skips blocks past it); otherwise by ``mask``.
+          hidden by ``kv_length`` [batch...] (no mask array, and the decode kernel
+          reads only the filled blocks); otherwise by ``mask``.
         """
         initialized = self.has_variable("cache", "cached_key")
         cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
@@ -372,6 +392,7 @@ class MultiHeadAttention(nn.Module):
         if not initialized:
             return key, value, mask, None
         *batch, max_length, kv_heads, head_dim = cached_key.value.shape
+        batch = tuple(batch)
         T = query.shape[-3]
         if key.shape != (*batch, T, kv_heads, head_dim) or T > max_length:
             raise ValueError(
@@ -380,21 +401,59 @@ class MultiHeadAttention(nn.Module):
                 f"but got {query.shape}"
             )
         index = cache_index.value
-        zero = jnp.zeros((), index.dtype)
-        start = (zero,) * len(batch) + (index, zero, zero)
-        key = lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), start)
-        value = lax.dynamic_update_slice(
-            cached_value.value, value.astype(cached_value.value.dtype), start
-        )
+        ragged = self.has_variable("cache", "cache_lengths") and prompt_lengths is None
+        if ragged:
+            if T != 1:
+                raise ValueError(
+                    f"after a prefill with prompt_lengths, decode one token per call; got "
+                    f"query of shape {query.shape}"
+                )
+            lengths = self.get_variable("cache", "cache_lengths")
+            key, value = (
+                _write_per_sequence(c.value, new, lengths)
+                for c, new in ((cached_key, key), (cached_value, value))
+            )
+            self.put_variable("cache", "cache_lengths", lengths + 1)
+            visible_until = lengths[..., None]  # [batch..., T=1]: s <= own position
+        else:
+            zero = jnp.zeros((), index.dtype)
+            start = (zero,) * len(batch) + (index, zero, zero)
+            key = lax.dynamic_update_slice(
+                cached_key.value, key.astype(cached_key.value.dtype), start
+            )
+            value = lax.dynamic_update_slice(
+                cached_value.value, value.astype(cached_value.value.dtype), start
+            )
+            visible_until = index + jnp.arange(T)  # [T]
         cached_key.value, cached_value.value = key, value
         cache_index.value = index + T
-        if T == 1 and "key_value_seq_lengths" in inspect.signature(self.attention_fn).parameters:
-            return key, value, mask, jnp.broadcast_to(index + 1, tuple(batch))
-        visible = jnp.arange(max_length)[None, :] <= index + jnp.arange(T)[:, None]
-        visible = jnp.broadcast_to(visible, (*batch, 1, T, max_length))
+        accepts_lengths = "key_value_seq_lengths" in inspect.signature(self.attention_fn).parameters
+        if T == 1 and accepts_lengths:
+            return key, value, mask, jnp.broadcast_to(visible_until[..., 0] + 1, batch)
+        s = jnp.arange(max_length)
+        visible = s.reshape((1,) * visible_until.ndim + s.shape) <= visible_until[..., None]
+        if prompt_lengths is not None:
+            lengths = jnp.broadcast_to(jnp.asarray(prompt_lengths, jnp.int32), batch)
+            self.put_variable("cache", "cache_lengths", index + lengths)
+            ends = (index + lengths)[..., None]
+            real = s.reshape((1,) * (ends.ndim - 1) + s.shape) < ends  # padding is never a key
+            visible = visible.reshape((1,) * (real.ndim + 1 - visible.ndim) + visible.shape)
+            visible = visible & real[..., None, :]
+        visible = jnp.broadcast_to(visible[..., None, :, :], (*batch, 1, T, max_length))
         if mask is not None:
             mask = jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, visible.shape))
         return key, value, combine_masks(mask, visible), None
+
+
+def _write_per_sequence(cache: Array, new: Array, positions: Array) -> Array:
+    """Writes ``new`` [batch..., 1, K, H] into ``cache`` [batch..., L, K, H] at ``positions[b]``."""
+    batch = cache.shape[:-3]
+    flat = cache.reshape(-1, *cache.shape[-3:])
+    rows = new.astype(cache.dtype).reshape(-1, *new.shape[-3:])
+    pos = jnp.broadcast_to(positions, batch).reshape(-1)
+    zero = jnp.zeros((), pos.dtype)
+    out = jax.vmap(lambda c, r, p: lax.dynamic_update_slice(c, r, (p, zero, zero)))(flat, rows, pos)
+    return out.reshape(cache.shape)
 
 
 class MultiHeadDotProductAttention(MultiHeadAttention):

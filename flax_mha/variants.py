@@ -83,11 +83,17 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
 
 
 def alibi_bias(
-    slopes: Float[Array, " N"], q_pos: Int[Array, " T"], k_pos: Int[Array, " S"]
-) -> Float[Array, "N T S"]:
-    """ALiBi bias ``-slope_n * |t - s|`` added to the scores of head ``n``."""
-    dist = jnp.abs(q_pos[:, None] - k_pos[None, :]).astype(jnp.float32)
-    return -jnp.asarray(slopes, jnp.float32)[:, None, None] * dist[None]
+    slopes: Float[Array, " N"], q_pos: Int[Array, "*B T"], k_pos: Int[Array, " S"]
+) -> Float[Array, "*B N T S"]:
+    """ALiBi bias ``-slope_n * |t - s|`` added to the scores of head ``n``.
+
+    ``q_pos`` may carry leading batch dims (per-sequence positions when decoding).
+    """
+    t = q_pos[..., :, None]
+    s = k_pos.reshape((1,) * (t.ndim - 1) + k_pos.shape)
+    dist = jnp.abs(t - s).astype(jnp.float32)[..., None, :, :]  # [*B, 1, T, S]
+    slopes = jnp.asarray(slopes, jnp.float32)
+    return -slopes.reshape((1,) * (dist.ndim - 3) + (-1, 1, 1)) * dist
 
 
 def softcap(scores: Float[Array, "*S"], cap: float) -> Float[Array, "*S"]:

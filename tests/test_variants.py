@@ -189,3 +189,36 @@ def test_default_options_keep_flax_tree_and_outputs():
     q = rand(2, (1, 5, 2, 4))
     ref, _ = np_attention(q, q, q)
     np.testing.assert_allclose(flax_mha.dot_product_attention(q, q, q), ref, **TOL)
+
+
+@pytest.mark.parametrize("max_length", [16, 1100])  # 1100: steps run the decode kernel
+@pytest.mark.parametrize(
+    "options", [dict(), dict(use_rope=True, num_kv_heads=2), dict(use_alibi=True)]
+)
+def test_ragged_prefill_then_steps_equal_each_sequence_alone(max_length, options):
+    kw = dict(num_heads=4, **options)
+    decoder = flax_mha.MultiHeadAttention(decode=True, **kw)
+    full = flax_mha.MultiHeadAttention(is_causal=True, **kw)
+    lengths = [3, 5]
+    x = rand(0, (2, 9, 16))  # sequence b is x[b, :lengths[b] + steps]
+    params = full.init(jax.random.key(1), x)["params"]
+    cache = jax.tree.map(
+        jnp.zeros_like, decoder.init(jax.random.key(1), jnp.zeros((2, max_length, 16)))["cache"]
+    )
+    prompt = jnp.where(
+        jnp.arange(5)[None, :, None] < jnp.array(lengths)[:, None, None], x[:, :5], 0.0
+    )
+    out, state = decoder.apply({"params": params, "cache": cache}, prompt, prompt_lengths=jnp.array(lengths),
+                               mutable=["cache"])  # fmt: skip
+    outs = {b: [out[b, : lengths[b]]] for b in range(2)}
+    for step in range(3):
+        token = jnp.stack([x[b, lengths[b] + step] for b in range(2)])[:, None]
+        out, state = decoder.apply(
+            {"params": params, "cache": state["cache"]}, token, mutable=["cache"]
+        )
+        for b in range(2):
+            outs[b].append(out[b])
+    np.testing.assert_array_equal(state["cache"]["cache_lengths"], np.array(lengths) + 3)
+    for b in range(2):
+        alone = full.apply({"params": params}, x[b : b + 1, : lengths[b] + 3])[0]
+        np.testing.assert_allclose(jnp.concatenate(outs[b]), alone, **TOL)
