@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["plot_attention"]
+__all__ = ["plot_attention", "plot_attention_layers"]
 
 
 def plot_attention(
@@ -56,8 +56,10 @@ def plot_attention(
         ax.set_xlabel("key")
         if n == 0:
             ax.set_ylabel("query")
-        if query_tokens is not None:
+        if query_tokens is not None and n == 0:  # rows are shared: label them once
             ax.set_yticks(range(T), labels=list(query_tokens), fontsize=7)
+        elif n > 0:
+            ax.set_yticks([])
         if key_tokens is not None:
             ax.set_xticks(range(S), labels=list(key_tokens), fontsize=7, rotation=90)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
@@ -65,4 +67,59 @@ def plot_attention(
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def plot_attention_layers(
+    weights: Mapping[str, np.ndarray],
+    path: str | os.PathLike,
+    *,
+    query_tokens: Sequence[str] | None = None,
+    key_tokens: Sequence[str] | None = None,
+    title: str = "attention weights per layer and head",
+) -> str:
+    """Saves one PNG with a row per layer and a column per head.
+
+    Args:
+      weights: layer name -> [N, T, S] weights of one example (e.g. the
+        ``attention_weights`` that ``sow_weights=True`` stores for each layer); every
+        layer must have the same shape.
+      path: PNG file to write; parent folders are created.
+      query_tokens: T row labels; key_tokens: S column labels.
+      title: figure title.
+
+    Returns:
+      The path written.
+
+    Raises:
+      ValueError: if there are no layers or the layers' shapes differ.
+    """
+    from matplotlib.figure import Figure
+
+    if not weights:
+        raise ValueError("weights should map at least one layer name to [N, T, S] weights")
+    arrays = {name: np.asarray(w, np.float32) for name, w in weights.items()}
+    shapes = {w.shape for w in arrays.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise ValueError(f"every layer should have the same [N, T, S] shape, but got {shapes}")
+    N, T, S = next(iter(shapes))
+    key_tokens = query_tokens if key_tokens is None else key_tokens
+    fig = Figure(figsize=(2.6 * N + 1.0, 2.6 * len(arrays) + 0.6))
+    axes = fig.subplots(len(arrays), N, squeeze=False)
+    for row, (name, w) in enumerate(arrays.items()):
+        for n in range(N):
+            ax = axes[row, n]
+            im = ax.imshow(w[n], vmin=0.0, vmax=1.0, cmap="viridis")
+            ax.set_title(f"{name} · head {n}", fontsize=7)
+            ax.set_xticks([] if key_tokens is None else range(S),
+                          labels=[] if key_tokens is None else list(key_tokens), fontsize=6,
+                          rotation=90)  # fmt: skip
+            ax.set_yticks([] if query_tokens is None or n else range(T),
+                          labels=[] if query_tokens is None or n else list(query_tokens),
+                          fontsize=6)  # fmt: skip
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6)
+    fig.suptitle(title)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     return path

@@ -19,3 +19,45 @@ def test_plot_attention_rejects_bad_shapes(tmp_path):
         plot_attention(np.ones(5), tmp_path / "w.png")
     with pytest.raises(ValueError, match="query_tokens should have 2 entries, but got 3"):
         plot_attention(np.ones((2, 2)), tmp_path / "w.png", query_tokens=list("abc"))
+
+
+def test_plot_attention_layers_grid(tmp_path):
+    from flax_mha.viz import plot_attention_layers
+
+    rng = np.random.default_rng(0)
+    layers = {f"layer {i}": rng.dirichlet(np.ones(4), size=(2, 3)) for i in range(3)}
+    path = plot_attention_layers(layers, tmp_path / "grid.png", query_tokens=list("abc"),
+                                 key_tokens=list("wxyz"))  # fmt: skip
+    with open(path, "rb") as f:
+        assert f.read(4) == b"\x89PNG"
+    with pytest.raises(ValueError, match="same \\[N, T, S\\] shape"):
+        plot_attention_layers(
+            {"a": np.ones((2, 3, 4)), "b": np.ones((2, 3, 5))}, tmp_path / "x.png"
+        )
+    with pytest.raises(ValueError, match="at least one layer"):
+        plot_attention_layers({}, tmp_path / "x.png")
+
+
+def test_module_sown_weights_plot_per_layer(tmp_path):
+    import flax.linen as nn
+    import jax
+
+    import flax_mha
+    from flax_mha.viz import plot_attention_layers
+
+    class TwoLayers(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for i in range(2):
+                x = x + flax_mha.MultiHeadAttention(num_heads=2, name=f"layer_{i}")(
+                    x, sow_weights=True
+                )
+            return x
+
+    x = jax.random.normal(jax.random.key(0), (1, 4, 8))
+    model = TwoLayers()
+    params = model.init(jax.random.key(1), x)
+    _, state = model.apply(params, x, mutable=["intermediates"])
+    weights = {name: v["attention_weights"][0][0] for name, v in state["intermediates"].items()}
+    assert set(weights) == {"layer_0", "layer_1"}
+    assert (tmp_path / "l.png").name in plot_attention_layers(weights, tmp_path / "l.png")
