@@ -7,6 +7,7 @@ Public API (everything else is internal):
   `multi_head_attention`, `concat_heads`, `output_projection`, `residual`,
   `layer_norm` (and jitted versions in `flax_mha.jitted`);
 * `dot_product_attention`: batched attention over several backends;
+* `ring_attention`: sequence-parallel attention over a device mesh;
 * Flax modules: `MultiHeadAttention`, `MultiHeadDotProductAttention`, `SelfAttention`,
   `LayerNorm`;
 * masks: `make_attention_mask`, `make_causal_mask`, `combine_masks`, `causal_mask`,
@@ -30,6 +31,7 @@ from flax_mha.functional import single_head_attention as single_head_attention
 from flax_mha.functional import softmax as softmax
 from flax_mha.functional import weighted_sum as weighted_sum
 from flax_mha.kernels.dispatch import dot_product_attention as dot_product_attention
+from flax_mha.kernels.ring import ring_attention as ring_attention
 from flax_mha.layers import LayerNorm as LayerNorm
 from flax_mha.masks import causal_mask as causal_mask
 from flax_mha.masks import combine_masks as combine_masks

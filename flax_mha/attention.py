@@ -284,6 +284,8 @@ class MultiHeadAttention(nn.Module):
             ),
         )
         accepted = inspect.signature(self.attention_fn).parameters
+        if mask is not None:
+            extra["mask"] = mask  # a mask is never dropped silently: it must be accepted
         kwargs = {k: v for k, v in kwargs.items() if k in accepted}
         missing = [k for k in extra if k not in accepted]
         if missing:
