@@ -119,6 +119,8 @@ def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         config.train.resume = args.resume
     if args.no_progress:
         config.train.progress_bar = False
+    if args.mesh is not None:
+        config.train.mesh = args.mesh
     from flax_mha.train import train_and_evaluate, validate_config
 
     validate_config(config)  # before jax compiles anything
@@ -209,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the latest checkpoint (default: config.train.resume)",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--mesh",
+        default=None,
+        help="device mesh, e.g. data=2,model=4: heads and feed-forward split over `model`, "
+        "the batch over `data` (default: config.train.mesh; on CPU simulate devices with "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=8)",
+    )
     train.set_defaults(func=_train)
 
     predict = sub.add_parser("predict", help="decode digit sequences with a trained run")

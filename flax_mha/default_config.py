@@ -65,4 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.progress_bar = True  # still off when stderr is not a terminal
     config.train.resume = True  # continue from the latest checkpoint in workdir
     config.train.plots = True  # curves.png and attention/*.png at the end
+    # Device mesh, e.g. "data=2,model=4": heads/feed-forward split over `model`, the batch
+    # over `data` (flax_mha.sharding); "" = one device.
+    config.train.mesh = ""
     return config

@@ -3,6 +3,11 @@
 Each layer owns the parameters of one step of `flax_mha.functional` and calls that
 step; names and shapes match Flax (`DenseGeneral`, `LayerNorm`) so parameter trees
 move between Flax models and ours unchanged.
+
+With ``partition_params=True`` a layer's parameters carry logical axis names (they are
+`flax.linen.LogicallyPartitioned` boxes after ``init``; ``nn.meta.unbox`` gives the plain
+arrays), which `flax_mha.sharding` maps onto a device mesh. The default, False, keeps
+``init`` returning plain arrays, bit for bit the same tree as Flax's layers.
 """
 
 from __future__ import annotations
@@ -21,6 +26,44 @@ from flax_mha import functional
 Initializer = Callable[..., Array]
 
 default_kernel_init = nn.initializers.lecun_normal()
+
+# Logical axis names of the parameters and activations; `flax_mha.sharding.DEFAULT_RULES`
+# maps them to mesh axes.
+BATCH = "batch"
+LENGTH = "length"
+EMBED = "embed"  # the model dimension D
+HEADS = "heads"  # query heads N
+KV_HEADS = "kv_heads"  # key/value heads K, when K != N (grouped-query attention)
+KV = "kv"  # the per-head dimension H
+MLP = "mlp"  # the feed-forward inner dimension
+VOCAB = "vocab"
+
+
+def logically_partitioned(
+    init: Initializer, names: tuple[str | None, ...], enabled: bool = True
+) -> Initializer:
+    """``init`` whose values are boxed with the logical axis ``names`` (if ``enabled``).
+
+    Unlike `flax.linen.with_logical_partitioning`, a value the caller's initializer
+    already boxed is kept as is: explicit partitioning by the user wins.
+
+    Args:
+      init: the initializer to wrap.
+      names: one logical name (or None) per axis of the parameter.
+      enabled: False returns ``init`` itself, so unpartitioned models are untouched.
+    """
+    if not enabled:
+        return init
+
+    def wrapped(rng: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Any:
+        value = init(rng, shape, dtype)
+        if isinstance(value, meta.AxisMetadata):
+            return value
+        if len(names) != len(shape):
+            raise ValueError(f"logical axes {names} should have one name per axis of {shape}")
+        return nn.LogicallyPartitioned(value, names)
+
+    return wrapped
 
 
 def flat_init(init: Initializer, flat_shape: tuple[int, ...]) -> Initializer:
@@ -63,6 +106,10 @@ class HeadProjection(nn.Module):
       bias_init: initializer of the [N * H] bias.
       dot_general: replacement for `jax.lax.dot_general`.
       dot_general_cls: factory of a replacement dot_general.
+      partition_params: box the params with logical axis names: kernel
+        ``("embed", heads_axis, "kv")``, bias ``(heads_axis, "kv")``.
+      heads_axis: logical name of the ``N`` axis: ``"heads"``, or ``"kv_heads"`` for
+        key/value projections with fewer heads than the queries.
     """
 
     num_heads: int
@@ -75,17 +122,22 @@ class HeadProjection(nn.Module):
     bias_init: Initializer = nn.initializers.zeros_init()
     dot_general: Any = None
     dot_general_cls: Any = None
+    partition_params: bool = False
+    heads_axis: str = HEADS
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """[..., D] -> [..., N, H]."""
         D, N, H = x.shape[-1], self.num_heads, self.head_dim
-        kernel = self.param(
-            "kernel", flat_init(self.kernel_init, (D, N * H)), (D, N, H), self.param_dtype
-        )
+        on = self.partition_params
+        kernel_init = flat_init(self.kernel_init, (D, N * H))
+        kernel_init = logically_partitioned(kernel_init, (EMBED, self.heads_axis, KV), on)
+        kernel = self.param("kernel", kernel_init, (D, N, H), self.param_dtype)
         bias = None
         if self.use_bias:
-            bias = self.param("bias", flat_init(self.bias_init, (N * H,)), (N, H), self.param_dtype)
+            bias_init = flat_init(self.bias_init, (N * H,))
+            bias_init = logically_partitioned(bias_init, (self.heads_axis, KV), on)
+            bias = self.param("bias", bias_init, (N, H), self.param_dtype)
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         return functional.project_heads(
             x,
@@ -100,7 +152,8 @@ class OutputProjection(nn.Module):
     """Concatenate heads and project: ``concat(heads) @ W_O + b`` (`functional.output_projection`).
 
     Parameters: ``kernel`` [N, H, D], ``bias`` [D] (Flax's `DenseGeneral` with
-    ``axis=(-2, -1)``).
+    ``axis=(-2, -1)``). With ``partition_params`` they are boxed with the logical axes
+    ``("heads", "kv", "embed")`` and ``("embed",)``.
     """
 
     features: int
@@ -112,18 +165,21 @@ class OutputProjection(nn.Module):
     bias_init: Initializer = nn.initializers.zeros_init()
     dot_general: Any = None
     dot_general_cls: Any = None
+    partition_params: bool = False
 
     @nn.compact
     def __call__(self, heads: Array) -> Array:
         """[..., N, H] -> [..., D]."""
         N, H = heads.shape[-2:]
         D = self.features
-        kernel = self.param(
-            "kernel", flat_init(self.kernel_init, (N * H, D)), (N, H, D), self.param_dtype
-        )
+        on = self.partition_params
+        kernel_init = flat_init(self.kernel_init, (N * H, D))
+        kernel_init = logically_partitioned(kernel_init, (HEADS, KV, EMBED), on)
+        kernel = self.param("kernel", kernel_init, (N, H, D), self.param_dtype)
         bias = None
         if self.use_bias:
-            bias = self.param("bias", flat_init(self.bias_init, (D,)), (D,), self.param_dtype)
+            bias_init = logically_partitioned(flat_init(self.bias_init, (D,)), (EMBED,), on)
+            bias = self.param("bias", bias_init, (D,), self.param_dtype)
         heads, kernel, bias = promote_dtype(heads, kernel, bias, dtype=self.dtype)
         return functional.output_projection(
             heads,
@@ -138,7 +194,8 @@ class LayerNorm(nn.Module):
     """Layer normalisation over the last axis (`functional.layer_norm`).
 
     Same parameters (``scale`` [D], ``bias`` [D]) and epsilon (1e-6) as
-    `flax.linen.LayerNorm`.
+    `flax.linen.LayerNorm`. With ``partition_params`` both are boxed with the logical
+    axis ``(feature_axis,)`` (``"embed"``; ``"kv"`` for a per-head QK norm).
     """
 
     epsilon: float = functional.LAYER_NORM_EPSILON
@@ -148,14 +205,21 @@ class LayerNorm(nn.Module):
     use_scale: bool = True
     bias_init: Initializer = nn.initializers.zeros_init()
     scale_init: Initializer = nn.initializers.ones_init()
+    partition_params: bool = False
+    feature_axis: str = EMBED
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """[..., D] -> [..., D]."""
         D = x.shape[-1]
-        scale = (
-            self.param("scale", self.scale_init, (D,), self.param_dtype) if self.use_scale else None
-        )
-        bias = self.param("bias", self.bias_init, (D,), self.param_dtype) if self.use_bias else None
+        names, on = (self.feature_axis,), self.partition_params
+        scale = bias = None
+        if self.use_scale:
+            scale_init = logically_partitioned(self.scale_init, names, on)
+            scale = self.param("scale", scale_init, (D,), self.param_dtype)
+        if self.use_bias:
+            bias = self.param(
+                "bias", logically_partitioned(self.bias_init, names, on), (D,), self.param_dtype
+            )
         dtype = self.dtype or jnp.result_type(x, *(p for p in (scale, bias) if p is not None))
         return functional.layer_norm(x, scale, bias, epsilon=self.epsilon).astype(dtype)

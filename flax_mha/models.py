@@ -24,7 +24,14 @@ from jax import Array, lax
 
 from flax_mha import functional
 from flax_mha.attention import MultiHeadAttention
-from flax_mha.layers import LayerNorm
+from flax_mha.layers import (
+    EMBED,
+    MLP,
+    VOCAB,
+    LayerNorm,
+    default_kernel_init,
+    logically_partitioned,
+)
 from flax_mha.masks import combine_masks, make_attention_mask, make_causal_mask
 
 __all__ = [
@@ -61,6 +68,9 @@ class TransformerConfig:
       pre_ln: pre-LN blocks (with a final LayerNorm) instead of the paper's post-LN.
       dtype: computation dtype.
       decode: keep autoregressive caches (for generation).
+      partition_params: box every parameter with its logical axis names (see
+        `flax_mha.sharding`); ``init`` then returns `flax.linen.LogicallyPartitioned`
+        values. Names and shapes of the tree do not change.
     """
 
     vocab_size: int
@@ -77,6 +87,7 @@ class TransformerConfig:
     pre_ln: bool = False
     dtype: Any = jnp.float32
     decode: bool = False
+    partition_params: bool = False
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "d_model", "num_heads", "d_ff", "max_len")
@@ -151,19 +162,45 @@ class PositionalEncoding(nn.Module):
         return x + pe[None, :T]
 
 
+def _dense(
+    features: int, axes: tuple[str, str], partition: bool, dtype: Any, name: str | None = None
+) -> nn.Dense:
+    """`nn.Dense` with Flax's default initializers, boxed with ``axes`` if ``partition``."""
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        kernel_init=logically_partitioned(default_kernel_init, axes, partition),
+        bias_init=logically_partitioned(nn.initializers.zeros_init(), axes[1:], partition),
+        name=name,
+    )
+
+
+def _embed(num: int, config: TransformerConfig) -> nn.Embed:
+    """Token embedding [V, D] initialised with stddev ``D**-0.5``."""
+    init = nn.initializers.normal(stddev=config.d_model**-0.5)
+    init = logically_partitioned(init, (VOCAB, EMBED), config.partition_params)
+    return nn.Embed(num, config.d_model, embedding_init=init)
+
+
 class FeedForward(nn.Module):
-    """Position-wise feed-forward network: ``relu(x W1 + b1) W2 + b2``."""
+    """Position-wise feed-forward network: ``relu(x W1 + b1) W2 + b2``.
+
+    With ``partition_params``, ``wi`` is boxed ``("embed", "mlp")`` and ``wo``
+    ``("mlp", "embed")``: the inner dimension splits over the model axis (Megatron).
+    """
 
     d_ff: int
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    partition_params: bool = False
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
         """[..., D] -> [..., D]."""
-        h = nn.relu(nn.Dense(self.d_ff, dtype=self.dtype, name="wi")(x))
+        on = self.partition_params
+        h = nn.relu(_dense(self.d_ff, (EMBED, MLP), on, self.dtype, name="wi")(x))
         h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-        return nn.Dense(x.shape[-1], dtype=self.dtype, name="wo")(h)
+        return _dense(x.shape[-1], (MLP, EMBED), on, self.dtype, name="wo")(h)
 
 
 class Sublayer(nn.Module):
@@ -172,18 +209,27 @@ class Sublayer(nn.Module):
     pre_ln: bool = False
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    partition_params: bool = False
 
     @nn.compact
     def __call__(self, x: Array, sublayer: Callable[[Array], Array], deterministic: bool) -> Array:
         """Post-LN: ``LN(x + drop(f(x)))``; pre-LN: ``x + drop(f(LN(x)))``."""
-        norm = LayerNorm(dtype=self.dtype, name="norm")
+        norm = LayerNorm(dtype=self.dtype, partition_params=self.partition_params, name="norm")
         drop = nn.Dropout(self.dropout_rate)
         if self.pre_ln:
             return functional.residual(x, drop(sublayer(norm(x)), deterministic=deterministic))
         return norm(functional.residual(x, drop(sublayer(x), deterministic=deterministic)))
 
 
+# Whether MultiHeadAttention can box its own params (its ``partition_params`` field).
+# Without it, `flax_mha.sharding` names the attention params from their paths instead.
+_ATTENTION_PARTITIONS = "partition_params" in MultiHeadAttention.__dataclass_fields__
+
+
 def _attention(config: TransformerConfig, name: str, decode: bool = False) -> MultiHeadAttention:
+    extra = {}
+    if config.partition_params and _ATTENTION_PARTITIONS:
+        extra["partition_params"] = True
     return MultiHeadAttention(
         num_heads=config.num_heads,
         dtype=config.dtype,
@@ -191,7 +237,19 @@ def _attention(config: TransformerConfig, name: str, decode: bool = False) -> Mu
         broadcast_dropout=False,
         decode=decode,
         name=name,
+        **extra,
     )
+
+
+def _sublayer_args(c: TransformerConfig) -> dict[str, Any]:
+    return dict(
+        pre_ln=c.pre_ln, dropout_rate=c.dropout_rate, dtype=c.dtype,
+        partition_params=c.partition_params,
+    )  # fmt: skip
+
+
+def _feed_forward(c: TransformerConfig) -> FeedForward:
+    return FeedForward(c.d_ff, c.dropout_rate, c.dtype, c.partition_params, name="feed_forward")
 
 
 class EncoderBlock(nn.Module):
@@ -203,12 +261,12 @@ class EncoderBlock(nn.Module):
     def __call__(self, x: Array, mask: Array | None, deterministic: bool = True) -> Array:
         """[B, L, D] with mask [B, 1, L, L] -> [B, L, D]."""
         c = self.config
-        sub = dict(pre_ln=c.pre_ln, dropout_rate=c.dropout_rate, dtype=c.dtype)
+        sub = _sublayer_args(c)
         attn = _attention(c, "self_attention")
         x = Sublayer(**sub, name="attention_sublayer")(
             x, lambda h: attn(h, mask=mask, deterministic=deterministic), deterministic
         )
-        ff = FeedForward(c.d_ff, c.dropout_rate, c.dtype, name="feed_forward")
+        ff = _feed_forward(c)
         return Sublayer(**sub, name="feed_forward_sublayer")(
             x, lambda h: ff(h, deterministic), deterministic
         )
@@ -230,7 +288,7 @@ class DecoderBlock(nn.Module):
     ) -> Array:
         """[B, T, D] (and encoder output [B, L, D]) -> [B, T, D]."""
         c = self.config
-        sub = dict(pre_ln=c.pre_ln, dropout_rate=c.dropout_rate, dtype=c.dtype)
+        sub = _sublayer_args(c)
         self_attn = _attention(c, "self_attention", decode=c.decode)
         y = Sublayer(**sub, name="self_attention_sublayer")(
             y, lambda h: self_attn(h, mask=self_mask, deterministic=deterministic), deterministic
@@ -242,7 +300,7 @@ class DecoderBlock(nn.Module):
                 lambda h: cross(h, encoded, mask=cross_mask, deterministic=deterministic),
                 deterministic,
             )
-        ff = FeedForward(c.d_ff, c.dropout_rate, c.dtype, name="feed_forward")
+        ff = _feed_forward(c)
         return Sublayer(**sub, name="feed_forward_sublayer")(
             y, lambda h: ff(h, deterministic), deterministic
         )
@@ -282,20 +340,21 @@ class Transformer(nn.Module):
 
     def setup(self) -> None:
         c = self.config
-        init = nn.initializers.normal(stddev=c.d_model**-0.5)
-        self.input_embed = nn.Embed(c.vocab_size, c.d_model, embedding_init=init)
+        self.input_embed = _embed(c.vocab_size, c)
         if c.share_embeddings:
             self.target_embed = self.input_embed
         else:
-            self.target_embed = nn.Embed(c.target_vocab_size, c.d_model, embedding_init=init)
-            self.logits_dense = nn.Dense(c.target_vocab_size, dtype=c.dtype)
+            self.target_embed = _embed(c.target_vocab_size, c)
+            self.logits_dense = _dense(
+                c.target_vocab_size, (EMBED, VOCAB), c.partition_params, c.dtype
+            )
         self.encoder_embedder = _Embedder(c, self.input_embed)
         self.decoder_embedder = _Embedder(c, self.target_embed, decode=c.decode)
         self.encoder_blocks = [EncoderBlock(c) for _ in range(c.num_encoder_layers)]
         self.decoder_blocks = [DecoderBlock(c) for _ in range(c.num_decoder_layers)]
         if c.pre_ln:
-            self.encoder_norm = LayerNorm(dtype=c.dtype)
-            self.decoder_norm = LayerNorm(dtype=c.dtype)
+            self.encoder_norm = LayerNorm(dtype=c.dtype, partition_params=c.partition_params)
+            self.decoder_norm = LayerNorm(dtype=c.dtype, partition_params=c.partition_params)
 
     def encode(self, inputs: Array, deterministic: bool = True) -> Array:
         """[B, L] token ids -> [B, L, D] encoder output."""
@@ -370,14 +429,13 @@ class TransformerLM(nn.Module):
 
     def setup(self) -> None:
         c = self.config
-        init = nn.initializers.normal(stddev=c.d_model**-0.5)
-        self.embed = nn.Embed(c.vocab_size, c.d_model, embedding_init=init)
+        self.embed = _embed(c.vocab_size, c)
         self.embedder = _Embedder(c, self.embed, decode=c.decode)
         self.blocks = [DecoderBlock(c) for _ in range(c.num_decoder_layers)]
         if c.pre_ln:
-            self.final_norm = LayerNorm(dtype=c.dtype)
+            self.final_norm = LayerNorm(dtype=c.dtype, partition_params=c.partition_params)
         if not c.share_embeddings:
-            self.logits_dense = nn.Dense(c.vocab_size, dtype=c.dtype)
+            self.logits_dense = _dense(c.vocab_size, (EMBED, VOCAB), c.partition_params, c.dtype)
 
     def __call__(self, tokens: Array, deterministic: bool = True) -> Array:
         """[B, T] token ids -> [B, T, V] next-token logits."""

@@ -13,6 +13,13 @@ parameters as one that was never interrupted.
 Files in ``workdir``: ``config.json``, ``checkpoints/<step>/``, ``metrics.jsonl`` (one
 JSON object per log line), ``curves.png`` and ``attention/*.png``.
 
+Multi-device (``config.train.mesh = "data=2,model=4"``, or ``flax-mha train --mesh ...``):
+the parameters and optimizer state are laid out by their logical axis names
+(`flax_mha.sharding.DEFAULT_RULES`: heads and the feed-forward dimension over ``model``),
+the batch is split over ``data``, and `make_train_step` jits the update with those in
+and out shardings. Checkpoints hold the same tree either way; a restore places each array
+with the sharding of the state it restores into, so a run may resume on another mesh.
+
 Shapes: ``B`` batch, ``L`` input length, ``T`` target length, ``V`` vocabulary, ``N`` heads.
 """
 
@@ -36,10 +43,12 @@ import optax
 import orbax.checkpoint as ocp
 from flax import struct
 from flax import traverse_util as flax_traverse
+from flax.core import meta
 from flax.training import train_state
 from jax import Array
 
 from flax_mha import data as data_lib
+from flax_mha import sharding as sharding_lib
 from flax_mha.attention import MultiHeadAttention
 from flax_mha.generation import generate
 from flax_mha.models import PAD_ID, Transformer, TransformerConfig
@@ -53,6 +62,8 @@ __all__ = [
     "evaluate",
     "load_workdir_config",
     "make_optimizer",
+    "make_train_mesh",
+    "make_train_step",
     "make_schedule",
     "model_config",
     "paper_schedule",
@@ -67,9 +78,12 @@ __all__ = [
 
 SCHEDULES = ("warmup_cosine", "paper", "constant")
 OPTIMIZERS = ("adamw", "adam")
-# TransformerConfig fields a config file may not set: dtype is not JSON, decode is for generation.
+# TransformerConfig fields a config file may not set: dtype is not JSON, decode is for
+# generation, partition_params follows config.train.mesh.
 _MODEL_FIELDS = tuple(
-    f.name for f in dataclasses.fields(TransformerConfig) if f.name not in ("dtype", "decode")
+    f.name
+    for f in dataclasses.fields(TransformerConfig)
+    if f.name not in ("dtype", "decode", "partition_params")
 )
 
 
@@ -93,6 +107,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _validate_model(config.model)
     _validate_data(config.data, config.model.max_len)
     _validate_train(config.train)
+    _validate_mesh(config)
     _validate_optim(config.optim, config.train.num_steps)
 
 
@@ -141,6 +156,24 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
         _require(t[name] > 0, f"train.{name}", t[name], "be > 0")
     for name in ("eval_batch_size", "max_checkpoints_to_keep"):
         _require(t[name] > 0, f"train.{name}", t[name], "be > 0")
+
+
+def _validate_mesh(config: ml_collections.ConfigDict) -> None:
+    spec = config.train.get("mesh", "")
+    _require(isinstance(spec, str), "train.mesh", spec, "be a string like 'data=2,model=4'")
+    if not spec:
+        return
+    try:
+        axes = sharding_lib.parse_mesh_spec(spec)
+    except ValueError as e:
+        raise ValueError(f"config.train.mesh: {e}") from None
+    data = axes.get(sharding_lib.DATA_AXIS, 1)
+    _require(
+        data == -1 or config.train.batch_size % data == 0,
+        "train.batch_size",
+        config.train.batch_size,
+        f"divide over the {data} data shards of config.train.mesh ({spec!r})",
+    )
 
 
 def _validate_optim(o: ml_collections.ConfigDict, num_steps: int) -> None:
@@ -237,23 +270,39 @@ class TrainState(train_state.TrainState):
     label_smoothing: float = struct.field(pytree_node=False, default=0.0)
 
 
-def create_train_state(config: ml_collections.ConfigDict, rng: Array) -> TrainState:
+def make_train_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh | None:
+    """The mesh of ``config.train.mesh`` over all devices, or None when it is empty.
+
+    Raises:
+      ValueError: if the mesh does not have as many positions as there are devices.
+    """
+    spec = config.train.get("mesh", "")
+    return sharding_lib.make_mesh(spec) if spec else None
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict, rng: Array, mesh: jax.sharding.Mesh | None = None
+) -> TrainState:
     """Initialises the model's parameters and the optimizer.
 
     Args:
       config: a validated training config.
       rng: PRNG key for the parameters.
+      mesh: lay parameters and optimizer state out on this mesh by their logical axis
+        names (`flax_mha.sharding.DEFAULT_RULES`); None = the default device.
 
     Returns:
-      A `TrainState` at step 0 (an int32 array, as after a restore).
+      A `TrainState` at step 0 (an int32 array, as after a restore), with plain arrays.
     """
-    model = Transformer(model_config(config))
+    model = Transformer(model_config(config).replace(partition_params=mesh is not None))
     tx = make_optimizer(config)
     L = config.data.max_len
 
     def init(rng: Array) -> TrainState:
         inputs = jnp.ones((1, L), jnp.int32)
         targets = jnp.ones((1, L + 1), jnp.int32)
+        # With a mesh the params are boxed with their logical names, and optax's init
+        # maps over the boxes, so the moments carry the names of their params.
         state = TrainState.create(
             apply_fn=model.apply,
             params=model.init(rng, inputs, targets)["params"],
@@ -264,7 +313,11 @@ def create_train_state(config: ml_collections.ConfigDict, rng: Array) -> TrainSt
 
     # One compilation for parameters and optimizer state (eagerly, optax's init
     # would compile many small programs).
-    return jax.jit(init)(rng)
+    if mesh is None:
+        return jax.jit(init)(rng)
+    shardings = sharding_lib.param_shardings(jax.eval_shape(init, rng), mesh)
+    # Each device computes only its shards; the values equal the unsharded init's.
+    return jax.jit(lambda r: meta.unbox(init(r)), out_shardings=shardings)(rng)
 
 
 def cross_entropy_loss(
@@ -297,8 +350,7 @@ def _metrics(logits: Array, targets: Array, label_smoothing: float) -> dict[str,
     return {"loss_sum": loss_sum, "correct": jnp.sum(correct), "tokens": tokens}
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def train_step(state: TrainState, batch: dict[str, Array], rng: Array) -> tuple[TrainState, dict]:
+def _train_step(state: TrainState, batch: dict[str, Array], rng: Array) -> tuple[TrainState, dict]:
     """One optimizer update on a batch (teacher forcing).
 
     Args:
@@ -323,6 +375,29 @@ def train_step(state: TrainState, batch: dict[str, Array], rng: Array) -> tuple[
     metrics["grad_norm"] = optax.tree.norm(grads)
     new_state = state.apply_gradients(grads=grads)
     return new_state, metrics
+
+
+train_step = jax.jit(_train_step, donate_argnums=0)
+train_step.__doc__ = _train_step.__doc__
+
+
+def make_train_step(state: TrainState, mesh: jax.sharding.Mesh) -> Callable:
+    """`train_step` jitted for ``mesh``: ``(state, batch, rng) -> (state, metrics)``.
+
+    The state keeps the shardings it has (from ``create_train_state(..., mesh=mesh)``) in
+    and out, so no step re-lays it out; the batch (from `flax_mha.sharding.shard_batch`)
+    is split over ``data``; the rng and the metrics are replicated. Gradients of the
+    data shards are summed by the compiler's all-reduce.
+    """
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    batch_sharding = sharding_lib.batch_sharding(mesh, 2)
+    rep = sharding_lib.replicated(mesh)
+    return jax.jit(
+        _train_step,
+        in_shardings=(state_shardings, batch_sharding, rep),
+        out_shardings=(state_shardings, rep),
+        donate_argnums=0,
+    )
 
 
 @jax.jit
@@ -404,8 +479,16 @@ def _checkpoint_tree(state: TrainState) -> dict[str, Any]:
 
 
 def _restore(manager: ocp.CheckpointManager, state: TrainState, step: int) -> TrainState:
-    """``state`` with the checkpoint of ``step`` (``state`` gives structure, shapes, devices)."""
-    tree = manager.restore(step, args=ocp.args.StandardRestore(_checkpoint_tree(state)))
+    """``state`` with the checkpoint of ``step`` (``state`` gives structure, shapes, shardings).
+
+    Each array is read straight into the sharding of its counterpart in ``state`` (each
+    device loads only its shard), whatever mesh the checkpoint was written from.
+    """
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        _checkpoint_tree(state),
+    )
+    tree = manager.restore(step, args=ocp.args.StandardRestore(target))
     return state.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"])
 
 
@@ -469,10 +552,13 @@ def _rewind_metrics(path: str, step: int) -> None:
 
 
 def _start_state(
-    config: ml_collections.ConfigDict, workdir: str, manager: ocp.CheckpointManager
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    manager: ocp.CheckpointManager,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> TrainState:
-    """A fresh state, or the latest checkpoint's when resuming."""
-    state = create_train_state(config, jax.random.fold_in(jax.random.key(config.seed), 0))
+    """A fresh state, or the latest checkpoint's when resuming (laid out on ``mesh``)."""
+    state = create_train_state(config, jax.random.fold_in(jax.random.key(config.seed), 0), mesh)
     latest = manager.latest_step()
     if latest is None:
         return state
@@ -509,15 +595,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     t, d = config.train, config.data
+    mesh = make_train_mesh(config)
+    # With several processes (jax.distributed), all of them train and save their shards;
+    # only the first writes the workdir's text files and plots.
+    writer = jax.process_index() == 0
     model = Transformer(model_config(config))
     manager = _checkpoint_manager(workdir, config)
-    state = _start_state(config, workdir, manager)
+    state = _start_state(config, workdir, manager, mesh)
     start = int(state.step)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=2))
+    if writer:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
     metrics_path = os.path.join(workdir, "metrics.jsonl")
-    _rewind_metrics(metrics_path, start)
+    if writer:
+        _rewind_metrics(metrics_path, start)
     dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+    if mesh is None:
+        step_fn, put = train_step, jax.device_put
+    else:
+        step_fn = make_train_step(state, mesh)
+        put = functools.partial(sharding_lib.shard_batch, mesh=mesh)
+        dropout_rng = sharding_lib.replicate(dropout_rng, mesh)
     examples = data_lib.eval_set(config.seed, d.num_eval_examples, d.task, d.eval_min_len,
                                  d.eval_max_len)  # fmt: skip
     schedule = make_schedule(config)
@@ -527,11 +625,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if start:
         say(f"resumed from the checkpoint of step {start} in {workdir}")
     say(f"devices: {jax.devices()}; {sum(x.size for x in jax.tree.leaves(state.params)):,} params")
+    if mesh is not None:
+        say(f"mesh: {dict(mesh.shape)} over {jax.process_count()} process(es)")
 
     pending, tic = [], time.perf_counter()
     for step in range(start, t.num_steps):
         batch = data_lib.train_batch(config.seed, step, d.task, t.batch_size, d.min_len, d.max_len)
-        state, metrics = train_step(state, jax.device_put(batch), dropout_rng)
+        state, metrics = step_fn(state, put(batch), dropout_rng)
         pending.append(metrics)
         done = step + 1
         bar.update(1)
@@ -548,8 +648,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             record.update(evaluate(state, model, examples, t.eval_batch_size))
         if record is not None:
             say(_format(record, t.num_steps))
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if writer:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
         if done % t.checkpoint_every == 0 or is_last:
             manager.save(done, args=ocp.args.StandardSave(_checkpoint_tree(state)))
         if record is not None or done % t.checkpoint_every == 0:
@@ -557,7 +658,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     bar.close()
     manager.wait_until_finished()
     manager.close()
-    if t.plots:
+    if t.plots and writer:
         _write_plots(workdir, state, model, examples)
     return state
 

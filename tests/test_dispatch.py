@@ -241,7 +241,7 @@ from hypothesis import strategies as st  # noqa: E402
 from flax_mha.kernels.dispatch import Request, choose_implementation  # noqa: E402
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
     B=st.integers(1, 2), T=st.integers(1, 40), S=st.integers(1, 40), K=st.sampled_from([1, 2]),
     G=st.sampled_from([1, 2]), H=st.sampled_from([4, 8]), causal=st.booleans(),

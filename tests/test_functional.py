@@ -158,7 +158,7 @@ def test_jitted_entry_points_equal_eager():
 # --- Softmax properties and numerics ------------------------------------------------------------
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     rows=st.integers(1, 4),
     cols=st.integers(1, 9),
