@@ -22,7 +22,16 @@ from jax import Array, lax
 
 from flax_mha.checks import as_full_rank, check_float
 from flax_mha.kernels.dispatch import dot_product_attention
-from flax_mha.layers import HeadProjection, LayerNorm, OutputProjection, default_kernel_init
+from flax_mha.layers import (
+    HEADS,
+    KV,
+    KV_HEADS,
+    HeadProjection,
+    LayerNorm,
+    OutputProjection,
+    default_kernel_init,
+    logically_partitioned,
+)
 from flax_mha.masks import combine_masks, normalize_window
 from flax_mha.variants import DEFAULT_ROPE_BASE, alibi_bias, alibi_slopes, apply_rope
 
@@ -100,6 +109,9 @@ class MultiHeadAttention(nn.Module):
       rope_base: RoPE base wavelength.
       use_alibi: ALiBi linear position biases (per-head slopes of Press et al.).
       logit_softcap: soft-cap scaled scores to ``cap * tanh(scores / cap)``.
+      partition_params: box the params with logical axis names for
+        `flax_mha.sharding` (``init`` returns `flax.linen.LogicallyPartitioned`
+        values; ``nn.meta.unbox`` gives the plain tree). False keeps Flax's plain tree.
       learned_scale: a learned per-head multiplier of the queries (param
         ``per_head_scale`` [N], initialised to 1).
     """
@@ -137,6 +149,7 @@ class MultiHeadAttention(nn.Module):
     use_alibi: bool = False
     logit_softcap: float | None = None
     learned_scale: bool = False
+    partition_params: bool = False
 
     @nn.compact
     def __call__(
@@ -200,7 +213,10 @@ class MultiHeadAttention(nn.Module):
         key = self._project("key", inputs_k, kv_heads, head_dim)
         value = self._project("value", inputs_v, kv_heads, head_dim)
         if self.learned_scale:
-            per_head = self.param("per_head_scale", nn.initializers.ones, (self.num_heads,),
+            scale_init = logically_partitioned(
+                nn.initializers.ones, (HEADS,), self.partition_params
+            )
+            per_head = self.param("per_head_scale", scale_init, (self.num_heads,),
                                   self.param_dtype)  # fmt: skip
             query = (
                 query
@@ -209,7 +225,8 @@ class MultiHeadAttention(nn.Module):
                 ]
             )
         if self.normalize_qk:
-            ln = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+            ln = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                      partition_params=self.partition_params, feature_axis=KV)  # fmt: skip
             query = LayerNorm(name="query_ln", **ln)(query)
             key = LayerNorm(name="key_ln", **ln)(key)
 
@@ -309,6 +326,7 @@ class MultiHeadAttention(nn.Module):
             bias_init=self.out_bias_init or self.bias_init,
             dot_general=self.out_dot_general,
             dot_general_cls=self.out_dot_general_cls,
+            partition_params=self.partition_params,
             name="out",
         )(heads)
 
@@ -359,6 +377,8 @@ class MultiHeadAttention(nn.Module):
             bias_init=self.bias_init,
             dot_general=self.qkv_dot_general,
             dot_general_cls=self.qkv_dot_general_cls,
+            partition_params=self.partition_params,
+            heads_axis=HEADS if num_heads == self.num_heads else KV_HEADS,
             name=name,
         )(x)
 

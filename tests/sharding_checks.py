@@ -1,0 +1,227 @@
+"""Multi-device checks on 8 simulated CPU devices, run by tests/test_sharding.py.
+
+The other test modules initialise JAX with one device, so these checks run in a
+subprocess: ``python tests/sharding_checks.py {mha,train,cli}``. Each section prints
+what it checked and exits non-zero (with a traceback) on the first failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Before JAX initialises: 8 CPU devices for a 2 (data) x 4 (model) mesh.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import functools  # noqa: E402
+import pathlib  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import warnings  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from flax_mha import MultiHeadAttention, data, sharding, train  # noqa: E402
+from flax_mha.cli import load_config, main  # noqa: E402
+from flax_mha.kernels.dispatch import dot_product_attention  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.py"
+TOL = 1e-5
+COLLECTIVE = re.compile(
+    r"= (\(?[^=]*?\)?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+    r"(?:-start)?\("
+)
+
+
+def close(got, want, what: str, tol: float = TOL) -> None:
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol, atol=tol, err_msg=what)
+
+
+def collectives(compiled_text: str) -> list[tuple[str, str]]:
+    """(result shape(s), collective op) of every collective in a compiled HLO module."""
+    return COLLECTIVE.findall(compiled_text)
+
+
+def check_mha_case(mesh, name: str, layer: MultiHeadAttention, T: int, S: int) -> None:
+    B, D = 4, 24
+    kq, kk, kp = jax.random.split(jax.random.key(0), 3)
+    xq = jax.random.normal(kq, (B, T, D))
+    xk = jax.random.normal(kk, (B, S, D))
+    params = layer.init(kp, xq, xk)["params"]
+
+    def loss(p, q, k):
+        return jnp.sum(jnp.sin(layer.apply({"params": p}, q, k)))
+
+    fwd = jax.jit(lambda p, q, k: layer.apply({"params": p}, q, k))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    want_y, want_g = fwd(params, xq, xk), grad(params, xq, xk)  # one device
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sp = sharding.shard_params(params, mesh)
+    q, k = sharding.shard_batch((xq, xk), mesh)
+    y, g = fwd(sp, q, k), grad(sp, q, k)
+    close(y, want_y, f"{name}: output")
+    jax.tree.map(lambda a, b: close(a, b, f"{name}: gradient"), g, want_g)
+    assert y.sharding.spec[0] == "data", (name, y.sharding)
+
+    K = params["key"]["kernel"].shape[1]
+    heads_spec = P(None, "model", None) if K % mesh.shape["model"] == 0 else P(None, None, None)
+    assert sp["query"]["kernel"].sharding.spec == P(None, "model", None)
+    assert sp["query"]["bias"].sharding.spec == P("model", None)
+    assert sp["key"]["kernel"].sharding.spec == heads_spec, sp["key"]["kernel"].sharding
+    assert sp["out"]["kernel"].sharding.spec == P("model", None, None)
+    assert sp["out"]["bias"].sharding.spec == P(None)
+    if heads_spec == P(None, None, None):
+        assert any("replicated" in str(w.message) for w in caught), "no warning"
+
+    # Heads are local: no collective moves [.., T, S] scores, and with every head split
+    # no all-gather at all (replicated k/v heads all-gather their small gradients).
+    scores = f"{T},{S}]"
+    for what, fn in (("forward", fwd), ("backward", grad)):
+        found = collectives(fn.lower(sp, q, k).compile().as_text())
+        if heads_spec != P(None, None, None):
+            assert not [c for c in found if c[1] == "all-gather"], (name, what, found)
+        assert not [c for c in found if scores in c[0]], (name, what, found)
+        ops = sorted({op for _, op in found})
+        print(f"  {name} {what}: collectives {ops} ({len(found)})")
+    print(f"ok mha {name}: output and gradients match one device to {TOL}")
+
+
+def check_mha() -> None:
+    mesh = sharding.make_mesh("data=2,model=4")
+    blockwise = functools.partial(dot_product_attention, implementation="blockwise")
+    cases = [
+        ("mha", MultiHeadAttention(num_heads=8, qkv_features=32), 16, 12),
+        ("blockwise", MultiHeadAttention(num_heads=4, attention_fn=blockwise), 16, 16),
+        ("gqa-k4", MultiHeadAttention(num_heads=8, num_kv_heads=4, qkv_features=32), 8, 8),
+        ("gqa-k2-replicated", MultiHeadAttention(num_heads=8, num_kv_heads=2, qkv_features=32),
+         8, 8),
+    ]  # fmt: skip
+    for name, layer, T, S in cases:
+        check_mha_case(mesh, name, layer, T, S)
+
+
+def tiny_config():
+    config = load_config(TINY)
+    config.model.num_heads = 4  # 4 heads over a 4-way model axis
+    config.model.dropout_rate = 0.1  # the dropout stream must not depend on the layout
+    return config
+
+
+def _flat_pairs(a, b) -> dict:
+    flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+    flat_b = jax.tree.leaves(b)
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): (x, y)
+            for (p, x), y in zip(flat_a, flat_b, strict=True)}  # fmt: skip
+
+
+def check_train() -> None:
+    mesh = sharding.make_mesh("data=2,model=4")
+    config = tiny_config()
+    rng = jax.random.key(0)
+    ref = train.create_train_state(config, rng)
+    state = train.create_train_state(config, rng, mesh)
+    jax.tree.map(lambda a, b: close(a, b, "init"), state.params, ref.params)
+
+    p = state.params
+    specs = {
+        "encoder_blocks_0/self_attention/query/kernel": P(None, "model", None),
+        "encoder_blocks_0/self_attention/out/kernel": P("model", None, None),
+        "decoder_blocks_0/cross_attention/value/bias": P("model", None),
+        "encoder_blocks_0/feed_forward/wi/kernel": P(None, "model"),
+        "encoder_blocks_0/feed_forward/wi/bias": P("model"),
+        "encoder_blocks_0/feed_forward/wo/kernel": P("model", None),
+        "encoder_blocks_0/attention_sublayer/norm/scale": P(None),
+        "input_embed/embedding": P("model", None),
+        "logits_dense/kernel": P(None, "model"),
+    }
+    for path, spec in specs.items():
+        leaf = functools.reduce(lambda t, k: t[k], path.split("/"), p)
+        assert leaf.sharding.spec == spec, (path, leaf.sharding.spec, spec)
+    mu = state.opt_state[1][0].mu  # clip, then adamw's scale_by_adam state
+    assert mu["encoder_blocks_0"]["self_attention"]["query"]["kernel"].sharding.spec == P(
+        None, "model", None
+    )
+    print("ok train: params and Adam moments laid out by the default rules")
+
+    step = train.make_train_step(state, mesh)
+    drop = jax.random.key(1)
+    for s in range(3):
+        batch = data.train_batch(0, s, "reverse", 16, 1, 6)
+        ref, want = train.train_step(ref, jax.device_put(batch), drop)
+        sharded_batch = sharding.shard_batch(batch, mesh)
+        assert sharded_batch["inputs"].sharding.spec == P("data", None)
+        state, got = step(state, sharded_batch, drop)
+        close(got["loss_sum"] / got["tokens"], want["loss_sum"] / want["tokens"], f"loss {s}")
+        close(got["grad_norm"], want["grad_norm"], f"grad norm {s}")
+    # The key biases get zero gradient in exact arithmetic (softmax ignores a shift shared
+    # by all keys), so their gradients are rounding noise, which Adam scales up to
+    # lr-sized steps of arbitrary sign: they cannot match. Every other param must.
+    for path, (a, b) in _flat_pairs(state.params, ref.params).items():
+        if not path.endswith("key/bias"):
+            close(a, b, f"{path} after 3 steps")
+    got_specs = jax.tree.map(lambda x: x.sharding.spec, state.params)
+    want_specs = jax.tree.map(
+        lambda x: x.sharding.spec, train.create_train_state(config, rng, mesh).params
+    )
+    assert got_specs == want_specs, "the step changed the layout"
+    print(f"ok train: 3 sharded steps (dropout on) match one device to {TOL}")
+
+
+def check_cli() -> None:
+    tmp = pathlib.Path(tempfile.mkdtemp())
+    args = ["--config", str(TINY), "--config.model.num_heads=4", "--config.train.num_steps=20",
+            "--config.train.eval_every=20", "--config.data.num_eval_examples=16",
+            "--config.train.eval_batch_size=16", "--no-progress"]  # fmt: skip
+    try:
+        assert main(["train", "--workdir", str(tmp / "one"), *args]) == 0
+        assert (
+            main(["train", "--workdir", str(tmp / "mesh"), "--mesh", "data=2,model=4", *args]) == 0
+        )
+        one, mesh_run = train.read_metrics(tmp / "one"), train.read_metrics(tmp / "mesh")
+        assert [r["step"] for r in one] == [r["step"] for r in mesh_run] == [5, 10, 15, 20]
+        for a, b in zip(mesh_run, one, strict=True):
+            close(a["loss"], b["loss"], f"loss at step {a['step']}")
+        print("ok cli: `train --mesh data=2,model=4` logs the one-device losses:",
+              [round(r["loss"], 5) for r in mesh_run])  # fmt: skip
+
+        # Resume: drop the last checkpoint (as if killed after step 10), train again.
+        _, _, final, _ = train.restore_params(tmp / "mesh")
+        shutil.rmtree(tmp / "mesh" / "checkpoints" / "20")
+        config = train.load_workdir_config(tmp / "mesh")
+        mesh = train.make_train_mesh(config)
+        manager = train._checkpoint_manager(str(tmp / "mesh"), config)
+        restored = train._start_state(config, str(tmp / "mesh"), manager, mesh)
+        manager.close()
+        assert int(restored.step) == 10
+        q = restored.params["encoder_blocks_0"]["self_attention"]["query"]["kernel"]
+        assert q.sharding.spec == P(None, "model", None) and q.sharding.mesh.shape["model"] == 4
+        assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape[1] == 1
+        print("ok cli: the checkpoint of step 10 restores sharded:", q.sharding)
+        assert (
+            main(["train", "--workdir", str(tmp / "mesh"), "--mesh", "data=2,model=4", *args]) == 0
+        )
+        resumed = train.read_metrics(tmp / "mesh")
+        for a, b in zip(resumed, mesh_run, strict=True):
+            close(a["loss"], b["loss"], f"resumed loss at step {a['step']}")
+        _, _, params, step = train.restore_params(tmp / "mesh")
+        assert step == 20
+        jax.tree.map(lambda a, b: close(a, b, "resumed params"), params, final)
+        print("ok cli: resumed from step 10 on the mesh, same losses and final params")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    assert jax.device_count() == 8, jax.devices()
+    sections = {"mha": check_mha, "train": check_train, "cli": check_cli}
+    for section in sys.argv[1:] or list(sections):
+        sections[section]()
