@@ -248,7 +248,7 @@ def _markdown(rows: list[dict[str, Any]], gemm: float) -> str:
     dec = [r for r in rows if r["kind"] == "decode"]
     if dec:
         lines += [
-            "| decode step (B=1) | max_length | filled | D, N | ms | tokens/s | ours / this |",
+            "| decode step (B=1) | max_length | filled | D, N | ms | tokens/s | ours faster by |",
             "|---|---|---|---|---|---|---|",
         ]
         for r in dec:

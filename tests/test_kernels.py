@@ -500,9 +500,10 @@ def test_causal_and_window_skip_blocks():
     assert [int(x) for x in kv] == [16, 16]  # 2 key blocks x 8 query blocks
     # The block geometry helper agrees with the size of the problem.
     assert blockwise_tiles.geometry(T, S, 32, 32) == (32, 32, 8, 8)
-    # Default blocks keep a B * N * bq * bk logits tile near 2**19 elements.
-    assert default_block_sizes(4, 8) == (128, 128)
-    assert default_block_sizes(1, 8) == (256, 256)
+    # Default blocks: bk = 2 * bq, bq <= 256, a B * N * bq * bk tile near 2**22 elements.
+    assert default_block_sizes(4, 8) == (256, 512)
+    assert default_block_sizes(1, 8) == (256, 512)
+    assert default_block_sizes(16, 16) == (64, 128)
 
 
 def test_bad_block_sizes_raise():

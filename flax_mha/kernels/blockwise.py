@@ -31,20 +31,21 @@ __all__ = [
     "dropout_keep_mask",
 ]
 
-# Default block sizes are picked so that one logits tile, B * N * bq * bk
-# float32 values, is about 2 MiB: tiles that stay in cache matter more on CPU
-# than big GEMMs (benchmarks/bench_kernel.py, 2-core x86: B=4 N=8 -> 128 x 128,
-# B=1 N=8 -> 256 x 256 were the fastest).
-_TILE_ELEMENTS = 2**19
-_MIN_BLOCK, _MAX_BLOCK = 64, 512
+# Default block sizes: key blocks twice as long as query blocks, and one logits tile
+# (B * N * bq * bk float32 values) of about 16 MiB, with bq at most 256. Measured with
+# benchmarks/bench_kernel.py on the 2-core x86 machine with nothing else running
+# (benchmarks/RESULTS.md): 256 x 512 was the fastest for B=4 N=8 L=2048 and for
+# B=1 N=8 L=4096, full and causal, ahead of 128 x 128, 256 x 256 and 512 x 1024.
+_TILE_ELEMENTS = 2**22
+_MIN_BLOCK, _MAX_BLOCK = 64, 256
 
 
 def default_block_sizes(batch: int, num_heads: int) -> tuple[int, int]:
     """Default ``(block_q, block_k)`` for a batch of ``batch`` with ``num_heads`` query heads."""
-    side = math.sqrt(_TILE_ELEMENTS / max(1, batch * num_heads))
+    side = math.sqrt(_TILE_ELEMENTS / (2 * max(1, batch * num_heads)))
     side = 2 ** round(math.log2(side))
     side = min(max(side, _MIN_BLOCK), _MAX_BLOCK)
-    return side, side
+    return side, 2 * side
 
 
 _F32 = jnp.float32
