@@ -68,6 +68,12 @@ class TransformerConfig:
       pre_ln: pre-LN blocks (with a final LayerNorm) instead of the paper's post-LN.
       dtype: computation dtype.
       decode: keep autoregressive caches (for generation).
+      num_kv_heads: key/value heads of every attention layer (GQA; 1 = MQA).
+      use_rope: rotary position embeddings in self-attention.
+      sliding_window: self-attention sees the last ``sliding_window`` positions
+        (itself included).
+      logit_softcap: soft-cap attention scores to ``cap * tanh(scores / cap)``.
+      positional_encoding: ``"sinusoidal"`` (the paper) or ``"none"`` (e.g. with RoPE).
       partition_params: box every parameter with its logical axis names (see
         `flax_mha.sharding`); ``init`` then returns `flax.linen.LogicallyPartitioned`
         values. Names and shapes of the tree do not change.
@@ -88,6 +94,11 @@ class TransformerConfig:
     dtype: Any = jnp.float32
     decode: bool = False
     partition_params: bool = False
+    num_kv_heads: int | None = None
+    use_rope: bool = False
+    sliding_window: int | None = None
+    logit_softcap: float | None = None
+    positional_encoding: str = "sinusoidal"
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "d_model", "num_heads", "d_ff", "max_len")
@@ -104,6 +115,27 @@ class TransformerConfig:
         for name in ("dropout_rate", "attention_dropout_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} should be in [0, 1), but got {getattr(self, name)}")
+        if self.num_kv_heads is not None and (
+            self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads
+        ):
+            raise ValueError(
+                f"num_kv_heads ({self.num_kv_heads}) should be a positive divisor of "
+                f"num_heads ({self.num_heads})"
+            )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window should be >= 1, but got {self.sliding_window}")
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            raise ValueError(f"logit_softcap should be positive, but got {self.logit_softcap}")
+        if self.positional_encoding not in ("sinusoidal", "none"):
+            raise ValueError(
+                f"positional_encoding should be 'sinusoidal' or 'none', but got "
+                f"{self.positional_encoding!r}"
+            )
+        if self.use_rope and (self.d_model // self.num_heads) % 2:
+            raise ValueError(
+                f"use_rope needs an even head dim, but d_model / num_heads = "
+                f"{self.d_model // self.num_heads}"
+            )
         if self.share_embeddings and self.output_vocab_size not in (None, self.vocab_size):
             raise ValueError(
                 f"share_embeddings needs output_vocab_size == vocab_size ({self.vocab_size}), "
@@ -223,13 +255,21 @@ class Sublayer(nn.Module):
 
 # Whether MultiHeadAttention can box its own params (its ``partition_params`` field).
 # Without it, `flax_mha.sharding` names the attention params from their paths instead.
-_ATTENTION_PARTITIONS = "partition_params" in MultiHeadAttention.__dataclass_fields__
+_ATTENTION_PARTITIONS = True  # MultiHeadAttention has the partition_params field
 
 
-def _attention(config: TransformerConfig, name: str, decode: bool = False) -> MultiHeadAttention:
-    extra = {}
+def _attention(
+    config: TransformerConfig, name: str, decode: bool = False, self_attention: bool = True
+) -> MultiHeadAttention:
+    extra: dict[str, Any] = {}
     if config.partition_params and _ATTENTION_PARTITIONS:
         extra["partition_params"] = True
+    extra["num_kv_heads"] = config.num_kv_heads
+    extra["logit_softcap"] = config.logit_softcap
+    if self_attention:  # positions of queries and keys are the same sequence's
+        extra["use_rope"] = config.use_rope
+        if config.sliding_window is not None:
+            extra["local_window_size"] = (config.sliding_window - 1, 0)
     return MultiHeadAttention(
         num_heads=config.num_heads,
         dtype=config.dtype,
@@ -294,7 +334,7 @@ class DecoderBlock(nn.Module):
             y, lambda h: self_attn(h, mask=self_mask, deterministic=deterministic), deterministic
         )
         if encoded is not None:
-            cross = _attention(c, "cross_attention")
+            cross = _attention(c, "cross_attention", self_attention=False)
             y = Sublayer(**sub, name="cross_attention_sublayer")(
                 y,
                 lambda h: cross(h, encoded, mask=cross_mask, deterministic=deterministic),
@@ -317,7 +357,9 @@ class _Embedder(nn.Module):
     def __call__(self, tokens: Array, deterministic: bool) -> Array:
         c = self.config
         x = self.embed(tokens.astype(jnp.int32)) * jnp.sqrt(jnp.asarray(c.d_model, c.dtype))
-        x = PositionalEncoding(c.max_len, decode=self.decode, name="positions")(x.astype(c.dtype))
+        x = x.astype(c.dtype)
+        if c.positional_encoding == "sinusoidal":
+            x = PositionalEncoding(c.max_len, decode=self.decode, name="positions")(x)
         return nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
 
 

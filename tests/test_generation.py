@@ -85,3 +85,31 @@ def test_generation_length_is_checked():
         generate(model, params, inputs, 20)
     with pytest.raises(ValueError, match="rng should be a PRNG key"):
         next_token(jnp.zeros((1, 3)), None, temperature=1.0)
+
+
+def test_lm_config_with_gqa_rope_window_generates_with_the_fast_cache():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "lm_gqa_rope.py"
+    spec = importlib.util.spec_from_file_location("lm_gqa_rope", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from flax_mha.train import model_config, validate_config
+
+    config = module.get_config()
+    validate_config(config)
+    cfg = model_config(config).replace(num_decoder_layers=2, max_len=40, sliding_window=6)
+    assert (cfg.num_kv_heads, cfg.use_rope, cfg.positional_encoding) == (2, True, "none")
+    model = M.TransformerLM(cfg)
+    prompt = jnp.array([[3, 4, 5, 6, 7, 8, 9, 2, 3, 4]] * 2)
+    params = model.init(jax.random.key(0), prompt)["params"]
+    block = params["blocks_0"]["self_attention"]
+    assert block["key"]["kernel"].shape == (128, 2, 16)  # 2 kv heads of 16
+    new = generate_lm(model, params, prompt, 8)
+    seq = prompt
+    for t in range(8):  # full recomputation, no cache
+        logits = model.apply({"params": params}, seq)[:, -1].at[:, 0].set(-jnp.inf)
+        nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        np.testing.assert_array_equal(new[:, t], nxt)
+        seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
