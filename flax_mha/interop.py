@@ -449,7 +449,7 @@ def mask_from_torch(
     Returns:
       A bool jax array broadcastable to [B, N, T, S] — [B|1, N|1, T|1, S] —
       or None if there is no mask. Pass it as ``mask=``. Query rows that torch
-      masks entirely come out NaN in torch but as a uniform average here.
+      masks entirely come out NaN in torch and as zeros in flax_mha's attention.
 
     Raises:
       ValueError: for a float mask with values other than 0 and -inf, or for

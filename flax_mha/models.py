@@ -253,17 +253,10 @@ class Sublayer(nn.Module):
         return norm(functional.residual(x, drop(sublayer(x), deterministic=deterministic)))
 
 
-# Whether MultiHeadAttention can box its own params (its ``partition_params`` field).
-# Without it, `flax_mha.sharding` names the attention params from their paths instead.
-_ATTENTION_PARTITIONS = True  # MultiHeadAttention has the partition_params field
-
-
 def _attention(
     config: TransformerConfig, name: str, decode: bool = False, self_attention: bool = True
 ) -> MultiHeadAttention:
-    extra: dict[str, Any] = {}
-    if config.partition_params and _ATTENTION_PARTITIONS:
-        extra["partition_params"] = True
+    extra: dict[str, Any] = {"partition_params": config.partition_params}
     extra["num_kv_heads"] = config.num_kv_heads
     extra["logit_softcap"] = config.logit_softcap
     if self_attention:  # positions of queries and keys are the same sequence's
