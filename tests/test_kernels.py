@@ -238,6 +238,10 @@ GRID = {
     ),
     "no_jit": dict(T=40, S=33, is_causal=True, jit=False, bias_shape=(2, 1, 40, 33)),
     "big_blocks": dict(T=130, S=130, is_causal=True, block_q=512, block_k=512),
+    # Plain causal with T == S and blocks dividing T runs the triangle schedule:
+    # a masked diagonal tile, then unmasked tiles of block_k and of block_q keys.
+    "triangle_mqa_r4": dict(T=128, S=128, N=4, K=1, is_causal=True, block_q=16, block_k=64),
+    "triangle_r1": dict(T=48, S=48, is_causal=True, block_q=16, block_k=16),
 }
 
 
@@ -383,10 +387,28 @@ def test_bfloat16_close_to_reference():
         np.testing.assert_allclose(g32, rg, atol=BF16_TOL * np.abs(rg).max(), rtol=0)
 
 
+# Tiles hold a chunk of the (batch, kv head) pairs, ~TILE_ELEMENTS values in all. The
+# grid's small problems fit in one chunk; shrinking the budget splits them into one
+# chunk per pair (tile=1) or per two pairs (tile=1024 / 2048: 2 kv heads of one batch
+# entry where K allows, interleaved). Not jitted, so that the patched budget is traced afresh.
+@pytest.mark.parametrize("tile", [1, 1024, 2048])
+@pytest.mark.parametrize(
+    "name",
+    ["everything", "bias_full", "bias_bcast_keys", "mask_bcast_batch", "triangle_mqa_r4",
+     "kv_lengths", "q_lengths", "mha_K4"],
+)  # fmt: skip
+def test_chunked_tiles_match_reference(name, tile, monkeypatch):
+    monkeypatch.setattr(blockwise_tiles, "TILE_ELEMENTS", tile)
+    check_case(**{**GRID[name], "jit": False})
+
+
 # --- dropout ---------------------------------------------------------------------------
 
 
-def test_dropout_matches_reference_with_same_keep_mask():
+@pytest.mark.parametrize("tile", [None, 1])
+def test_dropout_matches_reference_with_same_keep_mask(tile, monkeypatch):
+    if tile is not None:  # one (batch, head) pair per tile: the same keep mask
+        monkeypatch.setattr(blockwise_tiles, "TILE_ELEMENTS", tile)
     rng = np.random.default_rng(0)
     B, T, S, N, K, H = 2, 40, 50, 4, 2, 8
     rate, bq, bk = 0.3, 16, 16
@@ -394,8 +416,9 @@ def test_dropout_matches_reference_with_same_keep_mask():
     key = jax.random.key(42)
     scale = 1.0 / np.sqrt(H)
     kw = dict(
-        scale=scale, is_causal=True, dropout_rate=rate, dropout_rng=key, block_q=bq, block_k=bk
-    )
+        scale=scale, is_causal=True, dropout_rate=rate, dropout_rng=key, block_q=bq, block_k=bk,
+        jit=tile is None,
+    )  # fmt: skip
     out, lse, grads = kernel_with_grads(args, cts, **kw)
     out2, _, grads2 = kernel_with_grads(args, cts, **kw)
     np.testing.assert_array_equal(out, out2)
@@ -500,10 +523,16 @@ def test_causal_and_window_skip_blocks():
     assert [int(x) for x in kv] == [16, 16]  # 2 key blocks x 8 query blocks
     # The block geometry helper agrees with the size of the problem.
     assert blockwise_tiles.geometry(T, S, 32, 32) == (32, 32, 8, 8)
-    # Default blocks: bk = 2 * bq, bq <= 256, a B * N * bq * bk tile near 2**22 elements.
-    assert default_block_sizes(4, 8) == (256, 512)
-    assert default_block_sizes(1, 8) == (256, 512)
-    assert default_block_sizes(16, 16) == (64, 128)
+    # Default blocks: 1024 x 2048 per (batch, kv head) pair (512 x 1024 when causal), with
+    # bq shrunk so that the G query heads of a kv head stacked as rows stay within 2**21.
+    assert default_block_sizes(4, 8) == (1024, 2048)
+    assert default_block_sizes(4, 8, is_causal=True) == (512, 1024)
+    assert default_block_sizes(4, 8, num_kv_heads=2) == (256, 2048)
+    # A tile holds as many pairs as fit in 2**22 float32 values, (bc, kc, nb, nkc):
+    # 2 here (1 batch entry x 2 kv heads, 4 x 4 chunks).
+    assert blockwise_tiles.chunks(4, 8, 1024, 2048) == (1, 2, 4, 4)
+    assert blockwise_tiles.chunks(4, 8, 32, 32) == (4, 8, 1, 1)
+    assert blockwise_tiles.chunks(3, 5, 512, 1024) == (1, 5, 3, 1)
 
 
 def test_bad_block_sizes_raise():

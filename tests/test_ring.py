@@ -52,7 +52,7 @@ def test_eight_devices_match_single_device_outputs_and_gradients():
 def test_per_device_temporaries_shrink_with_ring_size():
     out = _run_checks("memory")
     print(out)  # the table, for benchmarks/RESULTS.md (pytest -s)
-    assert "ok  temporaries shrink" in out, out
+    assert "ok  temporaries O(L/n)" in out, out
 
 
 # --- layouts -------------------------------------------------------------------

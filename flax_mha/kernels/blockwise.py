@@ -9,6 +9,13 @@ log-sum-exp, recomputes probabilities tile by tile and accumulates dq, dk, dv
 (and dbias). No array of size T x S is ever created, for any batch or head
 (except a bias gradient when the bias itself is that large).
 
+Each loop step works on a tile holding a chunk of the (batch, kv head) pairs,
+sliced straight from the caller's [B, L, N, H] arrays (`blockwise_tiles`), and
+writes its output rows back in place: no whole-array re-layout. Plain causal
+self-attention (no other mask, no dropout) runs a triangle schedule instead
+(`_forward_causal`, `_backward_causal`): the diagonal tiles are the only
+masked ones, and the keys below them go in unmasked tiles.
+
 Letters: B batch, T query length, S key length, N query heads, K kv heads,
 G = N // K query heads per kv head, H head dim (Hv for values).
 """
@@ -16,7 +23,6 @@ G = N // K query heads per kv head, H head dim (Hv for values).
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -31,42 +37,53 @@ __all__ = [
     "dropout_keep_mask",
 ]
 
-# Default block sizes: key blocks twice as long as query blocks, and one logits tile
-# (B * N * bq * bk float32 values) of about 16 MiB, with bq at most 256. Measured with
-# benchmarks/bench_kernel.py on the 2-core x86 machine with nothing else running
-# (benchmarks/RESULTS.md): 256 x 512 was the fastest for B=4 N=8 L=2048 and for
-# B=1 N=8 L=4096, full and causal, ahead of 128 x 128, 256 x 256 and 512 x 1024.
-_TILE_ELEMENTS = 2**22
-_MIN_BLOCK, _MAX_BLOCK = 64, 256
+# Default block sizes. The tile of one GEMM holds a chunk of (batch, kv head) pairs
+# (`blockwise_tiles.chunks`, ~2**22 float32 values in all); per pair, query blocks of
+# up to 1024 rows against key blocks of up to 2048 keys, so that a pair's tile is
+# large: on XLA:CPU the tile GEMMs run ~15% faster per flop with 2 pairs of
+# 1024 x 2048 than with 32 pairs of 256 x 512 (benchmarks/RESULTS.md). Causal
+# attention uses 512 x 1024 blocks: smaller blocks skip more of the upper triangle.
+_MAX_PAIR_TILE = 2**21
+_FULL_BLOCKS, _CAUSAL_BLOCKS = (1024, 2048), (512, 1024)
+_MIN_BLOCK_Q = 16
 
 
-def default_block_sizes(batch: int, num_heads: int) -> tuple[int, int]:
-    """Default ``(block_q, block_k)`` for a batch of ``batch`` with ``num_heads`` query heads."""
-    side = math.sqrt(_TILE_ELEMENTS / (2 * max(1, batch * num_heads)))
-    side = 2 ** round(math.log2(side))
-    side = min(max(side, _MIN_BLOCK), _MAX_BLOCK)
-    return side, 2 * side
+def default_block_sizes(
+    batch: int, num_heads: int, *, num_kv_heads: int | None = None, is_causal: bool = False
+) -> tuple[int, int]:
+    """Default ``(block_q, block_k)``: upper bounds, shrunk to fit short sequences.
+
+    ``batch`` is accepted for compatibility (the tile chunking adapts to it).
+    With grouped-query attention (``num_kv_heads < num_heads``) the G query
+    heads of a kv head are stacked as rows, so ``block_q`` shrinks by G.
+    """
+    del batch
+    block_q, block_k = _CAUSAL_BLOCKS if is_causal else _FULL_BLOCKS
+    groups = num_heads // (num_kv_heads or num_heads)
+    while block_q > _MIN_BLOCK_Q and groups * block_q * block_k > _MAX_PAIR_TILE:
+        block_q //= 2
+    return block_q, block_k
 
 
 _F32 = jnp.float32
-_BATCH = ((0, 1), (0, 1))  # dot_general batch dims (B, K) of every tile product
 
 
 def _dot(a: Array, b: Array, contract: tuple[tuple[int, ...], tuple[int, ...]]) -> Array:
-    return lax.dot_general(a, b, (contract, _BATCH), preferred_element_type=_F32)
+    """Tile product, batched over the (batch, kv head) axes of a chunk, in float32."""
+    return lax.dot_general(a, b, (contract, ((0, 1), (0, 1))), preferred_element_type=_F32)
 
 
 def _maxlen(lengths: Array | None) -> Array | None:
     return None if lengths is None else jnp.max(lengths)
 
 
-def _tiles(cfg: bt.Config, geo: bt.Geometry, q, k, bias, mask, q_len, kv_len, rng, transposed):
+def _tiles(cfg, geo, ch, q, k, bias, mask, q_len, kv_len, rng, transposed) -> bt.Tiles:
     S, K = k.shape[1], k.shape[2]
     return bt.Tiles(
         cfg=cfg,
         geo=geo,
+        ch=ch,
         S=S,
-        num_kv_heads=K,
         num_heads=q.shape[2],
         transposed=transposed,
         bias=None if bias is None else bt.block_pair(bias, geo, K, transposed),
@@ -89,137 +106,244 @@ def _plain_causal(cfg: bt.Config, tiles: bt.Tiles) -> bool:
     )
 
 
-def _forward(cfg: bt.Config, q, k, v, bias, mask, q_len, kv_len, rng):
-    """Forward pass. Returns (out [B,T,N,Hv], lse [B,N,T] f32, visited tile count).
+def _triangular(cfg: bt.Config, geo: bt.Geometry, T: int, S: int, *masks) -> bool:
+    """Whether the causal triangle schedule applies (see `_forward_causal`)."""
+    return (
+        cfg.is_causal
+        and cfg.local_window is None
+        and cfg.dropout_rate == 0.0
+        and all(m is None for m in masks)
+        and T == S
+        and geo.nq * geo.bq == T
+        and geo.bk % geo.bq == 0
+    )
 
-    Tiles are [B, K, M, bk] with M = G * bq (see `blockwise_tiles`).
-    """
+
+def _pad_to(x: Array, axis: int, size: int) -> Array:
+    return bt._pad_axis(x, axis, size)
+
+
+def _softmax_step(q_i, k_t, v_t, carry, logits=None, keep=None):
+    """One online-softmax update of (m, l, acc, count) with a key tile."""
+    m, l, acc, n = carry
+    s = _dot(q_i, k_t, ((3,), (3,)))  # [bc, kc, M, w]
+    if logits is not None:
+        s = logits(s)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    # Rows with nothing visible yet keep m = -inf; shift them by 0 so
+    # exp(-inf - 0) = 0 instead of exp(-inf + inf) = nan.
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - m_safe[..., None])
+    alpha = jnp.exp(m - m_safe)
+    l = alpha * l + jnp.sum(p, axis=-1)
+    if keep is not None:  # the normaliser l uses the undropped p
+        p = jnp.where(keep, p, 0.0)
+    acc = alpha[..., None] * acc + _dot(p, v_t, ((3,), (2,)))
+    return m_new, l, acc, n + 1
+
+
+def _finish(cfg: bt.Config, carry):
+    m, l, acc, n = carry
+    visible = l > 0.0
+    l_safe = jnp.where(visible, l, 1.0)
+    inv = 1.0 / l_safe
+    if cfg.dropout_rate > 0.0:
+        inv = inv / (1.0 - cfg.dropout_rate)
+    out = acc * inv[..., None]
+    lse = jnp.where(visible, m + jnp.log(l_safe), -jnp.inf)
+    return out, lse, n
+
+
+def _forward(cfg: bt.Config, q, k, v, bias, mask, q_len, kv_len, rng):
+    """Forward pass. Returns (out [B,T,N,Hv], lse [B,N,T] f32, visited tile count)."""
     B, T, N, _ = q.shape
     S, K = k.shape[1], k.shape[2]
     Hv = v.shape[-1]
     geo = bt.geometry(T, S, cfg.block_q, cfg.block_k)
-    M = (N // K) * geo.bq
-    tiles = _tiles(cfg, geo, q, k, bias, mask, q_len, kv_len, rng, transposed=False)
-    # Scale q once (O(L)) instead of every logits tile.
-    qb = bt.block_q(q.astype(_F32) * cfg.scale, geo, K)
-    kb = bt.block_kv(k.astype(_F32), geo)
-    vb = bt.block_kv(v.astype(_F32), geo)
+    if _triangular(cfg, geo, T, S, bias, mask, q_len, kv_len):
+        return _forward_causal(cfg, geo, q, k, v)
+    bq, bk = geo.bq, geo.bk
+    M = (N // K) * bq
+    ch = bt.chunks(B, K, M, bk)
+    tiles = _tiles(cfg, geo, ch, q, k, bias, mask, q_len, kv_len, rng, transposed=False)
+    qp = _pad_to(q, 1, geo.nq * bq)
+    kp, vp = (_pad_to(x, 1, geo.nk * bk) for x in (k, v))
     q_max, kv_max = _maxlen(tiles.q_len), _maxlen(tiles.kv_len)
     dropout = cfg.dropout_rate > 0.0
     plain_causal = _plain_causal(cfg, tiles)
 
-    def q_block(count, xs):
-        i, q_i = xs
+    def q_block(carry, ci):
+        out, lse, count = carry
+        c, i = ci // geo.nq, ci % geo.nq
+        q_i = bt.q_tile(qp, ch, c, i * bq, bq, K).astype(_F32) * cfg.scale
 
-        def k_step(j, carry, masked=True):
-            m, l, acc, n = carry
-            s = _dot(q_i, kb[j], ((3,), (3,)))  # [B, K, M, bk]
-            if masked:
-                s = tiles.logits(s, i, j)
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-            # Rows with nothing visible yet keep m = -inf; shift them by 0 so
-            # exp(-inf - 0) = 0 instead of exp(-inf + inf) = nan.
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            p = jnp.exp(s - m_safe[..., None])
-            alpha = jnp.exp(m - m_safe)
-            l = alpha * l + jnp.sum(p, axis=-1)
-            if dropout:  # the normaliser l uses the undropped p
-                p = jnp.where(tiles.dropout_keep(i, j, B), p, 0.0)
-            acc = alpha[..., None] * acc + _dot(p, vb[j], ((3,), (2,)))
-            return m_new, l, acc, n + 1
+        def k_step(j, st, masked=True):
+            k_t = bt.kv_tile(kp, ch, c, j * bk, bk).astype(_F32)
+            v_t = bt.kv_tile(vp, ch, c, j * bk, bk).astype(_F32)
+            logits = functools.partial(tiles.logits, c=c, i=i, j=j) if masked else None
+            keep = tiles.dropout_keep(c, i, j) if dropout else None
+            return _softmax_step(q_i, k_t, v_t, st, logits, keep)
 
         init = (
-            jnp.full((B, K, M), -jnp.inf, _F32),
-            jnp.zeros((B, K, M), _F32),
-            jnp.zeros((B, K, M, Hv), _F32),
+            jnp.full((ch.bc, ch.kc, M), -jnp.inf, _F32),
+            jnp.zeros((ch.bc, ch.kc, M), _F32),
+            jnp.zeros((ch.bc, ch.kc, M, Hv), _F32),
             jnp.int32(0),
         )
         lo, hi = bt.key_block_range(cfg, geo, i, q_max, kv_max)
         if plain_causal:
             # Key blocks wholly at or below the first query of block i (and wholly
             # inside S) need no mask: run them without building one, then the
-            # diagonal blocks with it. Saves an elementwise pass over most tiles.
-            mid = jnp.clip(jnp.minimum((i * geo.bq + 1) // geo.bk, S // geo.bk), lo, hi)
-            carry = lax.fori_loop(lo, mid, functools.partial(k_step, masked=False), init)
-            m, l, acc, n = lax.fori_loop(mid, hi, k_step, carry)
+            # diagonal blocks with it.
+            mid = jnp.clip(jnp.minimum((i * bq + 1) // bk, S // bk), lo, hi)
+            st = lax.fori_loop(lo, mid, functools.partial(k_step, masked=False), init)
+            st = lax.fori_loop(mid, hi, k_step, st)
         else:
-            m, l, acc, n = lax.fori_loop(lo, hi, k_step, init)
-        visible = l > 0.0
-        l_safe = jnp.where(visible, l, 1.0)
-        inv = 1.0 / l_safe
-        if dropout:
-            inv = inv / (1.0 - cfg.dropout_rate)
-        out = acc * inv[..., None]
-        lse = jnp.where(visible, m + jnp.log(l_safe), -jnp.inf)
-        return count + n, (out, lse)
+            st = lax.fori_loop(lo, hi, k_step, init)
+        o_i, lse_i, n = _finish(cfg, st)
+        out = bt.put_q_tile(out, o_i, ch, c, i * bq, bq)
+        lse = bt.put_row_tile(lse, lse_i, ch, c, i * bq, bq)
+        return (out, lse, count + n), None
 
-    idx = jnp.arange(geo.nq, dtype=jnp.int32)
-    count, (ob, lseb) = lax.scan(q_block, jnp.int32(0), (idx, qb))
-    out = bt.unblock_q(ob, T, geo).astype(q.dtype)
-    return out, bt.unblock_rows(lseb, T, geo), count
+    init = (
+        jnp.zeros((B, geo.nq * bq, N, Hv), q.dtype),
+        jnp.zeros((B, N, geo.nq * bq), _F32),
+        jnp.int32(0),
+    )
+    (out, lse, count), _ = lax.scan(q_block, init, jnp.arange(ch.count * geo.nq, dtype=jnp.int32))
+    return out[:, :T], lse[:, :, :T], count
+
+
+def _forward_causal(cfg: bt.Config, geo: bt.Geometry, q, k, v):
+    """Plain causal forward on the triangle only (T == S, blocks divide T, bk = r * bq).
+
+    Query block i (rows ``[i bq, (i + 1) bq)``) takes its diagonal ``bq x bq``
+    tile first (the only masked one, with a constant triangular mask), then
+    the keys ``[0, i bq)`` as ``i // r`` unmasked tiles of ``bk`` keys and
+    ``i % r`` of ``bq`` keys. Nothing above the diagonal is computed except
+    the upper half of the diagonal tiles.
+    """
+    B, T, N, _ = q.shape
+    K, Hv = k.shape[2], v.shape[-1]
+    bq, bk = geo.bq, geo.bk
+    r, G = bk // bq, N // K
+    M = G * bq
+    ch = bt.chunks(B, K, M, bk)
+    below = jnp.tril(jnp.ones((bq, bq), bool))  # [t, s]: s <= t
+
+    def diagonal(s: Array) -> Array:
+        return jnp.where(below, s.reshape(ch.bc, ch.kc, G, bq, bq), -jnp.inf).reshape(s.shape)
+
+    def q_block(carry, ci):
+        out, lse, count = carry
+        c, i = ci // geo.nq, ci % geo.nq
+        q_i = bt.q_tile(q, ch, c, i * bq, bq, K).astype(_F32) * cfg.scale
+
+        def step(start, width, st, logits=None):
+            k_t = bt.kv_tile(k, ch, c, start, width).astype(_F32)
+            v_t = bt.kv_tile(v, ch, c, start, width).astype(_F32)
+            return _softmax_step(q_i, k_t, v_t, st, logits)
+
+        st = (
+            jnp.full((ch.bc, ch.kc, M), -jnp.inf, _F32),
+            jnp.zeros((ch.bc, ch.kc, M), _F32),
+            jnp.zeros((ch.bc, ch.kc, M, Hv), _F32),
+            jnp.int32(0),
+        )
+        st = step(i * bq, bq, st, diagonal)  # every row sees its own key: m is finite
+        pairs = i // r
+        st = lax.fori_loop(0, pairs, lambda p, st: step(p * bk, bk, st), st)
+        st = lax.fori_loop(pairs * r, i, lambda j, st: step(j * bq, bq, st), st)
+        o_i, lse_i, n = _finish(cfg, st)
+        out = bt.put_q_tile(out, o_i, ch, c, i * bq, bq)
+        lse = bt.put_row_tile(lse, lse_i, ch, c, i * bq, bq)
+        return (out, lse, count + n), None
+
+    init = (jnp.zeros((B, T, N, Hv), q.dtype), jnp.zeros((B, N, T), _F32), jnp.int32(0))
+    (out, lse, count), _ = lax.scan(q_block, init, jnp.arange(ch.count * geo.nq, dtype=jnp.int32))
+    return out, lse, count
+
+
+def _backward_inputs(cfg, q, out, lse, dout, dlse, T_pad):
+    """Padded float32 dout, row tiles' lse (0 for fully masked rows) and D - dlse."""
+    # D_t = sum_s P_ts dP_ts = dO_t . O_t; a cotangent on lse adds P_ts dlse_t to
+    # dS_ts, which is the same as subtracting dlse_t from D_t.
+    delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1).transpose(0, 2, 1)
+    db = _pad_to(delta - dlse.astype(_F32), 2, T_pad)
+    # Fully masked rows have lse = -inf and only -inf logits: use 0 there so
+    # that p = exp(-inf - 0) = 0.
+    lb = _pad_to(jnp.where(jnp.isneginf(lse), 0.0, lse), 2, T_pad)
+    return _pad_to(dout, 1, T_pad), lb, db
+
+
+def _grad_tile(cfg, k_j, v_j, kt_j, q_i, do_i, l_i, d_i, logits=None, keep=None):
+    """P (dropped) and dS of one transposed tile: (pdt, dst), each [bc, kc, w_k, M]."""
+    st = _dot(k_j, q_i, ((3,), (3,)))  # [bc, kc, bk, M]
+    if logits is not None:
+        st = logits(st)
+    pt = jnp.exp(st - l_i[:, :, None, :])
+    dpt = _dot(v_j, do_i, ((3,), (3,)))  # [bc, kc, bk, M]
+    if keep is not None:
+        inv_keep = 1.0 / (1.0 - cfg.dropout_rate)
+        pdt = jnp.where(keep, pt, 0.0) * inv_keep
+        dpt = jnp.where(keep, dpt, 0.0) * inv_keep
+    else:
+        pdt = pt
+    return pdt, pt * (dpt - d_i[:, :, None, :])
 
 
 def _backward(cfg: bt.Config, q, k, v, bias, mask, q_len, kv_len, rng, out, lse, dout, dlse):
     """FlashAttention-2 backward. Returns ((dq, dk, dv, dbias), visited tile count).
 
-    Works on transposed [B, K, bk, M] tiles so that every product is an
-    ``A @ B`` or ``A @ B.T`` GEMM (see `blockwise_tiles`); dq is accumulated
-    transposed, [nq, B, K, H, M], for the same reason.
+    Works on transposed [bc, kc, bk, M] tiles so that every product is an
+    ``A @ B`` or ``A @ B.T`` GEMM (XLA:CPU's fast kinds); dq tiles come out
+    transposed, [bc, kc, H, M], and are added into dq in place.
     """
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     Hv = v.shape[-1]
     geo = bt.geometry(T, S, cfg.block_q, cfg.block_k)
-    M = (N // K) * geo.bq
-    tiles = _tiles(cfg, geo, q, k, bias, mask, q_len, kv_len, rng, transposed=True)
-    qb = bt.block_q(q.astype(_F32) * cfg.scale, geo, K)  # [nq, B, K, M, H]
-    kb = bt.block_kv(k.astype(_F32), geo)  # [nk, B, K, bk, H]
-    kbt = bt.block_kv(k.astype(_F32), geo, transposed=True)  # [nk, B, K, H, bk]
-    vb = bt.block_kv(v.astype(_F32), geo)
-    dob = bt.block_q(dout.astype(_F32), geo, K)
-    # D_t = sum_s P_ts dP_ts = dO_t . O_t; a cotangent on lse adds P_ts dlse_t to
-    # dS_ts, which is the same as subtracting dlse_t from D_t.
-    delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1).transpose(0, 2, 1)
-    db = bt.block_rows(delta - dlse.astype(_F32), geo, K)  # [nq, B, K, M]
-    # Fully masked rows have lse = -inf and only -inf logits: use 0 there so
-    # that p = exp(-inf - 0) = 0.
-    lb = bt.block_rows(jnp.where(jnp.isneginf(lse), 0.0, lse), geo, K)
+    if _triangular(cfg, geo, T, S, bias, mask, q_len, kv_len):
+        return _backward_causal(cfg, geo, q, k, v, out, lse, dout, dlse)
+    bq, bk = geo.bq, geo.bk
+    M = (N // K) * bq
+    ch = bt.chunks(B, K, M, bk)
+    tiles = _tiles(cfg, geo, ch, q, k, bias, mask, q_len, kv_len, rng, transposed=True)
+    T_pad, S_pad = geo.nq * bq, geo.nk * bk
+    qp = _pad_to(q, 1, T_pad)
+    kp, vp = (_pad_to(x, 1, S_pad) for x in (k, v))
+    dop, lb, db = _backward_inputs(cfg, q, out, lse, dout, dlse, T_pad)
     q_max, kv_max = _maxlen(tiles.q_len), _maxlen(tiles.kv_len)
     dropout = cfg.dropout_rate > 0.0
-    inv_keep = 1.0 / (1.0 - cfg.dropout_rate)
-    dbias0 = None if tiles.bias is None else jnp.zeros(tiles.bias.shape, _F32)
     plain_causal = _plain_causal(cfg, tiles)
 
-    def k_block(carry, xs):
-        dqt, dbias, count = carry
-        j, k_j, kt_j, v_j = xs
+    def k_block(carry, cj):
+        dq, dk, dv, dbias, count = carry
+        c, j = cj // geo.nk, cj % geo.nk
+        k_j = bt.kv_tile(kp, ch, c, j * bk, bk).astype(_F32)
+        kt_j = bt.kv_tile(kp, ch, c, j * bk, bk, transposed=True).astype(_F32) * cfg.scale
+        v_j = bt.kv_tile(vp, ch, c, j * bk, bk).astype(_F32)
 
-        def q_step(i, c, masked=True):
-            dk_j, dv_j, dqt, dbias, n = c
-            q_i, do_i = qb[i], dob[i]
-            st = _dot(k_j, q_i, ((3,), (3,)))  # [B, K, bk, M]
-            if masked:
-                st = tiles.logits(st, i, j)
-            pt = jnp.exp(st - lb[i][:, :, None, :])
-            dpt = _dot(v_j, do_i, ((3,), (3,)))  # [B, K, bk, M]
-            if dropout:
-                keep = tiles.dropout_keep(i, j, B)
-                pdt = jnp.where(keep, pt, 0.0) * inv_keep
-                dpt = jnp.where(keep, dpt, 0.0) * inv_keep
-            else:
-                pdt = pt
-            dv_j = dv_j + _dot(pdt, do_i, ((3,), (2,)))  # [B, K, bk, Hv]
-            dst = pt * (dpt - db[i][:, :, None, :])
-            dk_j = dk_j + _dot(dst, q_i, ((3,), (2,)))  # [B, K, bk, H]
-            dqt = dqt.at[i].add(_dot(kt_j, dst, ((3,), (2,))))  # [B, K, H, M]
+        def q_step(i, st, masked=True):
+            dk_j, dv_j, dq, dbias, n = st
+            q_i = bt.q_tile(qp, ch, c, i * bq, bq, K).astype(_F32) * cfg.scale
+            do_i = bt.q_tile(dop, ch, c, i * bq, bq, K).astype(_F32)
+            l_i = bt.row_tile(lb, ch, c, i * bq, bq)
+            d_i = bt.row_tile(db, ch, c, i * bq, bq)
+            logits = functools.partial(tiles.logits, c=c, i=i, j=j) if masked else None
+            keep = tiles.dropout_keep(c, i, j) if dropout else None
+            pdt, dst = _grad_tile(cfg, k_j, v_j, kt_j, q_i, do_i, l_i, d_i, logits, keep)
+            dv_j = dv_j + _dot(pdt, do_i, ((3,), (2,)))  # [bc, kc, bk, Hv]
+            dk_j = dk_j + _dot(dst, q_i, ((3,), (2,)))  # [bc, kc, bk, H]
+            dq = bt.add_q_tile(dq, _dot(kt_j, dst, ((3,), (2,))), ch, c, i * bq, bq)
             if dbias is not None:
-                dbias = tiles.accumulate_dbias(dbias, dst, i, j)
-            return dk_j, dv_j, dqt, dbias, n + 1
+                dbias = tiles.accumulate_dbias(dbias, dst, c, i, j)
+            return dk_j, dv_j, dq, dbias, n + 1
 
         init = (
-            jnp.zeros((B, K, geo.bk, H), _F32),
-            jnp.zeros((B, K, geo.bk, Hv), _F32),
-            dqt,
+            jnp.zeros((ch.bc, ch.kc, bk, H), _F32),
+            jnp.zeros((ch.bc, ch.kc, bk, Hv), _F32),
+            dq,
             dbias,
             jnp.int32(0),
         )
@@ -228,27 +352,98 @@ def _backward(cfg: bt.Config, q, k, v, bias, mask, q_len, kv_len, rng, out, lse,
             # Query blocks wholly at or after the last key of block j see all of it
             # (when the key block is wholly inside S): diagonal blocks first, masked,
             # then the rest without building a mask (as in the forward).
-            last_key = j * geo.bk + geo.bk - 1
-            mid = jnp.where(last_key < S, -(-last_key // geo.bq), hi)
+            last_key = j * bk + bk - 1
+            mid = jnp.where(last_key < S, -(-last_key // bq), hi)
             mid = jnp.clip(mid, lo, hi)
-            carry = lax.fori_loop(lo, mid, q_step, init)
-            dk_j, dv_j, dqt, dbias, n = lax.fori_loop(
-                mid, hi, functools.partial(q_step, masked=False), carry
-            )
+            st = lax.fori_loop(lo, mid, q_step, init)
+            st = lax.fori_loop(mid, hi, functools.partial(q_step, masked=False), st)
         else:
-            dk_j, dv_j, dqt, dbias, n = lax.fori_loop(lo, hi, q_step, init)
-        return (dqt, dbias, count + n), (dk_j, dv_j)
+            st = lax.fori_loop(lo, hi, q_step, init)
+        dk_j, dv_j, dq, dbias, n = st
+        dk = bt.put_kv_tile(dk, dk_j, ch, c, j * bk)
+        dv = bt.put_kv_tile(dv, dv_j, ch, c, j * bk)
+        return (dq, dk, dv, dbias, count + n), None
 
-    idx = jnp.arange(geo.nk, dtype=jnp.int32)
-    init = (jnp.zeros((geo.nq, B, K, H, M), _F32), dbias0, jnp.int32(0))
-    (dqt, dbias, count), (dkb, dvb) = lax.scan(k_block, init, (idx, kb, kbt, vb))
-    dq = bt.unblock_q(dqt.swapaxes(-1, -2) * cfg.scale, T, geo).astype(q.dtype)
-    dk = bt.unblock_kv(dkb, S).astype(k.dtype)
-    dv = bt.unblock_kv(dvb, S).astype(v.dtype)
+    init = (
+        jnp.zeros((B, T_pad, N, H), _F32),
+        jnp.zeros((B, S_pad, K, H), _F32),
+        jnp.zeros((B, S_pad, K, Hv), _F32),
+        None if tiles.bias is None else jnp.zeros(tiles.bias.shape, _F32),
+        jnp.int32(0),
+    )
+    idx = jnp.arange(ch.count * geo.nk, dtype=jnp.int32)
+    (dq, dk, dv, dbias, count), _ = lax.scan(k_block, init, idx)
+    dq = dq[:, :T].astype(q.dtype)
+    dk = dk[:, :S].astype(k.dtype)
+    dv = dv[:, :S].astype(v.dtype)
     if dbias is not None:
         dbias = bt.unblock_pair_transposed(dbias, bias.shape[2], bias.shape[3])
         dbias = dbias.astype(bias.dtype)
     return (dq, dk, dv, dbias), count
+
+
+def _backward_causal(cfg: bt.Config, geo: bt.Geometry, q, k, v, out, lse, dout, dlse):
+    """Plain causal backward on the triangle only (the mirror of `_forward_causal`).
+
+    Key block j (keys ``[j bq, (j + 1) bq)``) takes its diagonal tile first,
+    then the queries after it as unmasked tiles of ``bk`` and ``bq`` rows.
+    """
+    B, T, N, H = q.shape
+    K, Hv = k.shape[2], v.shape[-1]
+    bq, bk = geo.bq, geo.bk
+    r, G = bk // bq, N // K
+    ch = bt.chunks(B, K, G * bq, bk)
+    dop, lb, db = _backward_inputs(cfg, q, out, lse, dout, dlse, T)
+    above = jnp.triu(jnp.ones((bq, bq), bool))[:, None, :]  # [s, 1, t]: t >= s
+
+    def diagonal(st: Array) -> Array:
+        return jnp.where(above, st.reshape(ch.bc, ch.kc, bq, G, bq), -jnp.inf).reshape(st.shape)
+
+    def k_block(carry, cj):
+        dq, dk, dv, count = carry
+        c, j = cj // geo.nq, cj % geo.nq
+        k_j = bt.kv_tile(k, ch, c, j * bq, bq).astype(_F32)
+        kt_j = bt.kv_tile(k, ch, c, j * bq, bq, transposed=True).astype(_F32) * cfg.scale
+        v_j = bt.kv_tile(v, ch, c, j * bq, bq).astype(_F32)
+
+        def step(start, width, st, logits=None):
+            dk_j, dv_j, dq, n = st
+            q_i = bt.q_tile(q, ch, c, start, width, K).astype(_F32) * cfg.scale
+            do_i = bt.q_tile(dop, ch, c, start, width, K).astype(_F32)
+            l_i = bt.row_tile(lb, ch, c, start, width)
+            d_i = bt.row_tile(db, ch, c, start, width)
+            pdt, dst = _grad_tile(cfg, k_j, v_j, kt_j, q_i, do_i, l_i, d_i, logits)
+            dv_j = dv_j + _dot(pdt, do_i, ((3,), (2,)))
+            dk_j = dk_j + _dot(dst, q_i, ((3,), (2,)))
+            dq = bt.add_q_tile(dq, _dot(kt_j, dst, ((3,), (2,))), ch, c, start, width)
+            return dk_j, dv_j, dq, n + 1
+
+        st = (
+            jnp.zeros((ch.bc, ch.kc, bq, H), _F32),
+            jnp.zeros((ch.bc, ch.kc, bq, Hv), _F32),
+            dq,
+            jnp.int32(0),
+        )
+        st = step(j * bq, bq, st, diagonal)
+        first = (j + 1) * bq  # the query blocks after the diagonal see all of key block j
+        pairs = (geo.nq - j - 1) // r
+        st = lax.fori_loop(0, pairs, lambda p, st: step(first + p * bk, bk, st), st)
+        rest, singles = first + pairs * bk, geo.nq - j - 1 - pairs * r
+        st = lax.fori_loop(0, singles, lambda p, st: step(rest + p * bq, bq, st), st)
+        dk_j, dv_j, dq, n = st
+        dk = bt.put_kv_tile(dk, dk_j, ch, c, j * bq)
+        dv = bt.put_kv_tile(dv, dv_j, ch, c, j * bq)
+        return (dq, dk, dv, count + n), None
+
+    init = (
+        jnp.zeros((B, T, N, H), _F32),
+        jnp.zeros((B, T, K, H), _F32),
+        jnp.zeros((B, T, K, Hv), _F32),
+        jnp.int32(0),
+    )
+    idx = jnp.arange(ch.count * geo.nq, dtype=jnp.int32)
+    (dq, dk, dv, count), _ = lax.scan(k_block, init, idx)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None), count
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -320,7 +515,9 @@ def blockwise_attention_with_lse(
     Raises:
       ValueError: see `blockwise_attention`.
     """
-    bq, bk = default_block_sizes(query.shape[0], query.shape[2])
+    bq, bk = default_block_sizes(
+        query.shape[0], query.shape[2], num_kv_heads=key.shape[2], is_causal=is_causal
+    )
     block_q = bq if block_q is None else block_q
     block_k = bk if block_k is None else block_k
     cfg = _config(scale, is_causal, local_window, dropout_rate, dropout_rng, block_q, block_k)
@@ -412,23 +609,27 @@ def dropout_keep_mask(
     rate: float,
     block_q: int | None = None,
     block_k: int | None = None,
+    num_kv_heads: int | None = None,
+    is_causal: bool = False,
 ) -> Array:
     """The exact [B, N, T, S] dropout keep mask the kernel uses. FOR TESTS ONLY.
 
     Materialises a T x S array; use it to build a dense reference with the same
     dropout pattern as `blockwise_attention` called with the same rng, rate and
-    block sizes.
+    block sizes (``num_kv_heads`` and ``is_causal`` only matter when the block
+    sizes are left to `default_block_sizes`).
 
     Returns:
       bool [B, N, T, S], True = kept.
     """
-    bq, bk = default_block_sizes(batch, num_heads)
+    bq, bk = default_block_sizes(batch, num_heads, num_kv_heads=num_kv_heads, is_causal=is_causal)
     block_q = bq if block_q is None else block_q
     block_k = bk if block_k is None else block_k
     geo = bt.geometry(query_length, key_length, block_q, block_k)
+    ids = jnp.arange(batch * num_heads, dtype=jnp.uint32)
 
     def tile(rng: Array, i: Array, j: Array) -> Array:
-        return bt.keep_tile(rng, i, j, geo, batch, num_heads, rate)
+        return bt.keep_tile(rng, i, j, geo, rate, ids).reshape(batch, num_heads, geo.bq, geo.bk)
 
     # All tiles at once: [nq, nk, B, N, bq, bk] -> [B, N, nq * bq, nk * bk].
     ii, jj = jnp.meshgrid(
@@ -464,7 +665,9 @@ def visited_tiles(
     Returns:
       ``(forward_tiles, backward_tiles)`` int32 scalars.
     """
-    bq, bk = default_block_sizes(query.shape[0], query.shape[2])
+    bq, bk = default_block_sizes(
+        query.shape[0], query.shape[2], num_kv_heads=key.shape[2], is_causal=is_causal
+    )
     block_q = bq if block_q is None else block_q
     block_k = bk if block_k is None else block_k
     cfg = _config(scale, is_causal, local_window, 0.0, None, block_q, block_k)

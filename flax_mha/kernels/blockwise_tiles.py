@@ -1,25 +1,31 @@
 """Tiling helpers shared by the forward and backward blockwise attention passes.
 
-The kernel works on *blocked* layouts so that every tile it touches is a
-contiguous slice along a leading axis (no strided copies inside the loops),
-and every tile product is a plain batched GEMM over (B, K):
+The kernel never re-lays-out q, k, v or the outputs as whole arrays: each loop
+step slices the tile it needs straight from the caller's ``[B, L, N, D]``
+arrays and writes its result back in place (`q_tile`, `kv_tile`, `row_tile`
+and their ``put`` / ``add`` inverses). A tile holds a *chunk* of the
+(batch, kv head) pairs; within it every product is one batched GEMM:
 
-* queries  ``[B, T, N, H]`` -> ``[nq, B, K, M, H]`` with ``M = G * bq`` (the
-  G query heads sharing a kv head are stacked as extra matmul rows, so GQA
-  never repeats k or v);
-* keys     ``[B, S, K, H]`` -> ``[nk, B, K, bk, H]``;
-* row data ``[B, N, T]``    -> ``[nq, B, K, M]`` (lse, D);
-* pair data (bias / mask) ``[Bb, Nb, Tb, Sb]`` with size-1 dims allowed ->
-  ``[nq|1, nk|1, Bb, K|1, G|1, bq|1, bk|1]`` (forward orientation) or
-  ``[nq|1, nk|1, Bb, K|1, bk|1, G|1, bq|1]`` (backward orientation, which
-  works on transposed ``[bk, M]`` tiles). Size-1 dims stay size 1.
+* query tile  ``[C, M, H]`` with ``C = bc * kc`` pairs and ``M = G * bq`` rows
+  (the G query heads sharing a kv head are stacked as extra rows, so GQA never
+  repeats k or v);
+* key / value tile ``[C, bk, H]`` (or ``[C, H, bk]`` transposed);
+* row data (lse, D) ``[C, M]``, sliced from ``[B, N, T]``.
 
-The backward pass uses transposed tiles because XLA:CPU's fast GEMM path
-handles ``A @ B`` and ``A @ B.T`` but not ``A.T @ B``; with ``[bk, M]`` tiles
-all five backward products are of the fast kinds.
+`chunks` picks ``bc`` and ``kc`` so that one logits tile ``C * M * bk`` holds
+about `TILE_ELEMENTS` float32 values (16 MiB, half the machine's L3). Few
+pairs with large per-head tiles beat many pairs with small ones on XLA:CPU:
+the GEMMs run faster per flop (benchmarks/RESULTS.md).
+
+Bias and mask arrays are the exception: they are O(T * S) anyway and are
+blocked once, ``[Bb, Nb, Tb, Sb]`` with size-1 dims allowed ->
+``[nq|1, nk|1, Bb, K|1, G|1, bq|1, bk|1]`` (forward orientation) or
+``[nq|1, nk|1, Bb, K|1, bk|1, G|1, bq|1]`` (backward orientation, which works
+on transposed ``[bk, M]`` tiles). Size-1 dims stay size 1.
 
 Letters: B batch, T query length, S key length, N query heads, K kv heads,
-G = N // K, H head dim, bq / bk block sizes, nq / nk number of blocks.
+G = N // K, H head dim, bq / bk block sizes, nq / nk number of blocks,
+bc / kc batch entries / kv heads per tile, C = bc * kc.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import Array
+from jax import Array, lax
 
 from flax_mha.masks import position_mask
 
@@ -94,51 +100,140 @@ def _pad_axis(x: Array, axis: int, size: int) -> Array:
     return jnp.pad(x, widths)
 
 
-def block_q(x: Array, geo: Geometry, num_kv_heads: int) -> Array:
-    """[B, T, N, D] -> [nq, B, K, G * bq, D] (zero padded)."""
-    B, _, N, D = x.shape
-    G = N // num_kv_heads
-    x = _pad_axis(x, 1, geo.nq * geo.bq)
-    x = x.reshape(B, geo.nq, geo.bq, num_kv_heads, G, D)
-    return x.transpose(1, 0, 3, 4, 2, 5).reshape(geo.nq, B, num_kv_heads, G * geo.bq, D)
+TILE_ELEMENTS = 2**22
 
 
-def unblock_q(x: Array, T: int, geo: Geometry) -> Array:
-    """[nq, B, K, G * bq, D] -> [B, T, N, D]."""
-    nq, B, K, M, D = x.shape
-    G = M // geo.bq
-    x = x.reshape(nq, B, K, G, geo.bq, D)
-    return x.transpose(1, 0, 4, 2, 3, 5).reshape(B, nq * geo.bq, K * G, D)[:, :T]
+class Chunks(NamedTuple):
+    """How the (batch, kv head) pairs are grouped into the leading axes of a tile.
+
+    Chunks are interleaved: chunk ``(cb, ck)`` holds batch entries
+    ``bi * nb + cb`` and kv heads ``ki * nkc + ck`` (``bi < bc``, ``ki < kc``).
+    Splitting B as [bc, nb] and K as [kc, nkc] and looping over the inner
+    factors keeps a contiguous sharding of B or K (data / head parallelism)
+    on the outer factor, so the loop's dynamic slices stay on unsharded axes
+    whenever the device count divides ``bc`` / ``kc``. With a single chunk along
+    an axis its offset is a static 0.
+    """
+
+    bc: int  # batch entries per tile
+    kc: int  # kv heads per tile
+    nb: int  # batch chunks (B // bc)
+    nkc: int  # kv-head chunks (K // kc)
+
+    @property
+    def count(self) -> int:
+        """Number of chunks."""
+        return self.nb * self.nkc
+
+    def index(self, c: Any) -> tuple[Any, Any]:
+        """(batch chunk, kv-head chunk) of chunk ``c``; static 0 along unchunked axes."""
+        cb = 0 if self.nb == 1 else c // self.nkc
+        ck = 0 if self.nkc == 1 else c % self.nkc
+        return cb, ck
 
 
-def block_kv(x: Array, geo: Geometry, transposed: bool = False) -> Array:
-    """[B, S, K, D] -> [nk, B, K, bk, D] (or [nk, B, K, D, bk] if transposed), zero padded."""
-    B, _, K, D = x.shape
-    x = _pad_axis(x, 1, geo.nk * geo.bk).reshape(B, geo.nk, geo.bk, K, D)
-    return x.transpose(1, 0, 3, 4, 2) if transposed else x.transpose(1, 0, 3, 2, 4)
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, max(1, at_most)) + 1) if n % d == 0)
 
 
-def unblock_kv(x: Array, S: int) -> Array:
-    """[nk, B, K, bk, D] -> [B, S, K, D]."""
-    nk, B, K, bk, D = x.shape
-    return x.transpose(1, 0, 3, 2, 4).reshape(B, nk * bk, K, D)[:, :S]
+def chunks(batch: int, num_kv_heads: int, rows: int, cols: int) -> Chunks:
+    """Groups (batch, kv head) pairs so that a ``[bc, kc, rows, cols]`` tile is ~`TILE_ELEMENTS`."""
+    target = max(1, TILE_ELEMENTS // (rows * cols))
+    kc = _largest_divisor(num_kv_heads, target)
+    bc = _largest_divisor(batch, target // kc)
+    return Chunks(bc, kc, batch // bc, num_kv_heads // kc)
 
 
-def block_rows(x: Array, geo: Geometry, num_kv_heads: int) -> Array:
-    """[B, N, T] -> [nq, B, K, G * bq] (zero padded)."""
-    B, N, _ = x.shape
-    G = N // num_kv_heads
-    x = _pad_axis(x, 2, geo.nq * geo.bq)
-    x = x.reshape(B, num_kv_heads, G, geo.nq, geo.bq)
-    return x.transpose(3, 0, 1, 2, 4).reshape(geo.nq, B, num_kv_heads, G * geo.bq)
+def _split_q(x: Array, ch: Chunks, num_kv_heads: int) -> Array:
+    """[B, T, N, D] -> [bc, nb, T, kc, nkc, G, D] (a reshape, no copy)."""
+    B, T, N, D = x.shape
+    return x.reshape(ch.bc, ch.nb, T, ch.kc, ch.nkc, N // num_kv_heads, D)
 
 
-def unblock_rows(x: Array, T: int, geo: Geometry) -> Array:
-    """[nq, B, K, G * bq] -> [B, N, T]."""
-    nq, B, K, M = x.shape
-    G = M // geo.bq
-    x = x.reshape(nq, B, K, G, geo.bq)
-    return x.transpose(1, 2, 3, 0, 4).reshape(B, K * G, nq * geo.bq)[:, :, :T]
+def q_tile(x: Array, ch: Chunks, c: Any, start: Any, width: int, num_kv_heads: int) -> Array:
+    """Rows ``[start, start + width)`` of chunk ``c``: [B, T, N, D] -> [bc, kc, G * width, D]."""
+    cb, ck = ch.index(c)
+    xs = _split_q(x, ch, num_kv_heads)
+    G, D = xs.shape[5:]
+    t = lax.dynamic_slice(xs, (0, cb, start, 0, ck, 0, 0), (ch.bc, 1, width, ch.kc, 1, G, D))
+    t = t.reshape(ch.bc, width, ch.kc, G, D).transpose(0, 2, 3, 1, 4)
+    return t.reshape(ch.bc, ch.kc, G * width, D)
+
+
+def _native_q(t: Array, ch: Chunks, width: int, transposed: bool) -> Array:
+    """[bc, kc, G * width, D] (or [bc, kc, D, G * width]) -> [bc, 1, width, kc, 1, G, D]."""
+    if transposed:
+        D = t.shape[2]
+        t = t.reshape(ch.bc, ch.kc, D, -1, width).transpose(0, 4, 1, 3, 2)
+    else:
+        D = t.shape[3]
+        t = t.reshape(ch.bc, ch.kc, -1, width, D).transpose(0, 3, 1, 2, 4)
+    return t.reshape(ch.bc, 1, width, ch.kc, 1, -1, D)
+
+
+def put_q_tile(x: Array, t: Array, ch: Chunks, c: Any, start: Any, width: int) -> Array:
+    """Writes a [bc, kc, G * width, D] tile back into [B, T, N, D] (inverse of `q_tile`)."""
+    cb, ck = ch.index(c)
+    xs = _split_q(x, ch, x.shape[2] // (t.shape[2] // width))
+    t = _native_q(t, ch, width, transposed=False).astype(x.dtype)
+    return lax.dynamic_update_slice(xs, t, (0, cb, start, 0, ck, 0, 0)).reshape(x.shape)
+
+
+def add_q_tile(x: Array, t: Array, ch: Chunks, c: Any, start: Any, width: int) -> Array:
+    """Adds a transposed [bc, kc, D, G * width] tile into [B, T, N, D]."""
+    cb, ck = ch.index(c)
+    xs = _split_q(x, ch, x.shape[2] // (t.shape[3] // width))
+    t = _native_q(t, ch, width, transposed=True)
+    at = (0, cb, start, 0, ck, 0, 0)
+    xs = lax.dynamic_update_slice(xs, lax.dynamic_slice(xs, at, t.shape) + t, at)
+    return xs.reshape(x.shape)
+
+
+def _split_kv(x: Array, ch: Chunks) -> Array:
+    """[B, S, K, D] -> [bc, nb, S, kc, nkc, D] (a reshape, no copy)."""
+    B, S, K, D = x.shape
+    return x.reshape(ch.bc, ch.nb, S, ch.kc, ch.nkc, D)
+
+
+def kv_tile(x: Array, ch: Chunks, c: Any, start: Any, width: int, transposed: bool = False):
+    """Keys ``[start, start + width)``: [B, S, K, D] -> [bc, kc, width, D] (or [.., D, width])."""
+    cb, ck = ch.index(c)
+    D = x.shape[3]
+    at, size = (0, cb, start, 0, ck, 0), (ch.bc, 1, width, ch.kc, 1, D)
+    t = lax.dynamic_slice(_split_kv(x, ch), at, size)
+    t = t.reshape(ch.bc, width, ch.kc, D)
+    return t.transpose(0, 2, 3, 1) if transposed else t.transpose(0, 2, 1, 3)
+
+
+def put_kv_tile(x: Array, t: Array, ch: Chunks, c: Any, start: Any) -> Array:
+    """Writes a [bc, kc, width, D] tile back into [B, S, K, D] (inverse of `kv_tile`)."""
+    cb, ck = ch.index(c)
+    t = t.transpose(0, 2, 1, 3).reshape(ch.bc, 1, t.shape[2], ch.kc, 1, t.shape[3])
+    xs = lax.dynamic_update_slice(_split_kv(x, ch), t.astype(x.dtype), (0, cb, start, 0, ck, 0))
+    return xs.reshape(x.shape)
+
+
+def _split_rows(x: Array, ch: Chunks) -> Array:
+    """[B, N, T] -> [bc, nb, kc, nkc, G, T] (a reshape, no copy)."""
+    B, N, T = x.shape
+    return x.reshape(ch.bc, ch.nb, ch.kc, ch.nkc, N // (ch.kc * ch.nkc), T)
+
+
+def row_tile(x: Array, ch: Chunks, c: Any, start: Any, width: int) -> Array:
+    """Per-row data of a query tile: [B, N, T] -> [bc, kc, G * width]."""
+    cb, ck = ch.index(c)
+    xs = _split_rows(x, ch)
+    G = xs.shape[4]
+    t = lax.dynamic_slice(xs, (0, cb, 0, ck, 0, start), (ch.bc, 1, ch.kc, 1, G, width))
+    return t.reshape(ch.bc, ch.kc, G * width)
+
+
+def put_row_tile(x: Array, t: Array, ch: Chunks, c: Any, start: Any, width: int) -> Array:
+    """Writes a [bc, kc, G * width] row tile back into [B, N, T] (inverse of `row_tile`)."""
+    cb, ck = ch.index(c)
+    t = t.reshape(ch.bc, 1, ch.kc, 1, -1, width).astype(x.dtype)
+    xs = lax.dynamic_update_slice(_split_rows(x, ch), t, (0, cb, 0, ck, 0, start))
+    return xs.reshape(x.shape)
 
 
 def block_pair(x: Array, geo: Geometry, num_kv_heads: int, transposed: bool) -> Array:
@@ -239,14 +334,14 @@ def query_block_range(
 class Tiles(NamedTuple):
     """Everything needed to turn a raw logits tile into masked, biased logits.
 
-    A forward tile is [B, K, M, bk] (viewed as [B, K, G, bq, bk]); a backward
-    (``transposed``) tile is [B, K, bk, M] (viewed as [B, K, bk, G, bq]).
+    A forward tile is [C, M, bk] (viewed as [bc, kc, G, bq, bk]); a backward
+    (``transposed``) tile is [C, bk, M] (viewed as [bc, kc, bk, G, bq]).
 
     Attributes:
       cfg: static options.
       geo: block geometry.
+      ch: how (batch, kv head) pairs are grouped into tiles.
       S: unpadded key length (keys at ``>= S`` are padding).
-      num_kv_heads: K.
       num_heads: N.
       transposed: orientation of the tiles (and of ``bias`` / ``mask``).
       bias: blocked bias (`block_pair`) or None.
@@ -258,8 +353,8 @@ class Tiles(NamedTuple):
 
     cfg: Config
     geo: Geometry
+    ch: Chunks
     S: int
-    num_kv_heads: int
     num_heads: int
     transposed: bool
     bias: Array | None
@@ -269,13 +364,19 @@ class Tiles(NamedTuple):
     rng: Array | None
 
     def view(self, s: Array) -> Array:
-        """Splits M = G * bq of a flat tile into (G, bq)."""
-        B, K = s.shape[:2]
+        """Splits M = G * bq of a [bc, kc, M, bk] (or [bc, kc, bk, M]) tile into (G, bq)."""
+        bc, kc, bq = self.ch.bc, self.ch.kc, self.geo.bq
         if self.transposed:
-            return s.reshape(B, K, s.shape[2], -1, self.geo.bq)
-        return s.reshape(B, K, -1, self.geo.bq, s.shape[3])
+            return s.reshape(bc, kc, s.shape[2], -1, bq)
+        return s.reshape(bc, kc, -1, bq, s.shape[3])
 
-    def position_tile(self, i: Array, j: Array) -> Array | None:
+    def _lengths(self, lengths: Array | None, c: Any) -> Array | None:
+        if lengths is None:
+            return None
+        cb, _ = self.ch.index(c)
+        return lax.dynamic_index_in_dim(lengths.reshape(self.ch.bc, self.ch.nb), cb, 1, False)
+
+    def position_tile(self, c: Any, i: Any, j: Any) -> Array | None:
         """Bool mask from positions (causal, window, lengths, padding), 5-D like `view`."""
         geo, cfg = self.geo, self.cfg
         q_pos = i * geo.bq + jnp.arange(geo.bq, dtype=jnp.int32)
@@ -294,63 +395,85 @@ class Tiles(NamedTuple):
             )
             return m if m is None or not self.transposed else m.T
 
-        if self.q_len is None and self.kv_len is None:
+        q_len, kv_len = self._lengths(self.q_len, c), self._lengths(self.kv_len, c)
+        if q_len is None and kv_len is None:
             m = one(None, static_kv)
             if m is None:
                 return None
             m = m[None]
-        elif self.q_len is not None and self.kv_len is not None:
-            m = jax.vmap(one)(self.q_len, self.kv_len)
-        elif self.q_len is not None:
-            m = jax.vmap(lambda ql: one(ql, static_kv))(self.q_len)
+        elif q_len is not None and kv_len is not None:
+            m = jax.vmap(one)(q_len, kv_len)
+        elif q_len is not None:
+            m = jax.vmap(lambda ql: one(ql, static_kv))(q_len)
         else:
-            m = jax.vmap(lambda kl: one(None, kl))(self.kv_len)
-        # [B|1, bq, bk] -> [B|1, 1, 1, bq, bk];  [B|1, bk, bq] -> [B|1, 1, bk, 1, bq]
+            m = jax.vmap(lambda kl: one(None, kl))(kv_len)
+        # [bc|1, bq, bk] -> [bc|1, 1, 1, bq, bk];  [bc|1, bk, bq] -> [bc|1, 1, bk, 1, bq]
         return m[:, None, :, None, :] if self.transposed else m[:, None, None]
 
-    def _pair_tile(self, x: Array, i: Array, j: Array) -> Array:
+    def _pair_tile(self, x: Array, c: Any, i: Any, j: Any) -> Array:
+        """The chunk's part of block (i, j) of a `block_pair` array, 5-D like `view`."""
         ii, jj = pair_index(x, i, j)
-        return x[ii, jj]
+        t = x[ii, jj]  # [Bb, K|1, ...]
+        ch = self.ch
+        cb, ck = ch.index(c)
+        if t.shape[0] > 1:
+            t = t.reshape((ch.bc, ch.nb) + t.shape[1:])
+            t = lax.dynamic_index_in_dim(t, cb, 1, False)
+        if t.shape[1] > 1:
+            t = t.reshape(t.shape[:1] + (ch.kc, ch.nkc) + t.shape[2:])
+            t = lax.dynamic_index_in_dim(t, ck, 2, False)
+        return t
 
-    def logits(self, s: Array, i: Array, j: Array) -> Array:
-        """Adds the bias to a flat tile and sets its masked entries to -inf.
-
-        The positional mask is built from iotas and fused into the same pass
-        over the tile; skipping it on fully visible tiles with `lax.cond` was
-        measured at only ~2% faster and doubles compile time, so it is not done.
-        """
-        pos = self.position_tile(i, j)
+    def logits(self, s: Array, c: Any, i: Any, j: Any) -> Array:
+        """Adds the bias to a flat tile and sets its masked entries to -inf."""
+        pos = self.position_tile(c, i, j)
         if self.bias is None and self.mask is None and pos is None:
             return s
         flat_shape = s.shape
         s = self.view(s)
         if self.bias is not None:
-            s = s + self._pair_tile(self.bias, i, j).astype(s.dtype)
+            s = s + self._pair_tile(self.bias, c, i, j).astype(s.dtype)
         keep = pos
         if self.mask is not None:
-            user = self._pair_tile(self.mask, i, j)
+            user = self._pair_tile(self.mask, c, i, j)
             keep = user if keep is None else jnp.logical_and(keep, user)
         if keep is not None:
             s = jnp.where(keep, s, -jnp.inf)
         return s.reshape(flat_shape)
 
-    def dropout_keep(self, i: Array, j: Array, batch: int) -> Array:
-        """Bool dropout keep mask of tile (i, j), flat like the logits tile."""
-        geo, K = self.geo, self.num_kv_heads
-        keep = keep_tile(self.rng, i, j, geo, batch, self.num_heads, self.cfg.dropout_rate)
-        keep = keep.reshape(batch, K, self.num_heads // K, geo.bq, geo.bk)
+    def dropout_keep(self, c: Any, i: Any, j: Any) -> Array:
+        """Bool dropout keep mask of tile (c, i, j), flat like the logits tile."""
+        geo, ch = self.geo, self.ch
+        G = self.num_heads // (ch.nkc * ch.kc)
+        cb, ck = ch.index(c)
+        u32 = jnp.uint32
+        b = jnp.arange(ch.bc, dtype=u32)[:, None, None] * ch.nb + jnp.asarray(cb, u32)
+        kv = jnp.arange(ch.kc, dtype=u32)[:, None] * ch.nkc + jnp.asarray(ck, u32)
+        n = kv * G + jnp.arange(G, dtype=u32)[None, :]
+        ids = (b * self.num_heads + n[None]).reshape(-1)
+        keep = keep_tile(self.rng, i, j, geo, self.cfg.dropout_rate, ids)
+        keep = keep.reshape(ch.bc, ch.kc, G, geo.bq, geo.bk)
         if self.transposed:
-            return keep.transpose(0, 1, 4, 2, 3).reshape(batch, K, geo.bk, -1)
-        return keep.reshape(batch, K, -1, geo.bk)
+            return keep.transpose(0, 1, 4, 2, 3).reshape(ch.bc, ch.kc, geo.bk, -1)
+        return keep.reshape(ch.bc, ch.kc, -1, geo.bk)
 
-    def accumulate_dbias(self, dbias: Array, ds: Array, i: Array, j: Array) -> Array:
+    def accumulate_dbias(self, dbias: Array, ds: Array, c: Any, i: Any, j: Any) -> Array:
         """Adds the flat (transposed) tile ``ds``, summed over the bias's broadcast dims."""
-        ds = self.view(ds)  # [B, K, bk, G, bq]
+        ds = self.view(ds)  # [bc, kc, bk, G, bq]
         shape = dbias.shape[2:]  # [Bb, K|1, bk|1, G|1, bq|1]
         axes = tuple(a for a in range(5) if shape[a] == 1 and ds.shape[a] != 1)
         red = jnp.sum(ds, axis=axes, keepdims=True) if axes else ds
         ii, jj = pair_index(dbias, i, j)
-        return dbias.at[ii, jj].add(red)
+        ch = self.ch
+        cb, ck = ch.index(c)
+        # View the Bb and K|1 axes as [bc, nb] and [kc, nkc] where they are full size.
+        nb, nk_ = (ch.nb if shape[0] > 1 else 1), (ch.nkc if shape[1] > 1 else 1)
+        view = dbias.shape[:2] + (shape[0] // nb, nb, shape[1] // nk_, nk_) + shape[2:]
+        red = red.reshape((1, 1, red.shape[0], 1, red.shape[1], 1) + red.shape[2:])
+        at = (ii, jj, 0, cb if nb > 1 else 0, 0, ck if nk_ > 1 else 0, 0, 0, 0)
+        d = dbias.reshape(view)
+        d = lax.dynamic_update_slice(d, lax.dynamic_slice(d, at, red.shape) + red, at)
+        return d.reshape(dbias.shape)
 
 
 def keep_threshold(rate: float) -> int:
@@ -358,19 +481,14 @@ def keep_threshold(rate: float) -> int:
     return min(int(round((1.0 - rate) * 2.0**32)), 2**32 - 1)
 
 
-def keep_tile(
-    rng: Array, i: Array, j: Array, geo: Geometry, batch: int, num_heads: int, rate: float
-) -> Array:
-    """Bool [B, N, bq, bk] dropout keep mask for block (i, j).
+def keep_tile(rng: Array, i: Any, j: Any, geo: Geometry, rate: float, ids: Array) -> Array:
+    """Bool [len(ids), bq, bk] dropout keep mask of block (i, j) for heads ``ids = b * N + n``.
 
     Each (batch, head, q-block, k-block) gets its own key, ``fold_in(fold_in(rng,
     i * nk + j), b * N + n)``, so the backward pass regenerates exactly the same
-    mask without storing it.
+    mask without storing it, whatever chunk of heads a tile holds.
     """
     block_key = jax.random.fold_in(rng, i * geo.nk + j)
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
-        block_key, jnp.arange(batch * num_heads, dtype=jnp.uint32)
-    )
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(block_key, ids)
     bits = jax.vmap(lambda kk: jax.random.bits(kk, (geo.bq, geo.bk), jnp.uint32))(keys)
-    keep = bits < jnp.uint32(keep_threshold(rate))
-    return keep.reshape(batch, num_heads, geo.bq, geo.bk)
+    return bits < jnp.uint32(keep_threshold(rate))

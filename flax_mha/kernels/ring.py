@@ -613,7 +613,7 @@ def ring_attention(
         key_value_seq_lengths = key_value_seq_lengths.astype(jnp.int32)
     scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
     b_local = B // (1 if batch_axes is None else n_batch)
-    bq, bk = bw.default_block_sizes(b_local, N)
+    bq, bk = bw.default_block_sizes(b_local, N, num_kv_heads=key.shape[2], is_causal=is_causal)
     r = _Ring(
         mesh=mesh,
         axis_name=axis_name,
