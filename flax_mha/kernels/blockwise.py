@@ -305,6 +305,12 @@ def _backward(cfg: bt.Config, q, k, v, bias, mask, q_len, kv_len, rng, out, lse,
     geo = bt.geometry(T, S, cfg.block_q, cfg.block_k)
     if _triangular(cfg, geo, T, S, bias, mask, q_len, kv_len):
         return _backward_causal(cfg, geo, q, k, v, out, lse, dout, dlse)
+    if cfg.dropout_rate == 0.0:
+        # The backward runs faster with the transposed block shape (block_k queries x
+        # block_q keys: 2048 x 1024 by default; benchmarks/RESULTS.md). With dropout it
+        # keeps the forward's blocks, on which the keep mask is keyed.
+        cfg = cfg._replace(block_q=cfg.block_k, block_k=cfg.block_q)
+        geo = bt.geometry(T, S, cfg.block_q, cfg.block_k)
     bq, bk = geo.bq, geo.bk
     M = (N // K) * bq
     ch = bt.chunks(B, K, M, bk)
@@ -570,7 +576,9 @@ def blockwise_attention(
       dropout_rng: PRNG key, required if ``dropout_rate > 0``. The keep mask
         depends on the rng and on the block geometry (see `dropout_keep_mask`).
       block_q: maximum query block size; None picks `default_block_sizes`.
-      block_k: maximum key block size; None picks `default_block_sizes`.
+      block_k: maximum key block size; None picks `default_block_sizes`. Without
+        dropout the backward pass uses the transposed shape (``block_k`` queries by
+        ``block_q`` keys), which is faster; plain causal self-attention keeps them.
 
     Returns:
       [B, T, N, Hv] in the query dtype. Fully masked rows are zeros (with zero
