@@ -119,10 +119,6 @@ def _triangular(cfg: bt.Config, geo: bt.Geometry, T: int, S: int, *masks) -> boo
     )
 
 
-def _pad_to(x: Array, axis: int, size: int) -> Array:
-    return bt._pad_axis(x, axis, size)
-
-
 def _softmax_step(q_i, k_t, v_t, carry, logits=None, keep=None):
     """One online-softmax update of (m, l, acc, count) with a key tile."""
     m, l, acc, n = carry
@@ -166,8 +162,8 @@ def _forward(cfg: bt.Config, q, k, v, bias, mask, q_len, kv_len, rng):
     M = (N // K) * bq
     ch = bt.chunks(B, K, M, bk)
     tiles = _tiles(cfg, geo, ch, q, k, bias, mask, q_len, kv_len, rng, transposed=False)
-    qp = _pad_to(q, 1, geo.nq * bq)
-    kp, vp = (_pad_to(x, 1, geo.nk * bk) for x in (k, v))
+    qp = bt.pad_axis(q, 1, geo.nq * bq)
+    kp, vp = (bt.pad_axis(x, 1, geo.nk * bk) for x in (k, v))
     q_max, kv_max = _maxlen(tiles.q_len), _maxlen(tiles.kv_len)
     dropout = cfg.dropout_rate > 0.0
     plain_causal = _plain_causal(cfg, tiles)
@@ -264,16 +260,16 @@ def _forward_causal(cfg: bt.Config, geo: bt.Geometry, q, k, v):
     return out, lse, count
 
 
-def _backward_inputs(cfg, q, out, lse, dout, dlse, T_pad):
+def _backward_inputs(out, lse, dout, dlse, T_pad):
     """Padded float32 dout, row tiles' lse (0 for fully masked rows) and D - dlse."""
     # D_t = sum_s P_ts dP_ts = dO_t . O_t; a cotangent on lse adds P_ts dlse_t to
     # dS_ts, which is the same as subtracting dlse_t from D_t.
     delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1).transpose(0, 2, 1)
-    db = _pad_to(delta - dlse.astype(_F32), 2, T_pad)
+    db = bt.pad_axis(delta - dlse.astype(_F32), 2, T_pad)
     # Fully masked rows have lse = -inf and only -inf logits: use 0 there so
     # that p = exp(-inf - 0) = 0.
-    lb = _pad_to(jnp.where(jnp.isneginf(lse), 0.0, lse), 2, T_pad)
-    return _pad_to(dout, 1, T_pad), lb, db
+    lb = bt.pad_axis(jnp.where(jnp.isneginf(lse), 0.0, lse), 2, T_pad)
+    return bt.pad_axis(dout, 1, T_pad), lb, db
 
 
 def _grad_tile(cfg, k_j, v_j, kt_j, q_i, do_i, l_i, d_i, logits=None, keep=None):
@@ -316,9 +312,9 @@ def _backward(cfg: bt.Config, q, k, v, bias, mask, q_len, kv_len, rng, out, lse,
     ch = bt.chunks(B, K, M, bk)
     tiles = _tiles(cfg, geo, ch, q, k, bias, mask, q_len, kv_len, rng, transposed=True)
     T_pad, S_pad = geo.nq * bq, geo.nk * bk
-    qp = _pad_to(q, 1, T_pad)
-    kp, vp = (_pad_to(x, 1, S_pad) for x in (k, v))
-    dop, lb, db = _backward_inputs(cfg, q, out, lse, dout, dlse, T_pad)
+    qp = bt.pad_axis(q, 1, T_pad)
+    kp, vp = (bt.pad_axis(x, 1, S_pad) for x in (k, v))
+    dop, lb, db = _backward_inputs(out, lse, dout, dlse, T_pad)
     q_max, kv_max = _maxlen(tiles.q_len), _maxlen(tiles.kv_len)
     dropout = cfg.dropout_rate > 0.0
     plain_causal = _plain_causal(cfg, tiles)
@@ -399,7 +395,7 @@ def _backward_causal(cfg: bt.Config, geo: bt.Geometry, q, k, v, out, lse, dout, 
     bq, bk = geo.bq, geo.bk
     r, G = bk // bq, N // K
     ch = bt.chunks(B, K, G * bq, bk)
-    dop, lb, db = _backward_inputs(cfg, q, out, lse, dout, dlse, T)
+    dop, lb, db = _backward_inputs(out, lse, dout, dlse, T)
     above = jnp.triu(jnp.ones((bq, bq), bool))[:, None, :]  # [s, 1, t]: t >= s
 
     def diagonal(st: Array) -> Array:

@@ -92,7 +92,8 @@ def geometry(T: int, S: int, block_q: int, block_k: int) -> Geometry:
 # --- layouts -----------------------------------------------------------------
 
 
-def _pad_axis(x: Array, axis: int, size: int) -> Array:
+def pad_axis(x: Array, axis: int, size: int) -> Array:
+    """Zero-pads ``axis`` of ``x`` up to ``size`` (no copy when it already has that size)."""
     if x.shape[axis] == size:
         return x
     widths = [(0, 0)] * x.ndim
@@ -242,7 +243,7 @@ def block_pair(x: Array, geo: Geometry, num_kv_heads: int, transposed: bool) -> 
     K, G = (num_kv_heads, Nb // num_kv_heads) if Nb > 1 else (1, 1)
     nq, bq = (geo.nq, geo.bq) if Tb > 1 else (1, 1)
     nk, bk = (geo.nk, geo.bk) if Sb > 1 else (1, 1)
-    x = _pad_axis(_pad_axis(x, 2, nq * bq), 3, nk * bk)
+    x = pad_axis(pad_axis(x, 2, nq * bq), 3, nk * bk)
     x = x.reshape(Bb, K, G, nq, bq, nk, bk)
     # axes: 0 Bb, 1 K, 2 G, 3 nq, 4 bq, 5 nk, 6 bk
     if transposed:
