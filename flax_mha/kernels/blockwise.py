@@ -664,7 +664,9 @@ def visited_tiles(
     """Number of (query block, key block) tiles the forward and backward loops execute.
 
     For tests and benchmarks: the counts are carried through the real loops,
-    so they would change if block skipping were removed.
+    so they would change if block skipping were removed. They are summed over
+    the chunks of (batch, kv head) pairs the tiles hold (`blockwise_tiles.chunks`;
+    one chunk for small problems).
 
     Returns:
       ``(forward_tiles, backward_tiles)`` int32 scalars.
