@@ -119,6 +119,16 @@ def _triangular(cfg: bt.Config, geo: bt.Geometry, T: int, S: int, *masks) -> boo
     )
 
 
+def _softmax_init(ch: bt.Chunks, M: int, Hv: int):
+    """Online-softmax state (running max, running sum, accumulator, tile count)."""
+    return (
+        jnp.full((ch.bc, ch.kc, M), -jnp.inf, _F32),
+        jnp.zeros((ch.bc, ch.kc, M), _F32),
+        jnp.zeros((ch.bc, ch.kc, M, Hv), _F32),
+        jnp.int32(0),
+    )
+
+
 def _softmax_step(q_i, k_t, v_t, carry, logits=None, keep=None):
     """One online-softmax update of (m, l, acc, count) with a key tile."""
     m, l, acc, n = carry
@@ -180,12 +190,7 @@ def _forward(cfg: bt.Config, q, k, v, bias, mask, q_len, kv_len, rng):
             keep = tiles.dropout_keep(c, i, j) if dropout else None
             return _softmax_step(q_i, k_t, v_t, st, logits, keep)
 
-        init = (
-            jnp.full((ch.bc, ch.kc, M), -jnp.inf, _F32),
-            jnp.zeros((ch.bc, ch.kc, M), _F32),
-            jnp.zeros((ch.bc, ch.kc, M, Hv), _F32),
-            jnp.int32(0),
-        )
+        init = _softmax_init(ch, M, Hv)
         lo, hi = bt.key_block_range(cfg, geo, i, q_max, kv_max)
         if plain_causal:
             # Key blocks wholly at or below the first query of block i (and wholly
@@ -240,13 +245,8 @@ def _forward_causal(cfg: bt.Config, geo: bt.Geometry, q, k, v):
             v_t = bt.kv_tile(v, ch, c, start, width).astype(_F32)
             return _softmax_step(q_i, k_t, v_t, st, logits)
 
-        st = (
-            jnp.full((ch.bc, ch.kc, M), -jnp.inf, _F32),
-            jnp.zeros((ch.bc, ch.kc, M), _F32),
-            jnp.zeros((ch.bc, ch.kc, M, Hv), _F32),
-            jnp.int32(0),
-        )
-        st = step(i * bq, bq, st, diagonal)  # every row sees its own key: m is finite
+        # The diagonal tile first: every row sees its own key, so m is finite after it.
+        st = step(i * bq, bq, _softmax_init(ch, M, Hv), diagonal)
         pairs = i // r
         st = lax.fori_loop(0, pairs, lambda p, st: step(p * bk, bk, st), st)
         st = lax.fori_loop(pairs * r, i, lambda j, st: step(j * bq, bq, st), st)
@@ -261,7 +261,7 @@ def _forward_causal(cfg: bt.Config, geo: bt.Geometry, q, k, v):
 
 
 def _backward_inputs(out, lse, dout, dlse, T_pad):
-    """Padded float32 dout, row tiles' lse (0 for fully masked rows) and D - dlse."""
+    """Padded dout, lse (0 for fully masked rows) and D - dlse, the last two [B, N, T_pad]."""
     # D_t = sum_s P_ts dP_ts = dO_t . O_t; a cotangent on lse adds P_ts dlse_t to
     # dS_ts, which is the same as subtracting dlse_t from D_t.
     delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1).transpose(0, 2, 1)
