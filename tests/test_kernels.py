@@ -23,6 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flax_mha.kernels import blockwise as blockwise_lib
 from flax_mha.kernels import blockwise_tiles
 from flax_mha.kernels.blockwise import (
     blockwise_attention,
@@ -399,6 +400,19 @@ def test_bfloat16_close_to_reference():
 )  # fmt: skip
 def test_chunked_tiles_match_reference(name, tile, monkeypatch):
     monkeypatch.setattr(blockwise_tiles, "TILE_ELEMENTS", tile)
+    check_case(**{**GRID[name], "jit": False})
+
+
+# Off CPU (the kernel is the GPU/TPU fallback) a tile holds every (batch, head) pair, so
+# no loop slices a batch- or head-sharded axis, and the default blocks shrink instead.
+@pytest.mark.parametrize("name", ["everything", "bias_full", "triangle_mqa_r4", "kv_lengths"])
+def test_all_pairs_in_one_tile_off_cpu(name, monkeypatch):
+    monkeypatch.setattr(blockwise_lib, "_chunk_pairs", lambda: False)
+    assert default_block_sizes(4, 8) == (256, 512)
+    assert default_block_sizes(1, 8, is_causal=True) == (256, 512)
+    assert default_block_sizes(16, 16) == (64, 128)
+    assert blockwise_lib._chunks(4, 8, 1024, 2048) == (4, 8, 1, 1)
+    monkeypatch.setattr(blockwise_tiles, "TILE_ELEMENTS", 1)  # would split the pairs on CPU
     check_case(**{**GRID[name], "jit": False})
 
 

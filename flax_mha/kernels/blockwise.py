@@ -23,6 +23,7 @@ G = N // K query heads per kv head, H head dim (Hv for values).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -37,15 +38,25 @@ __all__ = [
     "dropout_keep_mask",
 ]
 
-# Default block sizes. The tile of one GEMM holds a chunk of (batch, kv head) pairs
-# (`blockwise_tiles.chunks`, ~2**22 float32 values in all); per pair, query blocks of
-# up to 1024 rows against key blocks of up to 2048 keys, so that a pair's tile is
-# large: on XLA:CPU the tile GEMMs run ~15% faster per flop with 2 pairs of
-# 1024 x 2048 than with 32 pairs of 256 x 512 (benchmarks/RESULTS.md). Causal
-# attention uses 512 x 1024 blocks: smaller blocks skip more of the upper triangle.
+# Default block sizes. On CPU the tile of one GEMM holds a chunk of (batch, kv head)
+# pairs (`blockwise_tiles.chunks`, ~2**22 float32 values in all); per pair, query blocks
+# of up to 1024 rows against key blocks of up to 2048 keys, so that a pair's tile is
+# large: XLA:CPU's tile GEMMs run faster on few large pairs than on many small ones
+# (fwd+bwd 414 vs 581 ms with 32 pairs of 256 x 512 at B=4, L=2048, N=8, H=64;
+# benchmarks/RESULTS.md). Causal attention uses 512 x 1024 blocks: smaller blocks skip
+# more of the upper triangle.
 _MAX_PAIR_TILE = 2**21
 _FULL_BLOCKS, _CAUSAL_BLOCKS = (1024, 2048), (512, 1024)
 _MIN_BLOCK_Q = 16
+# On GPU/TPU, where this kernel is only the fallback and batch/head sharding is common,
+# a tile holds every pair (no loop over pairs, so no dynamic slice can cut a sharded
+# axis) and the blocks shrink instead: a B * N * bq * bk tile of ~2**22 values, bk = 2 bq.
+_ALL_PAIRS_MIN_BLOCK, _ALL_PAIRS_MAX_BLOCK = 64, 256
+
+
+def _chunk_pairs() -> bool:
+    """Whether tiles hold a chunk of the (batch, kv head) pairs (CPU) or all of them."""
+    return jax.default_backend() == "cpu"
 
 
 def default_block_sizes(
@@ -53,16 +64,25 @@ def default_block_sizes(
 ) -> tuple[int, int]:
     """Default ``(block_q, block_k)``: upper bounds, shrunk to fit short sequences.
 
-    ``batch`` is accepted for compatibility (the tile chunking adapts to it).
-    With grouped-query attention (``num_kv_heads < num_heads``) the G query
-    heads of a kv head are stacked as rows, so ``block_q`` shrinks by G.
+    On CPU: 1024 x 2048 (causal 512 x 1024) per (batch, kv head) pair; with
+    grouped-query attention the G query heads of a kv head are stacked as rows,
+    so ``block_q`` shrinks by G. On other platforms every pair shares one tile,
+    so the blocks depend on ``batch * num_heads`` (at most 256 x 512).
     """
-    del batch
+    if not _chunk_pairs():
+        side = math.sqrt(bt.TILE_ELEMENTS / (2 * max(1, batch * num_heads)))
+        side = 2 ** round(math.log2(side))
+        side = min(max(side, _ALL_PAIRS_MIN_BLOCK), _ALL_PAIRS_MAX_BLOCK)
+        return side, 2 * side
     block_q, block_k = _CAUSAL_BLOCKS if is_causal else _FULL_BLOCKS
     groups = num_heads // (num_kv_heads or num_heads)
     while block_q > _MIN_BLOCK_Q and groups * block_q * block_k > _MAX_PAIR_TILE:
         block_q //= 2
     return block_q, block_k
+
+
+def _chunks(B: int, K: int, rows: int, cols: int) -> bt.Chunks:
+    return bt.chunks(B, K, rows, cols) if _chunk_pairs() else bt.Chunks(B, K, 1, 1)
 
 
 _F32 = jnp.float32
@@ -170,7 +190,7 @@ def _forward(cfg: bt.Config, q, k, v, bias, mask, q_len, kv_len, rng):
         return _forward_causal(cfg, geo, q, k, v)
     bq, bk = geo.bq, geo.bk
     M = (N // K) * bq
-    ch = bt.chunks(B, K, M, bk)
+    ch = _chunks(B, K, M, bk)
     tiles = _tiles(cfg, geo, ch, q, k, bias, mask, q_len, kv_len, rng, transposed=False)
     qp = bt.pad_axis(q, 1, geo.nq * bq)
     kp, vp = (bt.pad_axis(x, 1, geo.nk * bk) for x in (k, v))
@@ -229,7 +249,7 @@ def _forward_causal(cfg: bt.Config, geo: bt.Geometry, q, k, v):
     bq, bk = geo.bq, geo.bk
     r, G = bk // bq, N // K
     M = G * bq
-    ch = bt.chunks(B, K, M, bk)
+    ch = _chunks(B, K, M, bk)
     below = jnp.tril(jnp.ones((bq, bq), bool))  # [t, s]: s <= t
 
     def diagonal(s: Array) -> Array:
@@ -309,7 +329,7 @@ def _backward(cfg: bt.Config, q, k, v, bias, mask, q_len, kv_len, rng, out, lse,
         geo = bt.geometry(T, S, cfg.block_q, cfg.block_k)
     bq, bk = geo.bq, geo.bk
     M = (N // K) * bq
-    ch = bt.chunks(B, K, M, bk)
+    ch = _chunks(B, K, M, bk)
     tiles = _tiles(cfg, geo, ch, q, k, bias, mask, q_len, kv_len, rng, transposed=True)
     T_pad, S_pad = geo.nq * bq, geo.nk * bk
     qp = bt.pad_axis(q, 1, T_pad)
@@ -394,7 +414,7 @@ def _backward_causal(cfg: bt.Config, geo: bt.Geometry, q, k, v, out, lse, dout, 
     K, Hv = k.shape[2], v.shape[-1]
     bq, bk = geo.bq, geo.bk
     r, G = bk // bq, N // K
-    ch = bt.chunks(B, K, G * bq, bk)
+    ch = _chunks(B, K, G * bq, bk)
     dop, lb, db = _backward_inputs(out, lse, dout, dlse, T)
     above = jnp.triu(jnp.ones((bq, bq), bool))[:, None, :]  # [s, 1, t]: t >= s
 
