@@ -19,14 +19,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import Array
 
+from flax_mha.kernels.blockwise_tiles import pad_axis
+
 #: Block size of the Pallas kernel along T and S (its default; TPU lanes are 128 wide).
 BLOCK = 128
-
-
-def _pad_to(x: Array, axis: int, size: int) -> Array:
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad)
 
 
 def _round_up(n: int) -> int:
@@ -70,7 +66,7 @@ def pallas_tpu_attention(
     # keeps ``scale * q.k + bias``, the meaning of every other backend.
     q = jnp.swapaxes(query * jnp.asarray(scale, query.dtype), 1, 2)  # [B, N, T, H]
     k, v = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
-    q, k, v = _pad_to(q, 2, Tp), _pad_to(k, 2, Sp), _pad_to(v, 2, Sp)
+    q, k, v = pad_axis(q, 2, Tp), pad_axis(k, 2, Sp), pad_axis(v, 2, Sp)
 
     kv_len = jnp.full((B,), S) if key_value_seq_lengths is None else key_value_seq_lengths
     kv_len = jnp.minimum(kv_len, S)
@@ -96,7 +92,7 @@ def pallas_tpu_attention(
                 visible = visible & (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None])[None, None]
             live = live & jnp.any(visible, axis=-1)
             ab = jnp.where(full, ab, fa.DEFAULT_MASK_VALUE)
-        ab = _pad_to(_pad_to(ab, 2, Tp), 3, Sp)
+        ab = pad_axis(pad_axis(ab, 2, Tp), 3, Sp)
 
     block = min(BLOCK, Tp, Sp)
     sizes = fa.BlockSizes(
