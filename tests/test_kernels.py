@@ -243,6 +243,12 @@ GRID = {
     # a masked diagonal tile, then unmasked tiles of block_k and of block_q keys.
     "triangle_mqa_r4": dict(T=128, S=128, N=4, K=1, is_causal=True, block_q=16, block_k=64),
     "triangle_r1": dict(T=48, S=48, is_causal=True, block_q=16, block_k=16),
+    # Tiles spanning a whole axis: a loop of at most one step runs as a cond (empty when
+    # a length is 0), and a triangle with T == block_k has no block_k-wide tiles.
+    "whole_axis_lengths": dict(
+        T=64, S=64, is_causal=True, q_len=[64, 20], kv_len=[40, 0], block_q=64, block_k=64
+    ),
+    "triangle_T_is_block_k": dict(T=64, S=64, is_causal=True, block_q=32, block_k=64),
 }
 
 
@@ -547,6 +553,41 @@ def test_causal_and_window_skip_blocks():
     assert blockwise_tiles.chunks(4, 8, 1024, 2048) == (1, 2, 4, 4)
     assert blockwise_tiles.chunks(4, 8, 32, 32) == (4, 8, 1, 1)
     assert blockwise_tiles.chunks(3, 5, 512, 1024) == (1, 5, 3, 1)
+
+
+def _compiled_flops(fn, *specs) -> float:
+    cost = jax.jit(fn).lower(*specs).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+@pytest.mark.parametrize("length", [512, 1024])
+@pytest.mark.parametrize("lengths", [False, True])
+def test_skipped_tiles_are_not_hoisted(length, lengths):
+    """A loop that may run zero times must not run its tile anyway.
+
+    When a tile spans a whole axis (here T <= the default causal blocks, 512 x 1024), its
+    slice does not depend on the loop index, and XLA moves such a loop-invariant body out
+    of the while loop, where it runs even when the loop runs zero times (the causal pass
+    then cost 2x the full pass at L=1024; `blockwise._loop` runs it as a cond instead).
+    XLA's cost analysis counts each loop body once, so hoisted tiles show up as extra
+    flops: the causal pass must cost no more than the full one.
+    """
+    spec = jax.ShapeDtypeStruct((4, length, 8, 64), jnp.float32)
+    kv_len = jnp.array([length, length // 2, 7, 0]) if lengths else None
+
+    def attn(q, k, v, is_causal):
+        return blockwise_attention(
+            q, k, v, scale=0.125, is_causal=is_causal, key_value_seq_lengths=kv_len
+        )
+
+    def flops(is_causal, grad):
+        fn = functools.partial(attn, is_causal=is_causal)
+        if grad:
+            fn = jax.grad(lambda q, k, v, f=fn: jnp.sum(f(q, k, v)), argnums=(0, 1, 2))
+        return _compiled_flops(fn, spec, spec, spec)
+
+    for grad in (False, True):
+        assert flops(True, grad) <= 1.05 * flops(False, grad)
 
 
 def test_bad_block_sizes_raise():

@@ -93,6 +93,22 @@ def _dot(a: Array, b: Array, contract: tuple[tuple[int, ...], tuple[int, ...]]) 
     return lax.dot_general(a, b, (contract, ((0, 1), (0, 1))), preferred_element_type=_F32)
 
 
+def _loop(lo, hi, body, init, max_trips: int, whole: bool = False):
+    """``lax.fori_loop(lo, hi, body, init)`` for a loop known to run at most ``max_trips`` times.
+
+    ``whole``: the loop's tile spans a whole axis (so ``max_trips`` is 1). Its slice
+    then does not depend on the loop index, and XLA hoists such a loop-invariant body
+    out of the while loop, where it runs even when the loop runs zero times: a skipped
+    block would be computed anyway. That loop runs as a ``lax.cond`` instead, which is
+    not hoisted (a cond costs a copy of the loop state, so other loops stay loops).
+    """
+    if max_trips <= 0:
+        return init
+    if whole and not (isinstance(lo, int) and isinstance(hi, int)):
+        return lax.cond(lo < hi, lambda st: body(lo, st), lambda st: st, init)
+    return lax.fori_loop(lo, hi, body, init)
+
+
 def _maxlen(lengths: Array | None) -> Array | None:
     return None if lengths is None else jnp.max(lengths)
 
@@ -217,10 +233,11 @@ def _forward(cfg: bt.Config, q, k, v, bias, mask, q_len, kv_len, rng):
             # inside S) need no mask: run them without building one, then the
             # diagonal blocks with it.
             mid = jnp.clip(jnp.minimum((i * bq + 1) // bk, S // bk), lo, hi)
-            st = lax.fori_loop(lo, mid, functools.partial(k_step, masked=False), init)
-            st = lax.fori_loop(mid, hi, k_step, st)
+            unmasked = functools.partial(k_step, masked=False)
+            st = _loop(lo, mid, unmasked, init, geo.nk, whole=geo.nk == 1)
+            st = _loop(mid, hi, k_step, st, geo.nk, whole=geo.nk == 1)
         else:
-            st = lax.fori_loop(lo, hi, k_step, init)
+            st = _loop(lo, hi, k_step, init, geo.nk, whole=geo.nk == 1)
         o_i, lse_i, n = _finish(cfg, st)
         out = bt.put_q_tile(out, o_i, ch, c, i * bq, bq)
         lse = bt.put_row_tile(lse, lse_i, ch, c, i * bq, bq)
@@ -268,8 +285,9 @@ def _forward_causal(cfg: bt.Config, geo: bt.Geometry, q, k, v):
         # The diagonal tile first: every row sees its own key, so m is finite after it.
         st = step(i * bq, bq, _softmax_init(ch, M, Hv), diagonal)
         pairs = i // r
-        st = lax.fori_loop(0, pairs, lambda p, st: step(p * bk, bk, st), st)
-        st = lax.fori_loop(pairs * r, i, lambda j, st: step(j * bq, bq, st), st)
+        max_pairs, max_singles = (geo.nq - 1) // r, min(r - 1, geo.nq - 1)
+        st = _loop(0, pairs, lambda p, st: step(p * bk, bk, st), st, max_pairs)
+        st = _loop(pairs * r, i, lambda j, st: step(j * bq, bq, st), st, max_singles)
         o_i, lse_i, n = _finish(cfg, st)
         out = bt.put_q_tile(out, o_i, ch, c, i * bq, bq)
         lse = bt.put_row_tile(lse, lse_i, ch, c, i * bq, bq)
@@ -377,10 +395,11 @@ def _backward(cfg: bt.Config, q, k, v, bias, mask, q_len, kv_len, rng, out, lse,
             last_key = j * bk + bk - 1
             mid = jnp.where(last_key < S, -(-last_key // bq), hi)
             mid = jnp.clip(mid, lo, hi)
-            st = lax.fori_loop(lo, mid, q_step, init)
-            st = lax.fori_loop(mid, hi, functools.partial(q_step, masked=False), st)
+            unmasked = functools.partial(q_step, masked=False)
+            st = _loop(lo, mid, q_step, init, geo.nq, whole=geo.nq == 1)
+            st = _loop(mid, hi, unmasked, st, geo.nq, whole=geo.nq == 1)
         else:
-            st = lax.fori_loop(lo, hi, q_step, init)
+            st = _loop(lo, hi, q_step, init, geo.nq, whole=geo.nq == 1)
         dk_j, dv_j, dq, dbias, n = st
         dk = bt.put_kv_tile(dk, dk_j, ch, c, j * bk)
         dv = bt.put_kv_tile(dv, dv_j, ch, c, j * bk)
@@ -449,9 +468,10 @@ def _backward_causal(cfg: bt.Config, geo: bt.Geometry, q, k, v, out, lse, dout, 
         st = step(j * bq, bq, st, diagonal)
         first = (j + 1) * bq  # the query blocks after the diagonal see all of key block j
         pairs = (geo.nq - j - 1) // r
-        st = lax.fori_loop(0, pairs, lambda p, st: step(first + p * bk, bk, st), st)
+        max_pairs, max_singles = (geo.nq - 1) // r, min(r - 1, geo.nq - 1)
+        st = _loop(0, pairs, lambda p, st: step(first + p * bk, bk, st), st, max_pairs)
         rest, singles = first + pairs * bk, geo.nq - j - 1 - pairs * r
-        st = lax.fori_loop(0, singles, lambda p, st: step(rest + p * bq, bq, st), st)
+        st = _loop(0, singles, lambda p, st: step(rest + p * bq, bq, st), st, max_singles)
         dk_j, dv_j, dq, n = st
         dk = bt.put_kv_tile(dk, dk_j, ch, c, j * bq)
         dv = bt.put_kv_tile(dv, dv_j, ch, c, j * bq)
