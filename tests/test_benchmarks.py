@@ -1,0 +1,54 @@
+"""The benchmark scripts run from a clean checkout (tiny shapes, one run each).
+
+They print the tables that `benchmarks/RESULTS.md` records; these tests only check
+that each script runs and prints its table, not any timing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--batch", "1", "--length", "256", "--heads", "2", "--head-dim", "16", "--runs", "1"]
+
+
+def _run(script: str, *args: str) -> str:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_kernel_prints_our_rows():
+    out = _run("bench_kernel.py", *TINY, "--only", "ours")
+    for row in ("ours full fwd", "ours full fwd+bwd", "ours causal fwd", "ours causal fwd+bwd"):
+        assert row in out
+
+
+def test_causal_bound_prints_costs_and_bounds():
+    out = _run("causal_bound.py", *TINY, "--blocks", "64,128")
+    assert "| default | fwd+bwd |" in out
+    assert "| 64 x 64 | fwd |" in out
+    bounds = [line for line in out.splitlines() if line.startswith(("| 64 |", "| 128 |"))]
+    assert len(bounds) == 4  # two diagonal sizes x (fwd, fwd+bwd)
+    # logits computed / full for b = 64 at L = 256: (256 * 256 / 2 + 256 * 64 / 2) / 256**2
+    assert bounds[0].split("|")[2].strip() == "0.625"
+
+
+def test_profile_kernel_splits_the_time(tmp_path):
+    out = _run("profile_kernel.py", *TINY, "--trace-dir", str(tmp_path / "trace"))
+    rows = [line for line in out.splitlines() if line.startswith(("| False |", "| True |"))]
+    assert len(rows) == 4
+    for row in rows:
+        total = float(row.split("|")[3])
+        assert total > 0.0
