@@ -4,6 +4,7 @@ Usage (fp32, median of --runs runs after one warm-up, block_until_ready):
 
   python benchmarks/bench_kernel.py                        # B=4 L=2048 N=8 H=64
   python benchmarks/bench_kernel.py --only ours --block-q 256 --block-k 512
+  python benchmarks/bench_kernel.py --only ours --reference --length 256   # vs the reference
   python benchmarks/bench_kernel.py --memory 65536         # compiled temp bytes, fwd+bwd
   python benchmarks/bench_kernel.py --long 32768           # one real fwd+bwd run, B=1
 """
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_mha import dot_product_attention
 from flax_mha.kernels.blockwise import blockwise_attention
 
 
@@ -65,6 +67,14 @@ def bench(args: argparse.Namespace) -> None:
             f, g = _jax_fns(ours, q, k, v)
             results[f"ours {tag} fwd"] = _median_ms(f, args.runs)
             results[f"ours {tag} fwd+bwd"] = _median_ms(g, args.runs)
+        if args.reference:
+
+            def reference(q, k, v, causal=causal):
+                return dot_product_attention(q, k, v, is_causal=causal, implementation="reference")
+
+            f, g = _jax_fns(reference, q, k, v)
+            results[f"reference {tag} fwd"] = _median_ms(f, args.runs)
+            results[f"reference {tag} fwd+bwd"] = _median_ms(g, args.runs)
         if args.only in ("all", "torch"):
             import torch
 
@@ -123,6 +133,11 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--only", choices=("all", "ours", "torch"), default="all")
     p.add_argument("--skip-jaxnn", action="store_true")
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="also time the reference backend (the step-by-step core, [T, S] scores)",
+    )
     p.add_argument("--torch-threads", type=int, default=0)
     p.add_argument("--memory", type=int, default=0, help="report compiled temp bytes at this L")
     p.add_argument("--long", type=int, default=0, help="one timed fwd+bwd run at this L, B=1")

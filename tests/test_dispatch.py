@@ -307,6 +307,8 @@ def request(**kw):
     [
         (dict(), "blockwise"),
         (dict(T=16, S=16), "reference"),
+        (dict(T=256, S=256), "reference"),  # the reference is faster up to ~320 x 320
+        (dict(T=320, S=320), "blockwise"),
         (dict(weights=True), "reference"),
         (dict(dropout=True), "reference"),
         (dict(custom_matmuls=True), "reference"),

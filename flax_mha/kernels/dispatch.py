@@ -36,9 +36,10 @@ __all__ = ["IMPLEMENTATIONS", "Request", "choose_implementation", "dot_product_a
 #: materialising implementation and is an alias of ``"reference"`` here.
 IMPLEMENTATIONS = ("reference", "xla", "blockwise", "decode", "cudnn", "pallas_tpu")
 
-#: On CPU the blockwise kernel is chosen when T * S is at least this (smaller problems
-#: fit in cache and the materialising reference is as fast; see benchmarks/RESULTS.md).
-BLOCKWISE_MIN_CPU_ELEMENTS = 256 * 256
+#: On CPU the blockwise kernel is chosen when T * S is at least this: below it the
+#: materialising reference is as fast or faster (forward+backward at T = S = 256: 8.5 vs
+#: 12.2 ms; at 320 level; at 384 the kernel is 1.2-3.2x faster; benchmarks/RESULTS.md).
+BLOCKWISE_MIN_CPU_ELEMENTS = 320 * 320
 
 
 #: The decode kernel is chosen for one-query steps over caches at least this long
