@@ -30,9 +30,10 @@ def _run(script: str, *args: str) -> str:
 
 
 def test_bench_kernel_prints_our_rows():
-    out = _run("bench_kernel.py", *TINY, "--only", "ours")
-    for row in ("ours full fwd", "ours full fwd+bwd", "ours causal fwd", "ours causal fwd+bwd"):
-        assert row in out
+    out = _run("bench_kernel.py", *TINY, "--only", "ours", "--reference")
+    for impl in ("ours", "reference"):
+        for row in ("full fwd", "full fwd+bwd", "causal fwd", "causal fwd+bwd"):
+            assert f"{impl} {row} " in out
 
 
 def test_causal_bound_prints_costs_and_bounds():
