@@ -12,25 +12,15 @@ Usage (fp32, median of --runs runs after one warm-up, block_until_ready):
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import add_shape_arguments, median_ms
 
 from flax_mha import dot_product_attention
 from flax_mha.kernels.blockwise import blockwise_attention
-
-
-def _median_ms(fn, runs: int) -> float:
-    fn()  # warm-up (compilation)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _jax_fns(attn, q, k, v):
@@ -65,16 +55,16 @@ def bench(args: argparse.Namespace) -> None:
                 )
 
             f, g = _jax_fns(ours, q, k, v)
-            results[f"ours {tag} fwd"] = _median_ms(f, args.runs)
-            results[f"ours {tag} fwd+bwd"] = _median_ms(g, args.runs)
+            results[f"ours {tag} fwd"] = median_ms(f, args.runs)
+            results[f"ours {tag} fwd+bwd"] = median_ms(g, args.runs)
         if args.reference:
 
             def reference(q, k, v, causal=causal):
                 return dot_product_attention(q, k, v, is_causal=causal, implementation="reference")
 
             f, g = _jax_fns(reference, q, k, v)
-            results[f"reference {tag} fwd"] = _median_ms(f, args.runs)
-            results[f"reference {tag} fwd+bwd"] = _median_ms(g, args.runs)
+            results[f"reference {tag} fwd"] = median_ms(f, args.runs)
+            results[f"reference {tag} fwd+bwd"] = median_ms(g, args.runs)
         if args.only in ("all", "torch"):
             import torch
 
@@ -90,16 +80,16 @@ def bench(args: argparse.Namespace) -> None:
                 a, b, c = (x.clone().requires_grad_(True) for x in qkv)
                 sdpa(a, b, c, is_causal=causal).sum().backward()
 
-            results[f"torch {tag} fwd"] = _median_ms(t_fwd, args.runs)
-            results[f"torch {tag} fwd+bwd"] = _median_ms(t_bwd, args.runs)
+            results[f"torch {tag} fwd"] = median_ms(t_fwd, args.runs)
+            results[f"torch {tag} fwd+bwd"] = median_ms(t_bwd, args.runs)
         if args.only == "all" and not args.skip_jaxnn:
 
             def jnn(q, k, v, causal=causal):
                 return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal)
 
             f, g = _jax_fns(jnn, q, k, v)
-            results[f"jax.nn {tag} fwd"] = _median_ms(f, args.runs)
-            results[f"jax.nn {tag} fwd+bwd"] = _median_ms(g, args.runs)
+            results[f"jax.nn {tag} fwd"] = median_ms(f, args.runs)
+            results[f"jax.nn {tag} fwd+bwd"] = median_ms(g, args.runs)
     print(
         f"B={B} L={L} N={N} H={H} fp32 block_q={args.block_q} block_k={args.block_k} "
         f"runs={args.runs} (median ms)"
@@ -124,13 +114,9 @@ def memory(L: int, block_q: int | None, block_k: int | None, causal: bool = Fals
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--length", type=int, default=2048)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
+    add_shape_arguments(p, runs=5)
     p.add_argument("--block-q", type=int, default=None, help="default: auto")
     p.add_argument("--block-k", type=int, default=None, help="default: auto")
-    p.add_argument("--runs", type=int, default=5)
     p.add_argument("--only", choices=("all", "ours", "torch"), default="all")
     p.add_argument("--skip-jaxnn", action="store_true")
     p.add_argument(

@@ -27,23 +27,12 @@ SDPA is timed on the same inputs for comparison.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
+from _common import add_shape_arguments, median_ms
 
 from flax_mha.kernels.blockwise import blockwise_attention
-
-
-def _median_ms(fn, runs: int) -> float:
-    jax.block_until_ready(fn())  # warm-up (compilation)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _time_kernel(qkv, runs: int, causal: bool, block: int | None) -> tuple[float, float]:
@@ -57,7 +46,7 @@ def _time_kernel(qkv, runs: int, causal: bool, block: int | None) -> tuple[float
 
     fwd = jax.jit(attn)
     grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v)), argnums=(0, 1, 2)))
-    return _median_ms(lambda: fwd(*qkv), runs), _median_ms(lambda: grad(*qkv), runs)
+    return median_ms(lambda: fwd(*qkv), runs), median_ms(lambda: grad(*qkv), runs)
 
 
 def _time_torch(qkv, runs: int, causal: bool) -> tuple[float, float] | None:
@@ -78,17 +67,13 @@ def _time_torch(qkv, runs: int, causal: bool) -> tuple[float, float] | None:
         a, b, c = (x.clone().requires_grad_(True) for x in (tq, tk, tv))
         sdpa(a, b, c, is_causal=causal).sum().backward()
 
-    return _median_ms(fwd, runs), _median_ms(fwd_bwd, runs)
+    return median_ms(fwd, runs), median_ms(fwd_bwd, runs)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--length", type=int, default=2048)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
+    add_shape_arguments(p, runs=7)
     p.add_argument("--blocks", default="128,256,512,1024", help="diagonal tile sizes b")
-    p.add_argument("--runs", type=int, default=7)
     args = p.parse_args()
     B, L, N, H = args.batch, args.length, args.heads, args.head_dim
     blocks = [int(b) for b in args.blocks.split(",") if L % int(b) == 0]

@@ -29,6 +29,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+from _common import add_shape_arguments
 
 from flax_mha.kernels.blockwise import blockwise_attention
 
@@ -67,11 +68,7 @@ def op_times(fn, args, runs: int, trace_dir: str) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--length", type=int, default=2048)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--runs", type=int, default=3)
+    add_shape_arguments(p, runs=3)
     p.add_argument("--trace-dir", default="/tmp/flax_mha_profile")
     args = p.parse_args()
     B, L, N, H = args.batch, args.length, args.heads, args.head_dim
