@@ -568,9 +568,10 @@ def test_skipped_tiles_are_not_hoisted(length, lengths):
     When a tile spans a whole axis (here T <= the default causal blocks, 512 x 1024), its
     slice does not depend on the loop index, and XLA moves such a loop-invariant body out
     of the while loop, where it runs even when the loop runs zero times (the causal pass
-    then cost 2x the full pass at L=1024; `blockwise._loop` runs it as a cond instead).
-    XLA's cost analysis counts each loop body once, so hoisted tiles show up as extra
-    flops: the causal pass must cost no more than the full one.
+    then compiled to 2x the full pass's flops at L=1024, and ran 1.7x slower;
+    `blockwise._loop` runs such a loop as a cond instead). XLA's cost analysis counts each
+    loop body once, so hoisted tiles show up as extra flops: the causal pass must cost no
+    more than the full one. With key lengths the loops' ranges are dynamic (the cond path).
     """
     spec = jax.ShapeDtypeStruct((4, length, 8, 64), jnp.float32)
     kv_len = jnp.array([length, length // 2, 7, 0]) if lengths else None
