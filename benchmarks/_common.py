@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 
 def add_shape_arguments(parser: argparse.ArgumentParser, *, runs: int) -> None:
@@ -32,3 +33,9 @@ def median_ms(fn: Callable[[], Any], runs: int) -> float:
         jax.block_until_ready(fn())
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def jit_fwd_and_grad(attn: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``attn(q, k, v)`` jitted, and the jitted gradient of ``sum(attn(q, k, v))`` in q, k, v."""
+    grad = jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v)), argnums=(0, 1, 2))
+    return jax.jit(attn), jax.jit(grad)

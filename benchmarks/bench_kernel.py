@@ -17,15 +17,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import add_shape_arguments, median_ms
+from _common import add_shape_arguments, jit_fwd_and_grad, median_ms
 
 from flax_mha import dot_product_attention
 from flax_mha.kernels.blockwise import blockwise_attention
 
 
 def _jax_fns(attn, q, k, v):
-    fwd = jax.jit(attn)
-    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v)), argnums=(0, 1, 2)))
+    fwd, grad = jit_fwd_and_grad(attn)
     return (
         lambda: jax.block_until_ready(fwd(q, k, v)),
         lambda: jax.block_until_ready(grad(q, k, v)),

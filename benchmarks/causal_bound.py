@@ -30,7 +30,7 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from _common import add_shape_arguments, median_ms
+from _common import add_shape_arguments, jit_fwd_and_grad, median_ms
 
 from flax_mha.kernels.blockwise import blockwise_attention
 
@@ -44,8 +44,7 @@ def _time_kernel(qkv, runs: int, causal: bool, block: int | None) -> tuple[float
             q, k, v, scale=scale, is_causal=causal, block_q=block, block_k=block
         )
 
-    fwd = jax.jit(attn)
-    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v)), argnums=(0, 1, 2)))
+    fwd, grad = jit_fwd_and_grad(attn)
     return median_ms(lambda: fwd(*qkv), runs), median_ms(lambda: grad(*qkv), runs)
 
 

@@ -29,7 +29,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
-from _common import add_shape_arguments
+from _common import add_shape_arguments, jit_fwd_and_grad
 
 from flax_mha.kernels.blockwise import blockwise_attention
 
@@ -86,13 +86,7 @@ def main() -> None:
         def attn(q, k, v, causal=causal):
             return blockwise_attention(q, k, v, scale=H**-0.5, is_causal=causal)
 
-        def loss(q, k, v, attn=attn):
-            return jnp.sum(attn(q, k, v))
-
-        fns = {
-            "fwd": jax.jit(attn),
-            "fwd+bwd": jax.jit(jax.grad(loss, argnums=(0, 1, 2))),
-        }
+        fns = dict(zip(("fwd", "fwd+bwd"), jit_fwd_and_grad(attn), strict=True))
         for pas, fn in fns.items():
             t = op_times(fn, qkv, args.runs, args.trace_dir)
             total = sum(t.values())
