@@ -198,19 +198,24 @@ def softmax(
     Returns:
       weights with the shape and dtype of ``scores``.
     """
-    dtype = scores.dtype
+    dtype = getattr(scores, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(f"scores should be a floating-point array, but got dtype {dtype}")
     x = scores.astype(jnp.promote_types(dtype, jnp.float32))
     if mask is not None:
         # exp(-inf - m) is exactly 0 and has zero gradient, so masked entries drop out.
         x = jnp.where(mask, x, -jnp.inf)
-    m = jnp.max(x, axis=axis, keepdims=True)
+    # Any shift m gives the same result; the row maximum (of the real part, for
+    # complex scores as Flax accepts them) keeps exp from overflowing.
+    m = jnp.max(jnp.real(x), axis=axis, keepdims=True)
     # A fully masked row has m = -inf; any finite shift works there (all its
-    # entries are exp(-inf) = 0). The shift does not change the result, so it
-    # carries no gradient (as in jax.nn.softmax).
-    m = lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+    # entries are exp(-inf) = 0). A NaN in the row must stay a NaN (as in
+    # jax.nn.softmax), so only -inf is replaced. The shift does not change the
+    # result, so it carries no gradient.
+    m = lax.stop_gradient(jnp.where(m == -jnp.inf, 0.0, m))
     e = jnp.exp(x - m)
     total = jnp.sum(e, axis=axis, keepdims=True)
-    w = e / jnp.where(total > 0, total, 1.0)
+    w = e / jnp.where(total == 0, 1.0, total)
     return w.astype(dtype)
 
 
@@ -307,11 +312,14 @@ def single_head_attention(
     return out, weights
 
 
-def _group_rows(x: Array | None, K: int, G: int) -> tuple[Array | None, int | None]:
+def _group_rows(x: Array | None, K: int, G: int, T: int) -> tuple[Array | None, int | None]:
     """[N or 1, T or 1, S] -> rows of each kv head's query group: ([K, G*T, S] or [G*T, S], axis).
 
-    Query heads ``k*G .. k*G + G - 1`` share kv head ``k``; their rows are stacked.
-    A size-1 head axis stays unmapped; a size-1 T axis stays 1 (it broadcasts).
+    Query heads ``k*G .. k*G + G - 1`` share kv head ``k``; their rows are stacked
+    head-major, matching the queries' ``G*T`` rows. A size-1 head axis stays
+    unmapped (one [rows, S] block for every kv head); a size-1 T axis is kept as is
+    when one row serves the whole group, and expanded to ``T`` rows per query head
+    when the heads of a group differ.
     """
     if x is None:
         return None, None
@@ -321,9 +329,11 @@ def _group_rows(x: Array | None, K: int, G: int) -> tuple[Array | None, int | No
         return (x if G == 1 or T1 == 1 else jnp.tile(x, (G, 1))), None
     if N1 != K * G:
         raise ValueError(f"head axis should have size 1 or {K * G}, but got {x.shape}")
-    if T1 == 1 and G > 1:
-        return x.reshape(K, G, S1)[:, :1], 0  # same row for every query of the group
-    return x.reshape(K, G * T1, S1), 0
+    if T1 == 1 and G == 1:
+        return x, 0  # [K, 1, S]: the one row broadcasts over the T queries
+    # Each query head of a group has its own rows: [K, G, T, S] -> [K, G*T, S].
+    x = jnp.broadcast_to(x.reshape(K, G, T1, S1), (K, G, T, S1))
+    return x.reshape(K, G * T, S1), 0
 
 
 def multi_head_attention(
@@ -359,7 +369,7 @@ def multi_head_attention(
     K = k.shape[1]
     G = N // K
     one_head = functools.partial(single_head_attention, **kwargs)
-    extras, axes = zip(*(_group_rows(x, K, G) for x in (mask, bias, dropout)), strict=True)
+    extras, axes = zip(*(_group_rows(x, K, G, T) for x in (mask, bias, dropout)), strict=True)
     # [T, N, H] -> [K, G*T, H]: the head axis leads, so each head's [rows, S] scores
     # keep their natural layout in the batched matmuls.
     q = q.reshape(T, K, G, H).transpose(1, 2, 0, 3).reshape(K, G * T, H)

@@ -236,3 +236,51 @@ def test_check_grads_on_the_functional_core():
         check_grads(lambda x, w: F.project_heads(x, w), (rand(10, (5, 4), jnp.float64), w), 2)
         heads, w_out = rand(11, (5, 2, 3), jnp.float64), rand(12, (2, 3, 4), jnp.float64)
         check_grads(lambda h, w: F.output_projection(h, w), (heads, w_out), 2)
+
+
+# --- Regressions (issue 12) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("N, K", [(4, 2), (4, 1), (6, 3)])
+def test_gqa_per_head_mask_and_bias_with_size_one_query_axis(jit, T, N, K):
+    """Every query head of a kv group keeps its own row when the mask/bias T axis is 1."""
+    S, H = 6, 8
+    q, k, v = rand(0, (T, N, H)), rand(1, (S, K, H)), rand(2, (S, K, H))
+    bias = rand(3, (N, 1, S))
+    mask = jax.random.bernoulli(jax.random.key(4), 0.6, (N, 1, S)).at[:, :, 0].set(True)
+    f = jax.jit(F.multi_head_attention) if jit else F.multi_head_attention
+    out, weights = f(q, k, v, mask, bias)
+    expected, expected_w = np_attention(q[None], k[None], v[None], mask[None], bias[None])
+    np.testing.assert_allclose(out, expected[0], atol=FP32_TOL)
+    np.testing.assert_allclose(weights, expected_w[0], atol=FP32_TOL)
+
+    def loss(q, k, v, bias):
+        return jnp.sum(F.multi_head_attention(q, k, v, mask, bias)[0] ** 2)
+
+    def loss_full(q, k, v, bias):
+        full = jnp.broadcast_to(bias, (N, T, S))
+        return jnp.sum(F.multi_head_attention(q, k, v, mask, full)[0] ** 2)
+
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
+    grads_full = jax.grad(loss_full, argnums=(0, 1, 2, 3))(q, k, v, bias)
+    for g, gf in zip(grads, grads_full, strict=True):
+        np.testing.assert_allclose(g, gf, atol=FP32_TOL)
+
+
+def test_softmax_propagates_nan_like_jax_nn():
+    x = jnp.array([100.0, jnp.nan, 2.0])
+    w = F.softmax(x)
+    assert np.all(np.isnan(np.asarray(w))), w
+    assert np.all(np.isnan(np.asarray(jax.nn.softmax(x))))
+    # A NaN in a masked-out entry does not matter.
+    w = F.softmax(x, mask=jnp.array([True, False, True]))
+    expected = np_softmax(np.array([100.0, 0.0, 2.0]), np.array([True, False, True]))
+    np.testing.assert_allclose(w, expected, atol=FP32_TOL)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+def test_softmax_rejects_non_float_scores(dtype):
+    with pytest.raises(TypeError, match=r"scores should be a floating-point array, but got dtype"):
+        F.softmax(jnp.array([1, 2, 3], dtype))
