@@ -29,6 +29,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from flax.core import meta
 from jax import Array
 
 __all__ = [
@@ -101,20 +102,74 @@ def _torch_state(
     return {k: _to_numpy(v) for k, v in state.items() if v is not None}, num_heads, dropout
 
 
+def _expected_shapes(state: Mapping[str, np.ndarray]) -> tuple[dict[str, tuple], int, str]:
+    """Shapes every key of a torch MHA state dict should have, from the query projection.
+
+    Returns ``(key -> expected shape, embed_dim, the key E was read from)``. ``E`` is
+    ``in_proj_weight``'s second axis (packed) or ``q_proj_weight``'s first (separate
+    projections, torch's ``kdim``/``vdim`` != ``embed_dim``); ``kdim``/``vdim`` are read off
+    ``k_proj_weight``/``v_proj_weight``, whose shapes are otherwise free.
+    """
+    if "in_proj_weight" in state:
+        source = "in_proj_weight"
+        w = state[source]
+        E = w.shape[1] if w.ndim == 2 else w.shape[-1] if w.ndim else 0
+        expected = {source: (3 * E, E)}
+    elif all(f"{p}_proj_weight" in state for p in "qkv"):
+        source = "q_proj_weight"
+        E = state[source].shape[0] if state[source].ndim else 0
+        expected = {source: (E, E)}
+        for p in "kv":
+            w = state[f"{p}_proj_weight"]
+            expected[f"{p}_proj_weight"] = (E, w.shape[1] if w.ndim == 2 else f"{p}dim")
+    else:
+        raise ValueError(
+            "state_dict should have 'in_proj_weight' or 'q_proj_weight'/'k_proj_weight'/"
+            f"'v_proj_weight', but got keys {sorted(state)}"
+        )
+    expected |= {"in_proj_bias": (3 * E,), "out_proj.weight": (E, E), "out_proj.bias": (E,)}
+    return expected, E, source
+
+
+def _check_torch_state(state: Mapping[str, np.ndarray], num_heads: int) -> int:
+    """Checks every tensor of a torch MHA state dict against the config it implies.
+
+    Returns:
+      ``embed_dim``.
+
+    Raises:
+      ValueError: naming the key, its expected and its actual shape; or for unknown or
+        missing keys, a bias on only one side, or ``num_heads`` not dividing ``embed_dim``.
+    """
+    expected, E, source = _expected_shapes(state)
+    unknown = sorted(set(state) - set(expected))
+    if unknown:
+        raise ValueError(
+            f"state_dict keys {unknown} are not torch.nn.MultiheadAttention parameters "
+            "(pass prefix= to select a submodule's keys)"
+        )
+    if "out_proj.weight" not in state:
+        raise ValueError(f"state_dict should have 'out_proj.weight', but got keys {sorted(state)}")
+    for key, shape in expected.items():
+        if key in state and state[key].shape != shape:
+            shown = "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+            raise ValueError(
+                f"{key} should have shape {shown} (embed_dim={E}, from {source}), "
+                f"but got {state[key].shape}"
+            )
+    if ("in_proj_bias" in state) != ("out_proj.bias" in state):
+        raise ValueError("in_proj_bias and out_proj.bias should both be present or both absent")
+    if num_heads <= 0 or E % num_heads:
+        raise ValueError(f"num_heads={num_heads} does not divide embed_dim={E}")
+    return E
+
+
 def _split_in_proj(state: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
     """Returns (W_q [E, E], W_k [E, kdim], W_v [E, vdim], b_q, b_k, b_v or Nones)."""
     if "in_proj_weight" in state:
-        w = state["in_proj_weight"]
-        if w.ndim != 2 or w.shape[0] != 3 * w.shape[1]:
-            raise ValueError(f"in_proj_weight should have shape [3*E, E], but got {w.shape}")
-        wq, wk, wv = np.split(w, 3, axis=0)
-    elif all(f"{p}_proj_weight" in state for p in "qkv"):
-        wq, wk, wv = (state[f"{p}_proj_weight"] for p in "qkv")
+        wq, wk, wv = np.split(state["in_proj_weight"], 3, axis=0)
     else:
-        raise ValueError(
-            "state_dict has neither 'in_proj_weight' nor 'q_proj_weight'/'k_proj_weight'/"
-            f"'v_proj_weight'; found keys {sorted(state)}"
-        )
+        wq, wk, wv = (state[f"{p}_proj_weight"] for p in "qkv")
     if "in_proj_bias" in state:
         bq, bk, bv = np.split(state["in_proj_bias"], 3, axis=0)
     else:
@@ -126,21 +181,20 @@ def from_torch_mha(
     module_or_state_dict: Any,
     *,
     num_heads: int | None = None,
-    batch_first: bool | None = None,
     prefix: str = "",
 ) -> dict[str, dict[str, Array]]:
     """Converts `torch.nn.MultiheadAttention` weights to our (and Flax's) parameter tree.
 
-    The weights do not depend on ``batch_first``: whatever the torch module
-    used, inputs to the Flax module must be laid out as [B, L, D] (transpose
-    [L, B, D] data with ``x.transpose(1, 0, 2)``).
+    The weights do not depend on the torch module's ``batch_first``, so there is no
+    such argument: whatever the torch module used, inputs to the Flax module are laid
+    out as [B, L, D] (transpose [L, B, D] data with ``x.transpose(1, 0, 2)``).
 
     Args:
       module_or_state_dict: a `torch.nn.MultiheadAttention`, or a mapping from
         its ``state_dict()`` keys to torch tensors or arrays. ``embed_dim``,
-        ``kdim``, ``vdim`` and ``bias`` are read off the tensor shapes.
+        ``kdim``, ``vdim`` and ``bias`` are read off the tensor shapes, and every
+        tensor is checked against them.
       num_heads: required for a state dict; checked against the module otherwise.
-      batch_first: accepted for symmetry with `to_torch_mha` and ignored.
       prefix: for a state dict, only keys starting with ``prefix`` are read
         (e.g. ``"encoder.self_attn."`` for a submodule of a larger model).
 
@@ -151,30 +205,20 @@ def from_torch_mha(
       ``out.kernel`` [N, H, E]; biases [N, H] and [E] when ``bias=True``.
 
     Raises:
-      ValueError: for ``add_bias_kv=True`` (``bias_k``/``bias_v``),
-        ``add_zero_attn=True`` (module only: a state dict cannot show it),
-        missing keys, or ``num_heads`` not dividing ``embed_dim`` (a wrong
-        divisor of ``embed_dim`` cannot be detected from a state dict).
+      ValueError: for a tensor whose shape does not match the config (the message
+        names the key, the expected and the actual shape), unknown or missing keys,
+        ``add_bias_kv=True`` (``bias_k``/``bias_v``), ``add_zero_attn=True``
+        (module only: a state dict cannot show it), or ``num_heads`` not dividing
+        ``embed_dim`` (a wrong divisor of ``embed_dim`` cannot be detected from a
+        state dict).
       ImportError: if a module is given and torch is not installed.
     """
-    del batch_first  # weights are layout-independent
     state, num_heads, _ = _torch_state(module_or_state_dict, num_heads, prefix)
+    E = _check_torch_state(state, num_heads)
     wq, wk, wv, bq, bk, bv = _split_in_proj(state)
-    if "out_proj.weight" not in state:
-        raise ValueError(f"state_dict has no 'out_proj.weight'; found keys {sorted(state)}")
     wo = state["out_proj.weight"]
-    E = wq.shape[0]
-    if num_heads <= 0 or E % num_heads:
-        raise ValueError(f"num_heads={num_heads} does not divide embed_dim={E}")
     N, H = num_heads, E // num_heads
-    for name, w in (("query", wq), ("key", wk), ("value", wv)):
-        if w.shape[0] != E:
-            raise ValueError(f"{name} projection has {w.shape[0]} output rows, expected {E}")
-    if wo.shape != (E, E):
-        raise ValueError(f"out_proj.weight should have shape {(E, E)}, but got {wo.shape}")
     has_bias = bq is not None
-    if has_bias != ("out_proj.bias" in state):
-        raise ValueError("in_proj_bias and out_proj.bias should both be present or both absent")
 
     params: dict[str, dict[str, Array]] = {}
     for name, w, b in (("query", wq, bq), ("key", wk, bk), ("value", wv, bv)):
@@ -217,6 +261,12 @@ def flax_mha_config_from_torch(
 
 
 def _unwrap_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Plain ``{'query', 'key', 'value', 'out', ...}`` arrays from params or variables.
+
+    Boxed params (`flax.linen.LogicallyPartitioned`, from ``partition_params=True``)
+    are unboxed: the logical axis names do not exist in torch.
+    """
+    params = meta.unbox(params)
     if set(params) == {"params"}:  # a full variables dict
         params = params["params"]
     missing = {"query", "key", "value", "out"} - set(params)
@@ -231,7 +281,9 @@ def to_torch_state_dict(
     """Converts our (or Flax's) attention params to a `torch.nn.MultiheadAttention` state dict.
 
     Args:
-      params: ``{'query', 'key', 'value', 'out'}`` params (or ``{'params': ...}``).
+      params: ``{'query', 'key', 'value', 'out'}`` params (or ``{'params': ...}``),
+        plain or boxed (``partition_params=True`` gives `flax.linen.LogicallyPartitioned`
+        leaves; they are unboxed, the axis names have no torch meaning).
       num_heads: optional; checked against the kernel shapes, which already hold N.
 
     Returns:
@@ -310,10 +362,12 @@ def to_torch_mha(
     """Builds a `torch.nn.MultiheadAttention` holding ``params``.
 
     Args:
-      params: ``{'query', 'key', 'value', 'out'}`` params (or ``{'params': ...}``).
+      params: ``{'query', 'key', 'value', 'out'}`` params (or ``{'params': ...}``),
+        plain or boxed, as `to_torch_state_dict`.
       num_heads: optional; checked against the kernel shapes.
-      batch_first: layout of the torch module's inputs. ``True`` (default)
-        matches our [B, L, D] convention.
+      batch_first: the torch module's ``batch_first``: the layout of its inputs
+        and outputs. ``True`` (default) matches our [B, L, D] convention;
+        ``False`` gives torch's [L, B, D] default layout. The weights are the same.
       dropout: the torch module's attention dropout probability.
 
     Returns:
@@ -349,11 +403,74 @@ def to_torch_mha(
 # --- masks -------------------------------------------------------------------
 
 
+_SIZE_NAMES = {"B": "batch size B", "T": "query length T", "S": "key length S"}
+
+
+def _mask_as_numpy(x: Any, name: str) -> np.ndarray:
+    """A torch tensor or array-like mask as numpy, bool or float32.
+
+    Raises:
+      TypeError: for any other dtype. Torch's `nn.MultiheadAttention` accepts only bool
+        and floating masks (it raises on integer ones), so an integer mask has no torch
+        meaning to translate.
+    """
+    if hasattr(x, "detach"):  # a torch.Tensor, without importing torch
+        dtype_name = str(x.dtype)
+        is_bool, is_float = dtype_name == "torch.bool", x.is_floating_point()
+        if is_bool or is_float:
+            x = x.detach().cpu()
+            x = (x.float() if is_float else x).numpy()
+    else:
+        x = np.asarray(x)
+        dtype_name = x.dtype.name
+        is_bool, is_float = x.dtype == np.bool_, np.issubdtype(x.dtype, np.floating)
+    if not (is_bool or is_float):
+        raise TypeError(
+            f"{name} should be a bool or floating-point mask (the dtypes "
+            f"torch.nn.MultiheadAttention accepts), but got dtype {dtype_name}"
+        )
+    return x
+
+
 def _mask_to_additive(m: np.ndarray) -> np.ndarray:
     """Bool (True = NOT allowed) -> 0/-inf float; float masks pass through."""
     if m.dtype == np.bool_:
         return np.where(m, -np.inf, 0.0).astype(np.float32)
     return m.astype(np.float32)
+
+
+def _agree(sizes: dict, letter: str, value: int, name: str, shown: str) -> None:
+    """Records size ``letter`` = ``value`` from argument ``name``, or raises on a conflict."""
+    if letter not in sizes:
+        sizes[letter] = (value, name, shown)
+    elif sizes[letter][0] != value:
+        _, first, first_shown = sizes[letter]
+        raise ValueError(
+            f"{first} and {name} should have the same {_SIZE_NAMES[letter]}, "
+            f"but got {first_shown} and {shown}"
+        )
+
+
+def _attn_mask_4d(m: np.ndarray, num_heads: int | None, sizes: dict) -> np.ndarray:
+    """[T, S] or [B*N, T, S] (index b*N + n) -> [1|B, 1|N, T, S]; records B, T, S."""
+    shown = f"attn_mask of shape {m.shape}"
+    if m.ndim == 3:
+        if num_heads is None:
+            raise ValueError("num_heads is needed to unflatten a 3-D attn_mask [B*N, T, S]")
+        if m.shape[0] % num_heads:
+            raise ValueError(
+                f"attn_mask has leading size {m.shape[0]}, not a multiple of num_heads={num_heads}"
+            )
+        B = m.shape[0] // num_heads
+        _agree(sizes, "B", B, "attn_mask", f"{shown} (B={B} with num_heads={num_heads})")
+        m = m.reshape(B, num_heads, *m.shape[1:])
+    elif m.ndim == 2:
+        m = m[None, None]
+    else:
+        raise ValueError(f"attn_mask should be [T, S] or [B*N, T, S], but got {m.shape}")
+    _agree(sizes, "T", m.shape[2], "attn_mask", f"{shown} (T={m.shape[2]})")
+    _agree(sizes, "S", m.shape[3], "attn_mask", f"{shown} (S={m.shape[3]})")
+    return m
 
 
 def _torch_masks_4d(
@@ -364,56 +481,40 @@ def _torch_masks_4d(
     is_causal: bool,
     query_length: int | None,
     key_length: int | None,
-) -> list[np.ndarray]:
-    """Returns each given mask as a float32 additive array broadcastable to [B, N, T, S]."""
+) -> list[tuple[str, np.ndarray]]:
+    """Each given mask as (argument name, float32 additive array broadcastable to [B, N, T, S]).
 
-    def as_np(x: Any) -> np.ndarray:
-        if hasattr(x, "detach"):
-            x = x.detach().cpu()
-            x = x.float().numpy() if x.is_floating_point() else x.numpy()
-        return np.asarray(x)
-
+    B, T and S are read off every mask and size argument given and must agree, so the
+    returned arrays broadcast together.
+    """
+    sizes: dict[str, tuple[int, str, str]] = {}
     out = []
     if attn_mask is not None:
-        m = _mask_to_additive(as_np(attn_mask))
-        if m.ndim == 2:  # [T, S]
-            m = m[None, None]
-        elif m.ndim == 3:  # [B*N, T, S], index b*N + n
-            if num_heads is None:
-                raise ValueError("num_heads is needed to unflatten a 3-D attn_mask [B*N, T, S]")
-            if m.shape[0] % num_heads:
-                raise ValueError(
-                    f"attn_mask has leading size {m.shape[0]}, not a multiple of "
-                    f"num_heads={num_heads}"
-                )
-            B = m.shape[0] // num_heads
-            if batch_size is not None and batch_size != B:
-                raise ValueError(
-                    f"attn_mask has leading size {m.shape[0]} = {B} x {num_heads} heads, "
-                    f"but batch_size={batch_size}"
-                )
-            m = m.reshape(B, num_heads, *m.shape[1:])
-        else:
-            raise ValueError(f"attn_mask should be [T, S] or [B*N, T, S], but got {m.shape}")
-        out.append(m)
+        m = _mask_to_additive(_mask_as_numpy(attn_mask, "attn_mask"))
+        out.append(("attn_mask", _attn_mask_4d(m, num_heads, sizes)))
     if key_padding_mask is not None:
-        m = _mask_to_additive(as_np(key_padding_mask))
-        if m.ndim == 1:  # unbatched [S]
-            m = m[None]
-        if m.ndim != 2:
+        m = _mask_to_additive(_mask_as_numpy(key_padding_mask, "key_padding_mask"))
+        shown = f"key_padding_mask of shape {m.shape}"
+        if m.ndim not in (1, 2):
             raise ValueError(f"key_padding_mask should be [B, S] or [S], but got {m.shape}")
-        if batch_size is not None and m.shape[0] != batch_size:
-            raise ValueError(
-                f"key_padding_mask has batch size {m.shape[0]}, but batch_size={batch_size}"
-            )
-        out.append(m[:, None, None, :])
+        if m.ndim == 2:
+            _agree(sizes, "B", m.shape[0], "key_padding_mask", f"{shown} (B={m.shape[0]})")
+        _agree(sizes, "S", m.shape[-1], "key_padding_mask", f"{shown} (S={m.shape[-1]})")
+        out.append(("key_padding_mask", m.reshape(-1, 1, 1, m.shape[-1])))
+    for letter, name, value in (
+        ("B", "batch_size", batch_size),
+        ("T", "query_length", query_length),
+        ("S", "key_length", key_length),
+    ):
+        if value is not None:
+            _agree(sizes, letter, value, name, f"{name}={value}")
     if is_causal:
-        T = query_length if query_length is not None else (out[0].shape[-2] if out else None)
-        S = key_length if key_length is not None else (out[0].shape[-1] if out else None)
-        if T is None or S is None or (attn_mask is None and query_length is None):
+        if "T" not in sizes:
             raise ValueError("is_causal=True needs attn_mask or query_length (and key_length)")
+        T = sizes["T"][0]
+        S = sizes["S"][0] if "S" in sizes else T
         causal = np.arange(S)[None, :] <= np.arange(T)[:, None]  # top-left, as torch's sdpa
-        out.append(np.where(causal, 0.0, -np.inf).astype(np.float32)[None, None])
+        out.append(("is_causal", np.where(causal, 0.0, -np.inf).astype(np.float32)[None, None]))
     return out
 
 
@@ -436,15 +537,18 @@ def mask_from_torch(
 
     Args:
       attn_mask: [T, S] or [B*N, T, S] (torch's flattened batch-major order),
-        bool or float, torch tensor or array.
-      key_padding_mask: [B, S] (or unbatched [S]), True/-inf = ignore that key.
+        bool or float (the dtypes torch accepts), torch tensor or array.
+      key_padding_mask: [B, S] (or unbatched [S]), bool or float; True/-inf =
+        ignore that key.
       num_heads: needed for a 3-D ``attn_mask``.
-      batch_size: optional check of the batch size.
+      batch_size: optional check of B.
       is_causal: also apply a top-left causal mask ``s <= t`` (torch treats
         its ``is_causal`` as a hint that ``attn_mask`` is causal; here it is
         applied explicitly, so it is harmless when ``attn_mask`` is causal).
-      query_length: T, needed for ``is_causal`` without ``attn_mask``.
-      key_length: S, defaults to ``query_length`` (or the mask's S).
+      query_length: T, needed for ``is_causal`` without ``attn_mask``;
+        otherwise an optional check.
+      key_length: S, an optional check; for ``is_causal`` it defaults to the
+        masks' S, else to ``query_length``.
 
     Returns:
       A bool jax array broadcastable to [B, N, T, S] — [B|1, N|1, T|1, S] —
@@ -452,22 +556,24 @@ def mask_from_torch(
       masks entirely come out NaN in torch and as zeros in flax_mha's attention.
 
     Raises:
-      ValueError: for a float mask with values other than 0 and -inf, or for
-        inconsistent shapes.
+      ValueError: for a float mask with values other than 0 and -inf, a mask of
+        the wrong rank, or masks and sizes that disagree on B, T or S (the
+        message names both arguments and their shapes).
+      TypeError: for a mask that is neither bool nor floating (e.g. integer
+        0/1 masks, which torch's `nn.MultiheadAttention` rejects too).
     """
-    if is_causal and key_length is None:
-        key_length = query_length
     masks = _torch_masks_4d(
         attn_mask, key_padding_mask, num_heads, batch_size, is_causal, query_length, key_length
     )
     if not masks:
         return None
     result = None
-    for m in masks:
+    for name, m in masks:
         if not np.all((m == 0) | (m == -np.inf)):
             raise ValueError(
-                "a float torch mask with values other than 0 and -inf cannot be turned into a "
-                "boolean mask; use bias_from_torch() and pass the bias to the attention function"
+                f"{name} should be bool or hold only 0 and -inf to become a boolean mask, but "
+                "got other float values; use bias_from_torch() and pass the bias to the "
+                "attention function"
             )
         allowed = m == 0
         result = allowed if result is None else np.logical_and(result, allowed)
@@ -493,15 +599,17 @@ def bias_from_torch(
 
     Returns:
       A float32 jax array broadcastable to [B, N, T, S], or None.
+
+    Raises:
+      ValueError, TypeError: as `mask_from_torch`, except that any float values
+        are allowed.
     """
-    if is_causal and key_length is None:
-        key_length = query_length
     masks = _torch_masks_4d(
         attn_mask, key_padding_mask, num_heads, batch_size, is_causal, query_length, key_length
     )
     if not masks:
         return None
-    total = masks[0]
-    for m in masks[1:]:
+    total = masks[0][1]
+    for _, m in masks[1:]:
         total = total + m  # numpy broadcasting; jax rank promotion does not apply
     return jnp.asarray(total)

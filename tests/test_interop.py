@@ -320,3 +320,157 @@ def test_to_torch_rejects_configs_without_torch_equivalent():
 def test_import_does_not_import_torch():
     code = "import sys, flax_mha.interop; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- regression tests for issue 12, item 13 ------------------------------------------
+
+
+def _bad_state_dicts():
+    """(name, state dict with one tensor of the wrong shape, expected shape, actual shape)."""
+    packed = dict(torch.nn.MultiheadAttention(8, 2).state_dict())
+    separate = dict(torch.nn.MultiheadAttention(8, 2, kdim=5, vdim=7).state_dict())
+    cases = [
+        (packed, "in_proj_bias", (23,), (24,)),
+        (packed, "in_proj_bias", (3, 8), (24,)),
+        (packed, "out_proj.bias", (7,), (8,)),
+        (packed, "out_proj.weight", (8, 6), (8, 8)),
+        (packed, "in_proj_weight", (25, 8), (24, 8)),
+        (separate, "q_proj_weight", (8, 6), (8, 8)),
+        (separate, "k_proj_weight", (6, 5), (8, 5)),
+        (separate, "v_proj_weight", (7,), (8, "vdim")),
+        (separate, "in_proj_bias", (16,), (24,)),
+    ]
+    return [
+        pytest.param(key, sd | {key: torch.zeros(actual)}, expected, actual, id=f"{key}{actual}")
+        for sd, key, actual, expected in cases
+    ]
+
+
+@pytest.mark.parametrize("key,state,expected,actual", _bad_state_dicts())
+def test_wrong_shaped_torch_tensor_names_key_and_both_shapes(key, state, expected, actual):
+    expected_text = str(expected).replace("'vdim'", "vdim")
+    with pytest.raises(ValueError) as info:
+        from_torch_mha(state, num_heads=2)
+    msg = str(info.value)
+    assert key in msg and str(actual) in msg, msg
+    assert expected_text in msg, msg
+
+
+def test_wrong_shaped_tensor_in_a_module_is_rejected():
+    m = torch.nn.MultiheadAttention(8, 2)
+    m.out_proj.bias = torch.nn.Parameter(torch.zeros(7))
+    with pytest.raises(
+        ValueError, match=r"out_proj\.bias should have shape \(8,\) .*, but got \(7,\)"
+    ):
+        from_torch_mha(m)
+
+
+def test_unknown_state_dict_key_is_rejected():
+    sd = dict(torch.nn.MultiheadAttention(8, 2).state_dict()) | {"extra.weight": torch.zeros(2)}
+    with pytest.raises(ValueError, match=r"extra\.weight.*prefix"):
+        from_torch_mha(sd, num_heads=2)
+
+
+def test_partition_params_convert_like_plain_params():
+    MultiHeadAttention = _ours()
+    x = make_inputs(2, 3, 3, 8, None, None, 0)[0]
+    boxed = MultiHeadAttention(num_heads=2, partition_params=True).init(jax.random.key(0), x)
+    assert isinstance(boxed["params"]["query"]["kernel"], nn.LogicallyPartitioned)
+    plain = nn.meta.unbox(boxed)
+    expected = to_torch_state_dict(plain)
+    for params in (boxed, boxed["params"]):
+        got = to_torch_state_dict(params)
+        assert got.keys() == expected.keys()
+        for key in got:
+            assert torch.equal(got[key], expected[key]), key
+        module = to_torch_mha(params, num_heads=2).eval()
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, expected[key]), key
+    # and the torch module computes what ours computes with the boxed params
+    layer = MultiHeadAttention(num_heads=2, partition_params=True)
+    out_ours = layer.apply(boxed, x, x, x, deterministic=True)
+    out_t, _ = run_torch(to_torch_mha(boxed).eval(), x, x, x, need_weights=False)
+    np.testing.assert_allclose(np.asarray(out_ours), out_t, **TOL)
+
+
+@pytest.mark.parametrize("convert", [mask_from_torch, bias_from_torch])
+@pytest.mark.parametrize("arg", ["attn_mask", "key_padding_mask"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, np.int32])
+def test_integer_masks_are_rejected_with_their_dtype(convert, arg, dtype):
+    shape = (3, 3) if arg == "attn_mask" else (1, 3)
+    if isinstance(dtype, torch.dtype):
+        mask, dtype_text = torch.ones(shape, dtype=dtype), str(dtype)
+    else:
+        mask, dtype_text = np.ones(shape, dtype=dtype), np.dtype(dtype).name
+    with pytest.raises(TypeError) as info:
+        convert(**{arg: mask})
+    msg = str(info.value)
+    assert msg.startswith(f"{arg} should be"), msg
+    assert "bool" in msg and "float" in msg and dtype_text in msg, msg
+    assert "float torch mask" not in msg
+
+
+def test_torch_rejects_integer_masks_too():
+    m = make_torch_mha(8, 2)
+    x = torch.zeros(1, 3, 8)
+    with pytest.raises(AssertionError, match="only bool and floating types"):
+        m(x, x, x, attn_mask=torch.zeros(3, 3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("convert", [mask_from_torch, bias_from_torch])
+def test_mask_length_mismatch_names_both_arguments(convert):
+    attn = torch.zeros(3, 4, dtype=torch.bool)
+    kpm = torch.zeros(2, 5, dtype=torch.bool)
+    with pytest.raises(ValueError) as info:
+        convert(attn, kpm)
+    msg = str(info.value)
+    for text in ("attn_mask", "key_padding_mask", "(3, 4)", "(2, 5)"):
+        assert text in msg, msg
+
+
+@pytest.mark.parametrize(
+    "kwargs,names",
+    [
+        # a 3-D attn_mask [B*N, T, S] with B=2 against a key_padding_mask with B=3
+        (dict(attn_mask=np.zeros((4, 3, 3), bool), key_padding_mask=np.zeros((3, 3), bool)),
+         ("attn_mask", "key_padding_mask", "(4, 3, 3)", "(3, 3)")),
+        (dict(attn_mask=np.zeros((3, 4), bool), is_causal=True, query_length=5),
+         ("attn_mask", "query_length=5", "(3, 4)")),
+        (dict(key_padding_mask=np.zeros((1, 4), bool), is_causal=True, query_length=3,
+              key_length=5), ("key_padding_mask", "key_length=5", "(1, 4)")),
+    ],
+)  # fmt: skip
+def test_mask_size_mismatches_name_both_sources(kwargs, names):
+    with pytest.raises(ValueError) as info:
+        mask_from_torch(**kwargs, num_heads=2)
+    msg = str(info.value)
+    for text in names:
+        assert text in msg, msg
+
+
+def test_is_causal_key_length_defaults_to_the_masks_key_length():
+    attn = np.zeros((3, 4), bool)
+    mask = mask_from_torch(attn, is_causal=True, query_length=3)
+    np.testing.assert_array_equal(mask[0, 0], np.tril(np.ones((3, 4), bool)))
+
+
+def test_from_torch_mha_takes_no_batch_first():
+    # Weights do not depend on the layout and our module always takes [B, L, D]; an argument
+    # that changed nothing would suggest otherwise, so it is not accepted.
+    with pytest.raises(TypeError, match="batch_first"):
+        from_torch_mha(make_torch_mha(8, 2), batch_first=False)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_to_torch_mha_batch_first_sets_the_torch_layout(mha_cls, batch_first):
+    B, T, S, E = 2, 3, 4, 8
+    q, k, v = make_inputs(B, T, S, E, None, None, 2)
+    variables = mha_cls(num_heads=2).init(jax.random.key(2), q, k, v)
+    out_ours = np.asarray(mha_cls(num_heads=2).apply(variables, q, k, v))
+    module = to_torch_mha(variables, batch_first=batch_first).eval()
+    assert module.batch_first is batch_first
+    args = [torch.from_numpy(x if batch_first else x.transpose(1, 0, 2)) for x in (q, k, v)]
+    with torch.no_grad():
+        out_t, _ = module(*args, need_weights=False)
+    out_t = out_t.numpy() if batch_first else out_t.numpy().transpose(1, 0, 2)
+    np.testing.assert_allclose(out_ours, out_t, **TOL)
