@@ -9,7 +9,7 @@ Public API (everything else is internal):
 * `dot_product_attention`: batched attention over several backends;
 * `ring_attention`: sequence-parallel attention over a device mesh;
 * Flax modules: `MultiHeadAttention`, `MultiHeadDotProductAttention`, `SelfAttention`,
-  `LayerNorm`;
+  `LayerNorm`, and `cache_overflow` to check their decode caches;
 * masks: `make_attention_mask`, `make_causal_mask`, `combine_masks`, `causal_mask`,
   `length_mask`.
 """
@@ -18,6 +18,7 @@ from flax_mha import jitted as jitted
 from flax_mha.attention import MultiHeadAttention as MultiHeadAttention
 from flax_mha.attention import MultiHeadDotProductAttention as MultiHeadDotProductAttention
 from flax_mha.attention import SelfAttention as SelfAttention
+from flax_mha.attention import cache_overflow as cache_overflow
 from flax_mha.functional import attention_scores as attention_scores
 from flax_mha.functional import concat_heads as concat_heads
 from flax_mha.functional import layer_norm as layer_norm

@@ -17,8 +17,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen.module import merge_param
-from jax import Array, lax
+from jax import Array
 
 from flax_mha.checks import as_full_rank, check_float
 from flax_mha.kernels.dispatch import dot_product_attention
@@ -35,7 +36,7 @@ from flax_mha.layers import (
 from flax_mha.masks import combine_masks, normalize_window
 from flax_mha.variants import DEFAULT_ROPE_BASE, alibi_bias, alibi_slopes, apply_rope
 
-__all__ = ["MultiHeadAttention", "MultiHeadDotProductAttention", "SelfAttention"]
+__all__ = ["MultiHeadAttention", "MultiHeadDotProductAttention", "SelfAttention", "cache_overflow"]
 
 _INPUT_NAMES = {"query": "inputs_q", "key": "inputs_k", "value": "inputs_v"}
 
@@ -63,6 +64,24 @@ def _check_inputs(inputs_q: Array, inputs_k: Array, inputs_v: Array) -> None:
             f"inputs_k and inputs_v should have the same length, but got shapes "
             f"{inputs_k.shape} and {inputs_v.shape}"
         )
+
+
+def _accepted_kwargs(fn: Callable[..., Any]) -> Callable[[str], bool]:
+    """Which keyword arguments ``fn`` takes (all of them if it has ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin): pass everything
+        return lambda name: True
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return lambda name: True
+    return lambda name: name in params
+
+
+def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} should be a positive int, but got {value!r}")
 
 
 class MultiHeadAttention(nn.Module):
@@ -194,8 +213,7 @@ class MultiHeadAttention(nn.Module):
         """
         inputs_k, inputs_v = self._resolve_inputs(inputs_q, inputs_k, inputs_v, inputs_kv)
         _check_inputs(inputs_q, inputs_k, inputs_v)
-        if self.num_heads <= 0:
-            raise ValueError(f"num_heads should be a positive int, but got {self.num_heads}")
+        self._check_config()
         features = self.out_features or inputs_q.shape[-1]
         qkv_features = self.qkv_features or inputs_q.shape[-1]
         if qkv_features % self.num_heads:
@@ -203,32 +221,26 @@ class MultiHeadAttention(nn.Module):
                 f"qkv_features ({qkv_features}) should be divisible by num_heads ({self.num_heads})"
             )
         head_dim = qkv_features // self.num_heads
-        kv_heads = self.num_kv_heads or self.num_heads
-        if kv_heads <= 0 or self.num_heads % kv_heads:
-            raise ValueError(
-                f"num_kv_heads ({self.num_kv_heads}) should be a positive divisor of "
-                f"num_heads ({self.num_heads})"
-            )
+        kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+        accepted = _accepted_kwargs(self.attention_fn)
         query = self._project("query", inputs_q, self.num_heads, head_dim)
         key = self._project("key", inputs_k, kv_heads, head_dim)
         value = self._project("value", inputs_v, kv_heads, head_dim)
-        if self.learned_scale:
-            scale_init = logically_partitioned(
-                nn.initializers.ones, (HEADS,), self.partition_params
-            )
-            per_head = self.param("per_head_scale", scale_init, (self.num_heads,),
-                                  self.param_dtype)  # fmt: skip
-            query = (
-                query
-                * per_head.reshape(self.num_heads, 1).astype(query.dtype)[
-                    (None,) * (query.ndim - 2)
-                ]
-            )
         if self.normalize_qk:
             ln = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                       partition_params=self.partition_params, feature_axis=KV)  # fmt: skip
             query = LayerNorm(name="query_ln", **ln)(query)
             key = LayerNorm(name="key_ln", **ln)(key)
+        if self.learned_scale:
+            # After the QK norm, which would otherwise normalise the scale away.
+            scale_init = logically_partitioned(
+                nn.initializers.ones, (HEADS,), self.partition_params
+            )
+            per_head = self.param("per_head_scale", scale_init, (self.num_heads,),
+                                  self.param_dtype)  # fmt: skip
+            query = query * per_head.astype(query.dtype).reshape(
+                (1,) * (query.ndim - 2) + (self.num_heads, 1)
+            )
 
         if mask is not None:
             batch = inputs_q.shape[:-2]
@@ -252,7 +264,7 @@ class MultiHeadAttention(nn.Module):
             key = apply_rope(key, q_pos if self.decode else jnp.arange(S), self.rope_base)
         if self.decode:
             key, value, mask, kv_length = self._update_cache(
-                query, key, value, mask, prompt_lengths
+                query, key, value, mask, prompt_lengths, accepted("key_value_seq_lengths")
             )
             if kv_length is not None:
                 extra["key_value_seq_lengths"] = kv_length
@@ -283,37 +295,41 @@ class MultiHeadAttention(nn.Module):
                 dropout_rng = self.make_rng("dropout")
         else:
             m_deterministic = True
+        dropping = not m_deterministic
 
-        kwargs = dict(
-            mask=mask,
+        # Options that change the result: an attention_fn that cannot take one is an error.
+        required: dict[str, Any] = dict(extra)
+        if mask is not None:
+            required["mask"] = mask
+        if dropping:
+            required |= dict(dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
+                             deterministic=False)  # fmt: skip
+        if self.precision is not None:
+            required["precision"] = self.precision
+        if self.force_fp32_for_softmax:
+            required["force_fp32_for_softmax"] = True
+        if self.qk_attn_weights_einsum_cls is not None:
+            required["qk_attn_weights_einsum"] = self.qk_attn_weights_einsum_cls()
+        if self.attn_weights_value_einsum_cls is not None:
+            required["attn_weights_value_einsum"] = self.attn_weights_value_einsum_cls()
+        if sow_weights:
+            required["module"] = self
+        # Options that match the function's own defaults when not taken.
+        optional = dict(
             dropout_rng=dropout_rng,
             dropout_rate=self.dropout_rate,
             broadcast_dropout=self.broadcast_dropout,
             deterministic=m_deterministic,
             dtype=self.dtype,
-            precision=self.precision,
-            force_fp32_for_softmax=self.force_fp32_for_softmax,
-            qk_attn_weights_einsum=(
-                self.qk_attn_weights_einsum_cls() if self.qk_attn_weights_einsum_cls else None
-            ),
-            attn_weights_value_einsum=(
-                self.attn_weights_value_einsum_cls() if self.attn_weights_value_einsum_cls else None
-            ),
         )
-        accepted = inspect.signature(self.attention_fn).parameters
-        if mask is not None:
-            extra["mask"] = mask  # a mask is never dropped silently: it must be accepted
-        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-        missing = [k for k in extra if k not in accepted]
+        missing = [k for k in required if not accepted(k)]
         if missing:
             raise ValueError(
                 f"attention_fn {getattr(self.attention_fn, '__name__', self.attention_fn)} does "
                 f"not accept {missing}, which the configured options need; use "
                 f"flax_mha.dot_product_attention"
             )
-        kwargs |= extra
-        if sow_weights:
-            kwargs["module"] = self
+        kwargs = {k: v for k, v in optional.items() if accepted(k)} | required
         heads = self.attention_fn(query, key, value, **kwargs)
 
         return OutputProjection(
@@ -330,6 +346,36 @@ class MultiHeadAttention(nn.Module):
             name="out",
         )(heads)
 
+    def _check_config(self) -> None:
+        """Checks the fields that no input shape can catch; runs once, at trace time."""
+        _check_positive_int("num_heads", self.num_heads)
+        _check_positive_int("qkv_features", self.qkv_features, allow_none=True)
+        _check_positive_int("out_features", self.out_features, allow_none=True)
+        _check_positive_int("num_kv_heads", self.num_kv_heads, allow_none=True)
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads ({self.num_kv_heads}) should be a positive divisor of "
+                f"num_heads ({self.num_heads})"
+            )
+        rate = self.dropout_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float, np.number)):
+            raise TypeError(f"dropout_rate should be a float in [0, 1), but got {rate!r}")
+        if not 0.0 <= rate < 1.0:  # also rejects NaN
+            raise ValueError(f"dropout_rate should be in [0, 1), but got {rate!r}")
+        for name in ("dtype", "param_dtype"):
+            dtype = getattr(self, name)
+            if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.inexact):
+                raise TypeError(
+                    f"{name} should be a floating-point dtype, but got {jnp.dtype(dtype)}"
+                )
+        cap = self.logit_softcap
+        if cap is not None and not (isinstance(cap, (int, float, np.number)) and 0 < cap < np.inf):
+            raise ValueError(f"logit_softcap should be a positive finite number, but got {cap!r}")
+        if self.use_rope and not (isinstance(self.rope_base, (int, float, np.number))
+                                  and 1 < self.rope_base < np.inf):  # fmt: skip
+            raise ValueError(f"rope_base should be a finite number > 1, but got {self.rope_base!r}")
+        normalize_window(self.local_window_size)
+
     @staticmethod
     def _resolve_inputs(
         inputs_q: Array, inputs_k: Array | None, inputs_v: Array | None, inputs_kv: Array | None
@@ -341,8 +387,9 @@ class MultiHeadAttention(nn.Module):
                     "inputs_kv should be None when inputs_k or inputs_v is given; "
                     "prefer inputs_k and inputs_v"
                 )
-            warnings.warn(
-                "inputs_kv is deprecated (as in Flax); use inputs_k and inputs_v instead",
+            warnings.warn(  # Flax's category and message
+                "The inputs_kv arg will be deprecated soon. Use inputs_k and inputs_v instead. "
+                "See https://github.com/google/flax/discussions/3389 for more information.",
                 DeprecationWarning,
                 stacklevel=3,
             )
@@ -354,7 +401,23 @@ class MultiHeadAttention(nn.Module):
                     "array for both, pass it as inputs_k"
                 )
             inputs_k = inputs_q
-        return inputs_k, inputs_k if inputs_v is None else inputs_v
+        if inputs_v is None:
+            return inputs_k, inputs_k
+        shape = getattr(inputs_v, "shape", ())
+        if len(shape) >= 2 and shape[-1] == shape[-2]:
+            # Flax's warning for a mask passed positionally (the pre-0.7.4 signature).
+            warnings.warn(
+                f"You are passing an array of shape {shape} to the `inputs_v` arg, when you "
+                "may have intended to pass it to the `mask` arg. As of Flax version 0.7.4, "
+                "the function signature of MultiHeadDotProductAttention's `__call__` method "
+                "has changed to `__call__(inputs_q, inputs_k=None, inputs_v=None, *, "
+                "inputs_kv=None, mask=None, deterministic=None)`. Use the kwarg `mask` "
+                "instead. See https://github.com/google/flax/discussions/3389 and read the "
+                "docstring for more information.",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+        return inputs_k, inputs_v
 
     def _project(self, name: str, x: Array, num_heads: int, head_dim: int) -> Array:
         """[..., D] -> [..., N, H] with the ``name`` projection, checking loaded params."""
@@ -389,6 +452,7 @@ class MultiHeadAttention(nn.Module):
         value: Array,
         mask: Array | None,
         prompt_lengths: Array | None = None,
+        accepts_lengths: bool = False,
     ) -> tuple[Array, Array, Array | None, Array | None]:
         """Writes this call's keys/values into the cache and hides unwritten slots.
 
@@ -399,7 +463,10 @@ class MultiHeadAttention(nn.Module):
         prompt) and let query ``t`` attend to cache slots ``s <= cache_index + t``.
         A prefill with ``prompt_lengths`` adds ``cache_lengths`` [batch...]: from then
         on each one-token call writes sequence ``b`` at ``cache_lengths[b]``.
-        The caller keeps every position below ``max_length``.
+
+        The cache never overwrites a slot it holds: positions at or past
+        ``max_length`` are not written, their queries attend to nothing (zero rows),
+        and the counters keep counting, so `cache_overflow` reports it.
 
         Returns:
           ``(keys, values, mask, kv_length)``. For a one-token step with an
@@ -431,31 +498,23 @@ class MultiHeadAttention(nn.Module):
                     f"query of shape {query.shape}"
                 )
             lengths = self.get_variable("cache", "cache_lengths")
-            key, value = (
-                _write_per_sequence(c.value, new, lengths)
-                for c, new in ((cached_key, key), (cached_value, value))
-            )
+            positions = jnp.broadcast_to(lengths, batch)[..., None]  # [batch..., T=1]
             self.put_variable("cache", "cache_lengths", lengths + 1)
-            visible_until = lengths[..., None]  # [batch..., T=1]: s <= own position
         else:
-            zero = jnp.zeros((), index.dtype)
-            start = (zero,) * len(batch) + (index, zero, zero)
-            key = lax.dynamic_update_slice(
-                cached_key.value, key.astype(cached_key.value.dtype), start
-            )
-            value = lax.dynamic_update_slice(
-                cached_value.value, value.astype(cached_value.value.dtype), start
-            )
-            visible_until = index + jnp.arange(T)  # [T]
+            positions = index + jnp.arange(T, dtype=index.dtype)  # [T]
+        key, value = (
+            _write(c.value, new, positions) for c, new in ((cached_key, key), (cached_value, value))
+        )
         cached_key.value, cached_value.value = key, value
         cache_index.value = index + T
-        accepts_lengths = "key_value_seq_lengths" in inspect.signature(self.attention_fn).parameters
+        # A query past the end of the cache has lost keys it should see: it attends to nothing.
+        visible_until = jnp.where(positions < max_length, positions, -1)
         if T == 1 and accepts_lengths:
             return key, value, mask, jnp.broadcast_to(visible_until[..., 0] + 1, batch)
         s = jnp.arange(max_length)
         visible = s.reshape((1,) * visible_until.ndim + s.shape) <= visible_until[..., None]
         if prompt_lengths is not None:
-            lengths = jnp.broadcast_to(jnp.asarray(prompt_lengths, jnp.int32), batch)
+            lengths = _prompt_lengths(prompt_lengths, batch, T)
             self.put_variable("cache", "cache_lengths", index + lengths)
             ends = (index + lengths)[..., None]
             real = s.reshape((1,) * (ends.ndim - 1) + s.shape) < ends  # padding is never a key
@@ -467,15 +526,73 @@ class MultiHeadAttention(nn.Module):
         return key, value, combine_masks(mask, visible), None
 
 
-def _write_per_sequence(cache: Array, new: Array, positions: Array) -> Array:
-    """Writes ``new`` [batch..., 1, K, H] into ``cache`` [batch..., L, K, H] at ``positions[b]``."""
+def _prompt_lengths(prompt_lengths: Any, batch: tuple[int, ...], T: int) -> Array:
+    """Checks concrete prompt lengths (ints in [0, T], shape [batch...]); clips traced ones."""
+    lengths = jnp.asarray(prompt_lengths)
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"prompt_lengths should be an integer array, but got dtype {lengths.dtype}")
+    try:
+        lengths = jnp.broadcast_to(lengths, batch)
+    except ValueError:
+        raise ValueError(
+            f"prompt_lengths should have shape {batch}, but got {lengths.shape}"
+        ) from None
+    if not isinstance(lengths, jax.core.Tracer):
+        bad = np.asarray(lengths)
+        if bad.size and (bad.min() < 0 or bad.max() > T):
+            raise ValueError(
+                f"prompt_lengths should be in [0, {T}] (the prompt length), but got {bad.tolist()}"
+            )
+    return jnp.clip(lengths, 0, T).astype(jnp.int32)
+
+
+def _write(cache: Array, new: Array, positions: Array) -> Array:
+    """Writes ``new`` [batch..., T, K, H] into ``cache`` [batch..., L, K, H] at ``positions``.
+
+    ``positions`` is [T] (the same for every sequence) or [batch..., T] (per sequence).
+    Positions at or past ``L`` are dropped, never clamped onto the last slots.
+    """
+    new = new.astype(cache.dtype)
+    if positions.ndim == 1:
+        return cache.at[..., positions, :, :].set(new, mode="drop")
     batch = cache.shape[:-3]
     flat = cache.reshape(-1, *cache.shape[-3:])
-    rows = new.astype(cache.dtype).reshape(-1, *new.shape[-3:])
-    pos = jnp.broadcast_to(positions, batch).reshape(-1)
-    zero = jnp.zeros((), pos.dtype)
-    out = jax.vmap(lambda c, r, p: lax.dynamic_update_slice(c, r, (p, zero, zero)))(flat, rows, pos)
+    rows = new.reshape(-1, *new.shape[-3:])
+    pos = jnp.broadcast_to(positions, (*batch, new.shape[-3])).reshape(flat.shape[0], -1)
+    out = jax.vmap(lambda c, r, p: c.at[p].set(r, mode="drop"))(flat, rows, pos)
     return out.reshape(cache.shape)
+
+
+def cache_overflow(cache: Any) -> Array:
+    """Whether any `MultiHeadAttention` cache in ``cache`` was asked to hold too much.
+
+    Decoding past ``max_length`` never overwrites a cached position: the extra keys
+    and values are dropped and those queries attend to nothing (zero output rows).
+    Because positions are traced under `jax.jit`, this is reported as data; check
+    it after a generation loop.
+
+    Args:
+      cache: a ``cache`` collection (of one module or of a whole model).
+
+    Returns:
+      A bool scalar: True if a cache index or a ragged cache length ran past its
+      ``max_length``.
+    """
+    flags = [jnp.zeros((), bool)]
+
+    def visit(node: Any) -> None:
+        if not hasattr(node, "items"):
+            return
+        if "cached_key" in node and "cache_index" in node:
+            max_length = node["cached_key"].shape[-3]
+            flags.append(jnp.asarray(node["cache_index"]) > max_length)
+            if "cache_lengths" in node:
+                flags.append(jnp.any(jnp.asarray(node["cache_lengths"]) > max_length))
+        for child in node.values():
+            visit(child)
+
+    visit(cache)
+    return jnp.any(jnp.stack(flags))
 
 
 class MultiHeadDotProductAttention(MultiHeadAttention):

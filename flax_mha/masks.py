@@ -14,6 +14,7 @@ Letters: ``T`` query length, ``S`` key length, ``B`` batch.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -31,30 +32,42 @@ __all__ = [
 ]
 
 
+def _window_side(size: Any, whole: Any) -> int:
+    try:
+        side = operator.index(size)  # ints, NumPy ints and concrete JAX int scalars
+    except TypeError:
+        raise TypeError(
+            f"local_window_size should be an int or a (left, right) pair of static ints, "
+            f"but got {whole!r}"
+        ) from None
+    if side < 0:
+        raise ValueError(f"local_window_size should be non-negative, but got {whole!r}")
+    return side
+
+
 def normalize_window(local_window_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
     """Returns a local window as ``(left, right)``, as `jax.nn.dot_product_attention` reads it.
 
     An int ``w`` means ``(w, w)``. Query ``t`` may attend to key ``s`` when
-    ``t - left <= s <= t + right``.
+    ``t - left <= s <= t + right``. Sizes must be static integers (Python or NumPy
+    ints, or concrete JAX integer scalars); floats are rejected rather than truncated.
 
     Raises:
-      ValueError: if a size is negative or the tuple does not have two entries.
+      TypeError: if a size is not an integer (a float, or a traced value).
+      ValueError: if a size is negative or a sequence does not have two entries.
     """
     if local_window_size is None:
         return None
-    if isinstance(local_window_size, int):
-        window = (local_window_size, local_window_size)
-    else:
-        window = tuple(local_window_size)
-        if len(window) != 2:
+    if isinstance(local_window_size, (tuple, list)):
+        if len(local_window_size) != 2:
             raise ValueError(
                 f"local_window_size should be an int or a (left, right) pair, "
                 f"but got {local_window_size!r}"
             )
-    left, right = (int(w) for w in window)
-    if left < 0 or right < 0:
-        raise ValueError(f"local_window_size should be non-negative, but got {local_window_size!r}")
-    return left, right
+        left, right = (_window_side(w, local_window_size) for w in local_window_size)
+        return left, right
+    side = _window_side(local_window_size, local_window_size)
+    return side, side
 
 
 def position_mask(

@@ -320,3 +320,160 @@ def test_decode_step_with_wrong_query_shape_is_rejected():
     variables = module.init(jax.random.key(0), X)
     with pytest.raises(ValueError, match="autoregressive cache"):
         module.apply(variables, jnp.zeros((3, 1, 8)), mutable=["cache"])
+
+
+# --- Regressions (issue 12): options never dropped, cache never overrun, config checked ------
+
+
+def test_attention_fn_with_var_kwargs_gets_dropout_dtype_and_precision():
+    def attn(q, k, v, **kw):
+        return flax_mha.dot_product_attention(q, k, v, **kw)
+
+    kw = dict(num_heads=2, dropout_rate=0.5, dtype=jnp.bfloat16)
+    ours, custom = (
+        flax_mha.MultiHeadAttention(**kw),
+        flax_mha.MultiHeadAttention(attention_fn=attn, **kw),
+    )
+    x = rand(0, (2, 5, 8))
+    params = ours.init(jax.random.key(1), x, deterministic=True)
+    rngs = {"dropout": jax.random.key(2)}
+    train = custom.apply(params, x, deterministic=False, rngs=rngs)
+    evaluation = custom.apply(params, x, deterministic=True)
+    assert train.dtype == jnp.bfloat16
+    assert (
+        float(jnp.max(jnp.abs(train.astype(jnp.float32) - evaluation.astype(jnp.float32)))) > 1e-2
+    )
+    np.testing.assert_array_equal(train, ours.apply(params, x, deterministic=False, rngs=rngs))
+
+
+def test_attention_fn_that_cannot_drop_out_is_an_error_only_when_dropout_is_active():
+    def attn(q, k, v):  # no dropout, no mask
+        return flax_mha.dot_product_attention(q, k, v)
+
+    module = flax_mha.MultiHeadAttention(num_heads=2, dropout_rate=0.3, attention_fn=attn)
+    x = rand(0, (2, 5, 8))
+    params = module.init(jax.random.key(1), x, deterministic=True)
+    np.testing.assert_allclose(
+        module.apply(params, x, deterministic=True),
+        flax_mha.MultiHeadAttention(num_heads=2).apply(params, x),
+        **TOL,
+    )
+    with pytest.raises(
+        ValueError, match=r"does not accept \['dropout_rng', 'dropout_rate', 'deterministic'\]"
+    ):
+        module.apply(params, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    precise = flax_mha.MultiHeadAttention(num_heads=2, attention_fn=attn, precision="highest")
+    with pytest.raises(ValueError, match=r"does not accept \['precision'\]"):
+        precise.init(jax.random.key(1), x)
+
+
+def _steps(module, params, cache, xs):
+    outs = []
+    for t in range(xs.shape[1]):
+        out, state = module.apply(
+            {"params": params, "cache": cache}, xs[:, t : t + 1], mutable=["cache"]
+        )
+        cache = state["cache"]
+        outs.append(out)
+    return jnp.concatenate(outs, 1), cache
+
+
+@pytest.mark.parametrize("max_length", [6, 1030])  # 1030: one-token steps use key_value_seq_lengths
+def test_decode_past_the_cache_never_overwrites_and_is_reported(max_length):
+    module = flax_mha.MultiHeadAttention(num_heads=2, decode=True)
+    x = rand(0, (2, max_length + 2, 8))
+    variables = module.init(jax.random.key(1), x[:, :max_length])
+    params, cache = variables["params"], variables["cache"]
+    assert not bool(flax_mha.cache_overflow(cache))
+    first = x[:, : max_length - 2]
+    _, full = _steps(module, params, cache, x[:, :max_length]) if max_length < 100 else (None, None)
+    if full is None:  # long cache: prefill all but two, then step
+        _, state = module.apply({"params": params, "cache": cache}, first, mutable=["cache"])
+        _, full = _steps(module, params, state["cache"], x[:, max_length - 2 : max_length])
+    assert not bool(flax_mha.cache_overflow(full))
+    outs, over = _steps(module, params, full, x[:, max_length:])
+    assert int(over["cache_index"]) == max_length + 2
+    assert bool(flax_mha.cache_overflow(over))
+    np.testing.assert_array_equal(over["cached_key"], full["cached_key"])  # the last slot kept
+    np.testing.assert_array_equal(over["cached_value"], full["cached_value"])
+    # Queries past the end attend to nothing: the output is the output bias alone.
+    np.testing.assert_allclose(outs, jnp.broadcast_to(params["out"]["bias"], outs.shape), **TOL)
+
+
+def test_two_prefills_that_do_not_fit_keep_the_first_prompt():
+    module = flax_mha.MultiHeadAttention(num_heads=2, decode=True)
+    x = rand(0, (1, 8, 8))
+    variables = module.init(jax.random.key(1), x[:, :6])
+    params = variables["params"]
+    _, s1 = module.apply(variables, x[:, :4], mutable=["cache"])
+    _, s2 = module.apply({"params": params, "cache": s1["cache"]}, x[:, 4:8], mutable=["cache"])
+    k1, k2 = s1["cache"]["cached_key"], s2["cache"]["cached_key"]
+    np.testing.assert_array_equal(k2[:, :4], k1[:, :4])  # positions 0-3 untouched
+    _, s_ok = module.apply({"params": params, "cache": s1["cache"]}, x[:, 4:6], mutable=["cache"])
+    np.testing.assert_array_equal(k2[:, 4:6], s_ok["cache"]["cached_key"][:, 4:6])
+    assert bool(flax_mha.cache_overflow(s2["cache"]))
+
+
+@pytest.mark.parametrize("lengths", [[5, 2], [-1, 2]])
+def test_prompt_lengths_outside_the_prompt_are_rejected(lengths):
+    module = flax_mha.MultiHeadAttention(num_heads=2, decode=True)
+    variables = module.init(jax.random.key(1), X)
+    with pytest.raises(ValueError, match=r"prompt_lengths should be in \[0, 4\]"):
+        module.apply(variables, X[:, :4], prompt_lengths=jnp.array(lengths), mutable=["cache"])
+
+
+CONFIG_BAD = [
+    ("dropout negative", dict(dropout_rate=-0.1), ValueError, r"dropout_rate should be in \[0, 1\), but got -0.1"),
+    ("dropout nan", dict(dropout_rate=float("nan")), ValueError, r"dropout_rate should be in \[0, 1\), but got nan"),
+    ("dropout one", dict(dropout_rate=1.0), ValueError, r"dropout_rate should be in \[0, 1\), but got 1.0"),
+    ("int dtype", dict(dtype=jnp.int32), TypeError, "dtype should be a floating-point dtype, but got int32"),
+    ("softcap zero", dict(logit_softcap=0.0), ValueError, "logit_softcap should be a positive finite number, but got 0.0"),
+    ("softcap inf", dict(logit_softcap=float("inf")), ValueError, "logit_softcap should be a positive finite number"),
+    ("window float", dict(local_window_size=(1.7, 0)), TypeError, r"local_window_size should be an int or a \(left, right\) pair of static ints, but got \(1.7, 0\)"),
+    ("window negative", dict(local_window_size=-2), ValueError, "local_window_size should be non-negative, but got -2"),
+    ("num_kv_heads zero", dict(num_kv_heads=0), ValueError, "num_kv_heads should be a positive int, but got 0"),
+    ("qkv_features zero", dict(qkv_features=0), ValueError, "qkv_features should be a positive int, but got 0"),
+    ("num_heads float", dict(num_heads=2.0), ValueError, "num_heads should be a positive int, but got 2.0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "kw", "error", "match"), CONFIG_BAD, ids=[c[0] for c in CONFIG_BAD]
+)
+def test_module_config_bad_values_raise_at_trace_time(name, kw, error, match):
+    module = flax_mha.MultiHeadAttention(**({"num_heads": 2} | kw))
+    with pytest.raises(error, match=match):
+        jax.eval_shape(lambda: module.init(jax.random.key(0), X))
+
+
+@pytest.mark.parametrize("size", [np.int64(2), jnp.array(2), 2])
+def test_local_window_size_takes_numpy_and_jax_integers(size):
+    module = flax_mha.MultiHeadAttention(num_heads=2, local_window_size=size)
+    reference = flax_mha.MultiHeadAttention(num_heads=2, local_window_size=(2, 2))
+    params = reference.init(jax.random.key(0), rand(0, (2, 6, 8)))
+    np.testing.assert_allclose(
+        module.apply(params, rand(0, (2, 6, 8))), reference.apply(params, rand(0, (2, 6, 8))), **TOL
+    )
+
+
+def test_mask_passed_positionally_warns_like_flax_before_failing():
+    theirs, ours = both(num_heads=2)
+    x = rand(0, (2, 5, 8))
+    mask = flax_mha.make_causal_mask(jnp.ones((2, 5)))  # [2, 1, 5, 5]
+    params = ours.init(jax.random.key(1), x)
+    match = r"you may have intended to pass it to the `mask` arg"
+    with pytest.warns(DeprecationWarning, match=match), pytest.raises(Exception):  # noqa: B017
+        theirs.apply(params, x, x, mask)  # Flax fails on a parameter shape
+    with pytest.warns(DeprecationWarning, match=match), pytest.raises(ValueError, match="inputs_v"):
+        ours.apply(params, x, x, mask)
+
+
+def test_inputs_kv_warning_has_flax_category_and_message():
+    theirs, ours = both(num_heads=2)
+    x = rand(0, (2, 5, 8))
+    params = ours.init(jax.random.key(1), x)
+    with pytest.warns(DeprecationWarning) as flax_record:
+        theirs.apply(params, x, inputs_kv=x)
+    with pytest.warns(DeprecationWarning) as our_record:
+        ours.apply(params, x, inputs_kv=x)
+    assert [str(w.message) for w in our_record] == [str(w.message) for w in flax_record]

@@ -67,7 +67,7 @@ def test_softcap_in_single_head_attention():
 
 
 def np_module(p, x, *, N, K, causal=False, window=None, rope=False, alibi=False, cap=None,
-              head_scale=None):  # fmt: skip
+              head_scale=None, qk_norm=False):  # fmt: skip
     """float64 reference of MultiHeadAttention's forward with the variant options."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
     x = np.asarray(x, np.float64)
@@ -75,6 +75,13 @@ def np_module(p, x, *, N, K, causal=False, window=None, rope=False, alibi=False,
     proj = {n: np.einsum("btd,dnh->btnh", x, p[n]["kernel"]) + p[n]["bias"]
             for n in ("query", "key", "value")}  # fmt: skip
     q, k, v = proj["query"], proj["key"], proj["value"]
+    if qk_norm:  # layer norm over each head's features, scale only (eps 1e-6)
+
+        def ln(a, scale):
+            a = (a - a.mean(-1, keepdims=True)) / np.sqrt(a.var(-1, keepdims=True) + 1e-6)
+            return a * scale
+
+        q, k = ln(q, p["query_ln"]["scale"]), ln(k, p["key_ln"]["scale"])
     if head_scale is not None:
         q = q * np.asarray(head_scale, np.float64)[:, None]
     if rope:
@@ -111,6 +118,9 @@ OPTIONS = {
     "alibi": (dict(use_alibi=True, is_causal=True), dict(alibi=True, causal=True)),
     "softcap": (dict(logit_softcap=2.0), dict(cap=2.0)),
     "learned_scale": (dict(learned_scale=True), dict()),
+    "learned_scale_qk_norm": (dict(learned_scale=True, normalize_qk=True), dict(qk_norm=True)),
+    "gqa_alibi": (dict(num_kv_heads=2, use_alibi=True, is_causal=True),
+                  dict(K=2, alibi=True, causal=True)),
     "all": (dict(num_kv_heads=2, is_causal=True, use_rope=True, logit_softcap=3.0,
                  local_window_size=(3, 0), learned_scale=True),
             dict(K=2, causal=True, rope=True, cap=3.0, window=(3, 0))),
@@ -137,7 +147,9 @@ def test_module_option_matches_numpy_and_has_gradients(name):
                     order=1, modes=["rev"])  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["gqa", "rope", "alibi", "all"])
+@pytest.mark.parametrize(
+    "name", ["gqa", "rope", "alibi", "gqa_alibi", "learned_scale_qk_norm", "all"]
+)
 def test_decode_prefill_and_steps_equal_full_forward_with_options(name):
     kw, _ = OPTIONS[name]
     kw = dict(kw, is_causal=True)
@@ -222,3 +234,17 @@ def test_ragged_prefill_then_steps_equal_each_sequence_alone(max_length, options
     for b in range(2):
         alone = full.apply({"params": params}, x[b : b + 1, : lengths[b] + 3])[0]
         np.testing.assert_allclose(jnp.concatenate(outs[b]), alone, **TOL)
+
+
+def test_learned_scale_is_not_normalised_away_by_qk_norm():
+    module = flax_mha.MultiHeadAttention(num_heads=2, learned_scale=True, normalize_qk=True)
+    x = rand(0, (1, 5, 8))
+    params = module.init(jax.random.key(1), x)["params"]
+
+    def loss(scale):
+        return jnp.sum(module.apply({"params": dict(params, per_head_scale=scale)}, x) ** 2)
+
+    out1 = module.apply({"params": params}, x)
+    out10 = module.apply({"params": dict(params, per_head_scale=params["per_head_scale"] * 10)}, x)
+    assert float(jnp.max(jnp.abs(out10 - out1))) > 1e-2
+    assert float(jnp.max(jnp.abs(jax.grad(loss)(params["per_head_scale"])))) > 1e-2
