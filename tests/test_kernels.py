@@ -165,9 +165,11 @@ def check_case(
     block_k=32,
     jit=True,
     seed=0,
+    dtype=np.float32,
 ):
     rng = np.random.default_rng(seed)
-    args, cts = make_inputs(rng, B, T, S, N, K, H, Hv, bias_shape)
+    args, cts = make_inputs(rng, B, T, S, N, K, H, Hv, bias_shape, dtype)
+    cts = (cts[0].astype(dtype), cts[1])  # lse is float32 whatever the input dtype
     mask = None if mask_shape is None else rng.random(mask_shape) < 0.7
     scale = 1.0 / np.sqrt(H)
     allowed = allowed_mask(
@@ -290,6 +292,28 @@ def test_random_shapes_and_blocks(
         block_k=block_k,
         seed=seed,
     )
+
+
+# --- jax_enable_x64 --------------------------------------------------------------------
+
+
+# Under x64 a Python int index is int64 while the loop indices are int32, and
+# dynamic_slice wants one integer type (issue 12, item 4: MultiHeadAttention crashed at
+# L=400, where the dispatcher picks this kernel). The context manager keeps x64 local.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "name", ["ragged_tails", "triangle_mqa_r4", "everything", "whole_axis_lengths", "no_jit"]
+)
+def test_x64_mode_matches_reference(name, dtype):
+    with jax.enable_x64(True):
+        check_case(**GRID[name], dtype=dtype)
+
+
+@pytest.mark.parametrize("tile", [1, 1024])
+def test_x64_mode_with_chunked_tiles(tile, monkeypatch):
+    monkeypatch.setattr(blockwise_tiles, "TILE_ELEMENTS", tile)
+    with jax.enable_x64(True):
+        check_case(**{**GRID["everything"], "jit": False})
 
 
 # --- edge cases ----------------------------------------------------------------------

@@ -27,6 +27,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array, lax
 
 from flax_mha.kernels import blockwise_tiles as bt
@@ -106,6 +107,8 @@ def _loop(lo, hi, body, init, max_trips: int, whole: bool = False):
         return init
     if whole and not (isinstance(lo, int) and isinstance(hi, int)):
         return lax.cond(lo < hi, lambda st: body(lo, st), lambda st: st, init)
+    # int32 indices even for Python bounds (int64 under jax_enable_x64), like the scans'.
+    lo, hi = (np.int32(x) if isinstance(x, int) else x for x in (lo, hi))
     return lax.fori_loop(lo, hi, body, init)
 
 

@@ -145,6 +145,15 @@ def chunks(batch: int, num_kv_heads: int, rows: int, cols: int) -> Chunks:
     return Chunks(bc, kc, batch // bc, num_kv_heads // kc)
 
 
+def at(*index: Any) -> tuple[Array, ...]:
+    """Start indices for `lax.dynamic_slice` / `lax.dynamic_update_slice`, all int32.
+
+    The loop indices are int32; a Python int beside them would become int64 under
+    ``jax_enable_x64``, and the slicing ops want one integer type.
+    """
+    return tuple(jnp.asarray(i, jnp.int32) for i in index)
+
+
 def _split_q(x: Array, ch: Chunks, num_kv_heads: int) -> Array:
     """[B, T, N, D] -> [bc, nb, T, kc, nkc, G, D] (a reshape, no copy)."""
     B, T, N, D = x.shape
@@ -156,7 +165,7 @@ def q_tile(x: Array, ch: Chunks, c: Any, start: Any, width: int, num_kv_heads: i
     cb, ck = ch.index(c)
     xs = _split_q(x, ch, num_kv_heads)
     G, D = xs.shape[5:]
-    t = lax.dynamic_slice(xs, (0, cb, start, 0, ck, 0, 0), (ch.bc, 1, width, ch.kc, 1, G, D))
+    t = lax.dynamic_slice(xs, at(0, cb, start, 0, ck, 0, 0), (ch.bc, 1, width, ch.kc, 1, G, D))
     t = t.reshape(ch.bc, width, ch.kc, G, D).transpose(0, 2, 3, 1, 4)
     return t.reshape(ch.bc, ch.kc, G * width, D)
 
@@ -177,7 +186,7 @@ def put_q_tile(x: Array, t: Array, ch: Chunks, c: Any, start: Any, width: int) -
     cb, ck = ch.index(c)
     xs = _split_q(x, ch, x.shape[2] // (t.shape[2] // width))
     t = _native_q(t, ch, width, transposed=False).astype(x.dtype)
-    return lax.dynamic_update_slice(xs, t, (0, cb, start, 0, ck, 0, 0)).reshape(x.shape)
+    return lax.dynamic_update_slice(xs, t, at(0, cb, start, 0, ck, 0, 0)).reshape(x.shape)
 
 
 def add_q_tile(x: Array, t: Array, ch: Chunks, c: Any, start: Any, width: int) -> Array:
@@ -185,8 +194,8 @@ def add_q_tile(x: Array, t: Array, ch: Chunks, c: Any, start: Any, width: int) -
     cb, ck = ch.index(c)
     xs = _split_q(x, ch, x.shape[2] // (t.shape[3] // width))
     t = _native_q(t, ch, width, transposed=True)
-    at = (0, cb, start, 0, ck, 0, 0)
-    xs = lax.dynamic_update_slice(xs, lax.dynamic_slice(xs, at, t.shape) + t, at)
+    start_at = at(0, cb, start, 0, ck, 0, 0)
+    xs = lax.dynamic_update_slice(xs, lax.dynamic_slice(xs, start_at, t.shape) + t, start_at)
     return xs.reshape(x.shape)
 
 
@@ -200,8 +209,8 @@ def kv_tile(x: Array, ch: Chunks, c: Any, start: Any, width: int, transposed: bo
     """Keys ``[start, start + width)``: [B, S, K, D] -> [bc, kc, width, D] (or [.., D, width])."""
     cb, ck = ch.index(c)
     D = x.shape[3]
-    at, size = (0, cb, start, 0, ck, 0), (ch.bc, 1, width, ch.kc, 1, D)
-    t = lax.dynamic_slice(_split_kv(x, ch), at, size)
+    size = (ch.bc, 1, width, ch.kc, 1, D)
+    t = lax.dynamic_slice(_split_kv(x, ch), at(0, cb, start, 0, ck, 0), size)
     t = t.reshape(ch.bc, width, ch.kc, D)
     return t.transpose(0, 2, 3, 1) if transposed else t.transpose(0, 2, 1, 3)
 
@@ -210,7 +219,7 @@ def put_kv_tile(x: Array, t: Array, ch: Chunks, c: Any, start: Any) -> Array:
     """Writes a [bc, kc, width, D] tile back into [B, S, K, D] (inverse of `kv_tile`)."""
     cb, ck = ch.index(c)
     t = t.transpose(0, 2, 1, 3).reshape(ch.bc, 1, t.shape[2], ch.kc, 1, t.shape[3])
-    xs = lax.dynamic_update_slice(_split_kv(x, ch), t.astype(x.dtype), (0, cb, start, 0, ck, 0))
+    xs = lax.dynamic_update_slice(_split_kv(x, ch), t.astype(x.dtype), at(0, cb, start, 0, ck, 0))
     return xs.reshape(x.shape)
 
 
@@ -225,7 +234,7 @@ def row_tile(x: Array, ch: Chunks, c: Any, start: Any, width: int) -> Array:
     cb, ck = ch.index(c)
     xs = _split_rows(x, ch)
     G = xs.shape[4]
-    t = lax.dynamic_slice(xs, (0, cb, 0, ck, 0, start), (ch.bc, 1, ch.kc, 1, G, width))
+    t = lax.dynamic_slice(xs, at(0, cb, 0, ck, 0, start), (ch.bc, 1, ch.kc, 1, G, width))
     return t.reshape(ch.bc, ch.kc, G * width)
 
 
@@ -233,7 +242,7 @@ def put_row_tile(x: Array, t: Array, ch: Chunks, c: Any, start: Any, width: int)
     """Writes a [bc, kc, G * width] row tile back into [B, N, T] (inverse of `row_tile`)."""
     cb, ck = ch.index(c)
     t = t.reshape(ch.bc, 1, ch.kc, 1, -1, width).astype(x.dtype)
-    xs = lax.dynamic_update_slice(_split_rows(x, ch), t, (0, cb, 0, ck, 0, start))
+    xs = lax.dynamic_update_slice(_split_rows(x, ch), t, at(0, cb, 0, ck, 0, start))
     return xs.reshape(x.shape)
 
 
@@ -471,9 +480,9 @@ class Tiles(NamedTuple):
         nb, nk_ = (ch.nb if shape[0] > 1 else 1), (ch.nkc if shape[1] > 1 else 1)
         view = dbias.shape[:2] + (shape[0] // nb, nb, shape[1] // nk_, nk_) + shape[2:]
         red = red.reshape((1, 1, red.shape[0], 1, red.shape[1], 1) + red.shape[2:])
-        at = (ii, jj, 0, cb if nb > 1 else 0, 0, ck if nk_ > 1 else 0, 0, 0, 0)
+        start = at(ii, jj, 0, cb if nb > 1 else 0, 0, ck if nk_ > 1 else 0, 0, 0, 0)
         d = dbias.reshape(view)
-        d = lax.dynamic_update_slice(d, lax.dynamic_slice(d, at, red.shape) + red, at)
+        d = lax.dynamic_update_slice(d, lax.dynamic_slice(d, start, red.shape) + red, start)
         return d.reshape(dbias.shape)
 
 
