@@ -58,6 +58,9 @@ def check_qkv(query: Array, key: Array, value: Array) -> None:
     for name, x in (("query", query), ("key", key)):
         if x.shape[-3] == 0:
             raise ValueError(f"{name} should have length >= 1, but got shape {x.shape}")
+    for name, x in (("query", query), ("value", value)):
+        if x.shape[-1] == 0:
+            raise ValueError(f"{name} should have head_dim >= 1, but got shape {x.shape}")
     if query.shape[-1] != key.shape[-1]:
         raise ValueError(
             f"query and key should have the same head_dim, but got shapes {query.shape} "
