@@ -5,17 +5,26 @@ slots of which only the first ``kv_length[b]`` are filled. This kernel reads the
 in blocks of ``block_k`` slots straight from its [B, S, K, H] layout and stops after
 the last filled block, so a step costs time proportional to the filled length, not
 to ``max_length`` (Flax's decode attends over every slot and masks). Blocks are
-combined with the online-softmax recurrence, in float32. Forward only: decoding
-needs no gradients.
+combined with the online-softmax recurrence, in float32.
+
+It has a custom VJP, so that it can be differentiated where the dispatcher picks it
+(a one-query step under ``jax.grad``): the backward pass walks the same filled blocks
+with the saved row log-sum-exp and writes dk, dv block by block (zeros past the
+lengths), in O(S) memory.
 """
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
 #: Cache slots read per loop iteration (a [B, 512, K, H] block; measured on CPU).
 DEFAULT_BLOCK_K = 512
+
+_F32 = jnp.float32
 
 
 def decode_attention(
@@ -23,7 +32,7 @@ def decode_attention(
     key: Array,
     value: Array,
     *,
-    scale: float,
+    scale: float | Array,
     key_value_seq_lengths: Array,
     block_k: int = DEFAULT_BLOCK_K,
 ) -> Array:
@@ -33,33 +42,52 @@ def decode_attention(
       query: [B, 1, N, H] the new queries.
       key: [B, S, K, H] cached keys (``K`` divides ``N``).
       value: [B, S, K, Hv] cached values.
-      scale: score scale.
+      scale: score scale; a Python float or a traced scalar (differentiable).
       key_value_seq_lengths: [B] filled slots per sequence; slots ``>= length`` are ignored.
       block_k: cache slots per block.
 
     Returns:
-      [B, 1, N, Hv] output (zeros for a sequence with length 0).
+      [B, 1, N, Hv] output (zeros, with zero gradients, for a sequence with length 0).
     """
     B, T, N, H = query.shape
     if T != 1:
         raise ValueError(f"query should have length 1 for decode attention, but got {query.shape}")
     S, K, Hv = key.shape[1], key.shape[2], value.shape[-1]
-    G = N // K
     bk = min(block_k, S)
     lengths = jnp.minimum(key_value_seq_lengths.astype(jnp.int32), S)
-    q = (query[:, 0].astype(jnp.float32) * scale).reshape(B, K, G, H)
-    num_blocks = (jnp.max(lengths) + bk - 1) // bk  # dynamic: only filled blocks are read
+    # The scale is applied outside the custom VJP: autodiff then gives the gradient
+    # of a traced scale (a jit argument, a learned parameter) for free.
+    q = (query[:, 0].astype(_F32) * jnp.asarray(scale, _F32)).reshape(B, K, N // K, H)
+    out = _decode(bk, q, key, value, lengths)
+    return out.reshape(B, 1, N, Hv).astype(query.dtype)
+
+
+def _num_blocks(lengths: Array, bk: int) -> Array:
+    """Blocks holding any filled slot: only these are read (a dynamic trip count)."""
+    return (jnp.max(lengths) + bk - 1) // bk
+
+
+def _block(key: Array, value: Array, lengths: Array, j: Array, bk: int):
+    """Block ``j`` of the cache: (start, k, v [B, bk, K, .] float32, valid [B, 1, 1, bk])."""
+    S = key.shape[1]
+    # The last block may start before S - bk: clamp, and mask slots already seen.
+    start = jnp.minimum(j * bk, S - bk)
+    k = lax.dynamic_slice_in_dim(key, start, bk, axis=1).astype(_F32)
+    v = lax.dynamic_slice_in_dim(value, start, bk, axis=1).astype(_F32)
+    pos = start + jnp.arange(bk, dtype=jnp.int32)
+    valid = (pos[None, :] < lengths[:, None]) & (pos[None, :] >= j * bk)  # [B, bk]
+    return start, k, v, valid[:, None, None, :]
+
+
+def _forward(bk: int, q: Array, key: Array, value: Array, lengths: Array):
+    """(out [B, K, G, Hv], lse [B, K, G]) in float32; lse = -inf for empty sequences."""
+    B, K, G, _ = q.shape
+    Hv = value.shape[-1]
 
     def body(j, carry):
         m, l, acc = carry
-        # The last block may start before S - bk: clamp, and mask slots already seen.
-        start = jnp.minimum(j * bk, S - bk)
-        k = lax.dynamic_slice_in_dim(key, start, bk, axis=1).astype(jnp.float32)
-        v = lax.dynamic_slice_in_dim(value, start, bk, axis=1).astype(jnp.float32)
-        s = jnp.einsum("bkgh,bskh->bkgs", q, k)  # [B, K, G, bk]
-        pos = start + jnp.arange(bk)
-        valid = (pos[None, :] < lengths[:, None]) & (pos[None, :] >= j * bk)  # [B, bk]
-        s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
+        _, k, v, valid = _block(key, value, lengths, j, bk)
+        s = jnp.where(valid, jnp.einsum("bkgh,bskh->bkgs", q, k), -jnp.inf)  # [B, K, G, bk]
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.exp(s - m_safe[..., None])
@@ -69,10 +97,62 @@ def decode_attention(
         return m_new, l, acc
 
     init = (
-        jnp.full((B, K, G), -jnp.inf, jnp.float32),
-        jnp.zeros((B, K, G), jnp.float32),
-        jnp.zeros((B, K, G, Hv), jnp.float32),
+        jnp.full((B, K, G), -jnp.inf, _F32),
+        jnp.zeros((B, K, G), _F32),
+        jnp.zeros((B, K, G, Hv), _F32),
     )
-    _, l, acc = lax.fori_loop(0, num_blocks, body, init)
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
-    return out.reshape(B, 1, N, Hv).astype(query.dtype)
+    m, l, acc = lax.fori_loop(0, _num_blocks(lengths, bk), body, init)
+    filled = l > 0
+    l_safe = jnp.where(filled, l, 1.0)
+    return acc / l_safe[..., None], jnp.where(filled, m + jnp.log(l_safe), -jnp.inf)
+
+
+def _backward(bk, q, key, value, lengths, out, lse, dout):
+    """(dq [B, K, G, H] float32, dk, dv in the cache dtypes) over the filled blocks."""
+    # D = sum_s p_s dp_s = dout . out; empty sequences have lse = -inf and only -inf
+    # logits: shift them by 0 so that p = exp(-inf) = 0, not nan.
+    delta = jnp.sum(dout * out, axis=-1)[..., None]
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]
+
+    def add(x: Array, block: Array, start: Array) -> Array:
+        # Added, not written: a clamped last block overlaps slots another block owns.
+        old = lax.dynamic_slice_in_dim(x, start, block.shape[1], axis=1)
+        return lax.dynamic_update_slice_in_dim(x, old + block, start, axis=1)
+
+    def body(j, carry):
+        dq, dk, dv = carry
+        start, k, v, valid = _block(key, value, lengths, j, bk)
+        s = jnp.where(valid, jnp.einsum("bkgh,bskh->bkgs", q, k), -jnp.inf)
+        p = jnp.exp(s - lse)  # [B, K, G, bk]
+        ds = p * (jnp.einsum("bkgh,bskh->bkgs", dout, v) - delta)
+        dq = dq + jnp.einsum("bkgs,bskh->bkgh", ds, k)
+        dk = add(dk, jnp.einsum("bkgs,bkgh->bskh", ds, q), start)
+        dv = add(dv, jnp.einsum("bkgs,bkgh->bskh", p, dout), start)
+        return dq, dk, dv
+
+    init = (
+        jnp.zeros(q.shape, _F32),
+        jnp.zeros(key.shape, _F32),
+        jnp.zeros(value.shape, _F32),
+    )
+    dq, dk, dv = lax.fori_loop(0, _num_blocks(lengths, bk), body, init)
+    return dq, dk.astype(key.dtype), dv.astype(value.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _decode(bk: int, q: Array, key: Array, value: Array, lengths: Array) -> Array:
+    return _forward(bk, q, key, value, lengths)[0]
+
+
+def _decode_fwd(bk, q, key, value, lengths):
+    out, lse = _forward(bk, q, key, value, lengths)
+    return out, (q, key, value, lengths, out, lse)
+
+
+def _decode_bwd(bk, residuals, dout):
+    q, key, value, lengths, out, lse = residuals
+    dq, dk, dv = _backward(bk, q, key, value, lengths, out, lse, dout.astype(_F32))
+    return dq, dk, dv, None  # the lengths are not differentiable
+
+
+_decode.defvjp(_decode_fwd, _decode_bwd)
