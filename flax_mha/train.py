@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -108,7 +109,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _validate_data(config.data, config.model.max_len)
     _validate_train(config.train)
     _validate_mesh(config)
-    _validate_optim(config.optim, config.train.num_steps)
+    _validate_optim(config.optim, config.train.num_steps, config.model.d_model)
 
 
 def _validate_model(m: ml_collections.ConfigDict) -> None:
@@ -151,10 +152,14 @@ def _validate_data(d: ml_collections.ConfigDict, max_len: int) -> None:
     _require(d.num_eval_examples > 0, "data.num_eval_examples", d.num_eval_examples, "be > 0")
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def _validate_train(t: ml_collections.ConfigDict) -> None:
-    for name in ("num_steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
-        _require(t[name] > 0, f"train.{name}", t[name], "be > 0")
-    for name in ("eval_batch_size", "max_checkpoints_to_keep"):
+    for name in ("num_steps", "batch_size", "log_every", "eval_every", "checkpoint_every",
+                 "eval_batch_size", "max_checkpoints_to_keep"):  # fmt: skip
+        _require(_is_int(t[name]), f"train.{name}", t[name], "be an int")
         _require(t[name] > 0, f"train.{name}", t[name], "be > 0")
 
 
@@ -176,9 +181,20 @@ def _validate_mesh(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def _validate_optim(o: ml_collections.ConfigDict, num_steps: int) -> None:
+_OPTIM_NUMBERS = ("learning_rate", "lr_scale", "end_lr_factor", "b1", "b2", "eps",
+                  "weight_decay", "grad_clip_norm", "label_smoothing")  # fmt: skip
+
+
+def _validate_optim(o: ml_collections.ConfigDict, num_steps: int, d_model: int) -> None:
     _require(o.optimizer in OPTIMIZERS, "optim.optimizer", o.optimizer, f"be one of {OPTIMIZERS}")
     _require(o.schedule in SCHEDULES, "optim.schedule", o.schedule, f"be one of {SCHEDULES}")
+    # inf passes every range check below (inf > 0) and trains to NaN: reject it first.
+    for name in _OPTIM_NUMBERS:
+        value = o[name]
+        _require(isinstance(value, (int, float, np.number)) and not isinstance(value, bool),
+                 f"optim.{name}", value, "be a number")  # fmt: skip
+        _require(math.isfinite(value), f"optim.{name}", value, "be finite")
+    _require(_is_int(o.warmup_steps), "optim.warmup_steps", o.warmup_steps, "be an int")
     _require(o.learning_rate > 0, "optim.learning_rate", o.learning_rate, "be > 0")
     _require(o.lr_scale > 0, "optim.lr_scale", o.lr_scale, "be > 0")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "be >= 0")
@@ -196,10 +212,28 @@ def _validate_optim(o: ml_collections.ConfigDict, num_steps: int) -> None:
     _require(o.eps > 0, "optim.eps", o.eps, "be > 0")
     _require(o.end_lr_factor >= 0, "optim.end_lr_factor", o.end_lr_factor, "be >= 0")
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "be >= 0")
+    if o.optimizer == "adamw":
+        # AdamW multiplies each decayed weight by (1 - lr * weight_decay) per step: at
+        # lr * weight_decay >= 1 the weights flip sign every step instead of shrinking.
+        peak = _peak_learning_rate(o, d_model)
+        _require(
+            peak * o.weight_decay < 1,
+            "optim.weight_decay",
+            o.weight_decay,
+            f"be < 1 / the peak learning rate ({1 / peak:.6g}), as AdamW scales the "
+            "weights by 1 - lr * weight_decay each step",
+        )
     _require(o.grad_clip_norm >= 0, "optim.grad_clip_norm", o.grad_clip_norm, "be >= 0")
     _require(
         0.0 <= o.label_smoothing < 1.0, "optim.label_smoothing", o.label_smoothing, "be in [0, 1)"
     )
+
+
+def _peak_learning_rate(o: ml_collections.ConfigDict, d_model: int) -> float:
+    """The largest rate of ``make_schedule`` (the "paper" rate peaks at the warmup's end)."""
+    if o.schedule == "paper":
+        return o.lr_scale * d_model**-0.5 * max(o.warmup_steps, 1) ** -0.5
+    return o.learning_rate
 
 
 def model_config(config: ml_collections.ConfigDict) -> TransformerConfig:

@@ -1,8 +1,10 @@
 """Config files, `--config.a.b=v` overrides, and `validate_config`'s messages."""
 
+import math
 import os
 import pathlib
 
+import ml_collections
 import pytest
 
 from flax_mha import train
@@ -114,15 +116,46 @@ def test_bad_overrides_are_clear_errors(override, message):
         ),
         ("optim.b2", 1.0, "config.optim.b2 should be in [0, 1), but got 1.0"),
         ("seed", -1, "config.seed should be >= 0, but got -1"),
+        # Non-finite and out-of-range optimizer values (issue 12, item 9).
+        (
+            "optim.learning_rate",
+            math.inf,
+            "config.optim.learning_rate should be finite, but got inf",
+        ),
+        (
+            "optim.learning_rate",
+            math.nan,
+            "config.optim.learning_rate should be finite, but got nan",
+        ),
+        ("optim.weight_decay", math.inf, "config.optim.weight_decay should be finite, but got inf"),
+        ("optim.lr_scale", math.inf, "config.optim.lr_scale should be finite, but got inf"),
+        ("optim.eps", math.inf, "config.optim.eps should be finite, but got inf"),
+        ("optim.end_lr_factor", math.nan, "config.optim.end_lr_factor should be finite"),
+        ("optim.grad_clip_norm", math.inf, "config.optim.grad_clip_norm should be finite"),
+        (
+            "optim.learning_rate",
+            "1e-3",
+            "config.optim.learning_rate should be a number, but got '1e-3'",
+        ),
+        (
+            "optim.weight_decay",
+            1000.0,
+            "config.optim.weight_decay should be < 1 / the peak learning rate (1000)",
+        ),
+        ("optim.warmup_steps", 2.5, "config.optim.warmup_steps should be an int, but got 2.5"),
+        ("train.num_steps", 100.5, "config.train.num_steps should be an int, but got 100.5"),
+        ("train.log_every", True, "config.train.log_every should be an int, but got True"),
     ],
 )
 def test_validate_config_names_field_and_value(field, value, message):
-    config = load_config(None)
+    # Through a dict: a config file may build fields of any type (a ConfigDict keeps types).
+    fields = load_config(None).to_dict()
     *groups, name = field.split(".")
-    node = config
+    node = fields
     for g in groups:
         node = node[g]
     node[name] = value
+    config = ml_collections.ConfigDict(fields)
     with pytest.raises(ValueError) as e:
         train.validate_config(config)
     assert message in str(e.value)
@@ -143,6 +176,28 @@ def test_cli_rejects_a_bad_config_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "flax-mha train: error: config.model.num_heads should divide" in err
     assert not os.path.exists(workdir)  # nothing was built, compiled or written
+
+
+@pytest.mark.parametrize("field", ["optim.learning_rate", "optim.weight_decay"])
+def test_cli_rejects_infinite_optimizer_values_before_training(field, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--workdir", str(workdir), f"--config.{field}=inf"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"flax-mha train: error: config.{field} should be finite, but got inf" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not os.path.exists(workdir)
+
+
+def test_weight_decay_bound_follows_the_paper_schedule_peak():
+    config = load_config(CONFIGS / "base.py")  # paper schedule: peak 512**-0.5 * 4000**-0.5
+    config.optim.optimizer = "adamw"
+    config.optim.weight_decay = 0.9 * 512**0.5 * 4000**0.5  # lr * decay = 0.9 at the peak
+    train.validate_config(config)
+    config.optim.weight_decay = 1.1 * 512**0.5 * 4000**0.5
+    with pytest.raises(ValueError, match="config.optim.weight_decay should be < 1 / the peak"):
+        train.validate_config(config)
 
 
 def test_cli_rejects_a_missing_config_file(tmp_path, capsys):
