@@ -4,9 +4,12 @@ JAX fixes its device count when it initialises, and the rest of the test suite
 initialises it with one CPU device, so these checks run in a fresh interpreter
 with ``--xla_force_host_platform_device_count=8``. Exits non-zero on failure.
 
-Usage: python tests/ring_checks.py correctness|memory
+Usage: python tests/ring_checks.py correctness|axis_types|x64|memory
+
+``x64`` turns on ``jax_enable_x64`` before anything is traced.
 """
 
+import contextlib
 import os
 import sys
 import time
@@ -19,7 +22,7 @@ os.environ["XLA_FLAGS"] = (
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import AxisType, Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -30,6 +33,8 @@ from flax_mha.kernels.blockwise import blockwise_attention  # noqa: E402
 from flax_mha.kernels.ring import from_zigzag, ring_attention, to_zigzag  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+if sys.argv[1:] == ["x64"]:
+    jax.config.update("jax_enable_x64", True)
 
 
 def _inputs(B, L, N, K, H, seed=0):
@@ -150,6 +155,115 @@ def correctness() -> None:
         print(f"ok  {name}  ({time.perf_counter() - t:.1f}s)", flush=True)
 
 
+def _check_grads(name, grads, want):
+    for what, g, w in zip(("dq", "dk", "dv", "dscale"), grads, want, strict=True):
+        _close(f"{name}: {what}", g, w)
+
+
+def axis_types() -> None:
+    """Explicit (jax.make_mesh's default) and Auto meshes, in and out of jax.set_mesh.
+
+    Inputs unsharded, sharded another way on the mesh, or committed to one device;
+    eager, jit, grad; a traced scale with its gradient. Every result is compared
+    with float64 NumPy (outputs and dq, dk, dv, dscale) at 1e-5, and outputs must
+    come back in the ring's layout.
+    """
+    from test_ring import np_attention_vjp
+
+    B, L, N, K, H, scale = 2, 32, 4, 2, 8, 0.3
+    q, k, v, ct = _inputs(B, L, N, K, H, seed=1)
+    lengths = [32, 11]
+    mask = _np_mask(B, L, True, lengths)
+    want, _ = np_attention(q, k, v, mask=mask, scale=scale)
+    want_g = np_attention_vjp(q, k, v, ct, mask, scale)
+    host = [np.asarray(x) for x in (q, k, v)]
+    for kind in (AxisType.Explicit, AxisType.Auto):
+        t0 = time.perf_counter()
+        seq8 = jax.make_mesh((8,), ("sp",), axis_types=(kind,))
+        mesh24 = jax.make_mesh((2, 4), ("data", "sp"), axis_types=(kind, kind))
+        by_h = NamedSharding(seq8, P(None, None, None, "sp"))
+        # (mesh, batch axis, input layout, inputs, mesh contexts, runs); eager grad over an
+        # Explicit mesh needs jax.set_mesh in JAX itself (even jax.grad(lambda x:
+        # jnp.sum(x * x)) does), and jit refuses arguments committed to other devices.
+        ctxs = ("no mesh context", "jax.set_mesh")
+        cases = [
+            (seq8, None, "unsharded", host, ctxs[:1], ("eager", "jit grad")),
+            (seq8, None, "unsharded", host, ctxs[1:], ("eager", "jit grad", "eager grad")),
+            (seq8, None, "sharded over H", [jax.device_put(x, by_h) for x in host], ctxs,
+             ("eager", "jit grad")),
+            (seq8, None, "committed to device 3",
+             [jax.device_put(x, jax.devices()[3]) for x in host], ctxs[:1], ("eager",)),
+            (mesh24, "data", "unsharded", host, ctxs[1:], ("jit grad",)),
+        ]  # fmt: skip
+        if kind == AxisType.Auto:
+            cases.append((seq8, None, "unsharded", host, ctxs[:1], ("eager grad",)))
+        for mesh, batch_axis, layout, (q_, k_, v_), contexts, runs in cases:
+            lens = jnp.asarray(lengths, jnp.int32)
+
+            def ring(q, k, v, s, mesh=mesh, batch_axis=batch_axis, lens=lens):
+                return ring_attention(
+                    q, k, v, mesh=mesh, axis_name="sp", is_causal=True, scale=s,
+                    key_value_seq_lengths=lens, batch_axis_name=batch_axis,
+                )  # fmt: skip
+
+            def loss(q, k, v, s, ring=ring):
+                out = ring(q, k, v, s)
+                return jnp.sum(out * ct), out
+
+            grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+            for ctx in contexts:
+                name = f"{kind} mesh {dict(mesh.shape)}, {layout} inputs, {ctx}"
+                with jax.set_mesh(mesh) if ctx == "jax.set_mesh" else contextlib.nullcontext():
+                    if "eager" in runs:
+                        out = ring(q_, k_, v_, scale)  # static scale
+                        _close(f"{name}: eager out", out, want)
+                        assert out.sharding.spec == P(batch_axis, "sp"), (name, out.sharding)
+                    for run in runs[1:] if "eager" in runs else runs:
+                        f = jax.jit(grad) if run == "jit grad" else grad
+                        (_, out), grads = f(q_, k_, v_, scale)  # traced scale
+                        _close(f"{name}: {run}: out", out, want)
+                        _check_grads(f"{name}: {run}", grads, want_g)
+        print(f"ok  {kind} meshes  ({time.perf_counter() - t0:.1f}s)", flush=True)
+
+
+def x64() -> None:
+    """Under jax_enable_x64: float32 and float64 inputs, out and grads at 1e-5.
+
+    float64 inputs keep their dtype; the ring accumulates in float32 like the
+    blockwise kernel, so they get float32 accuracy.
+    """
+    from test_ring import np_attention_vjp
+
+    assert jax.config.jax_enable_x64
+    mesh = jax.make_mesh((2, 4), ("data", "sp"), axis_types=(AxisType.Explicit,) * 2)
+    B, L, N, K, H, scale = 2, 32, 4, 2, 8, 0.3
+    lengths = [32, 11]
+    mask = _np_mask(B, L, True, lengths)
+    for dtype in (jnp.float32, jnp.float64):
+        t0 = time.perf_counter()
+        q, k, v, ct = (x.astype(dtype) for x in _inputs(B, L, N, K, H, seed=2))
+        want, _ = np_attention(q, k, v, mask=mask, scale=scale)
+        want_g = np_attention_vjp(q, k, v, ct, mask, scale)
+        for layout in ("zigzag", "contiguous"):
+
+            def loss(q, k, v, s, layout=layout, ct=ct):
+                out = ring_attention(
+                    q, k, v, mesh=mesh, axis_name="sp", is_causal=True, scale=s, layout=layout,
+                    key_value_seq_lengths=jnp.asarray(lengths), batch_axis_name="data",
+                )  # fmt: skip
+                return jnp.sum(out * ct), out
+
+            (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True))(
+                q, k, v, scale
+            )
+            assert out.dtype == dtype and grads[0].dtype == dtype, (out.dtype, grads[0].dtype)
+            kw = dict(rtol=FP32_TOL, atol=FP32_TOL)
+            np.testing.assert_allclose(np.asarray(out), want, err_msg=f"{layout} out", **kw)
+            for what, g, w in zip(("dq", "dk", "dv", "dscale"), grads, want_g, strict=True):
+                np.testing.assert_allclose(np.asarray(g), w, err_msg=f"{layout} {what}", **kw)
+        print(f"ok  x64, {jnp.dtype(dtype).name} inputs  ({time.perf_counter() - t0:.1f}s)")
+
+
 def memory(L: int = int(os.environ.get("RING_MEM_L", 32768)), H: int = 32, N: int = 4) -> None:
     """Compiled (not run) fwd+bwd temporaries per device for a fixed global L, n = 1..8."""
     print(f"causal fwd+bwd, B=1 L={L} N=K={N} H={H} f32, block 128, temp_size_in_bytes per device")
@@ -203,4 +317,5 @@ def memory(L: int = int(os.environ.get("RING_MEM_L", 32768)), H: int = 32, N: in
 
 if __name__ == "__main__":
     assert len(jax.devices()) == 8, jax.devices()
-    {"correctness": correctness, "memory": memory}[sys.argv[1]]()
+    modes = {"correctness": correctness, "axis_types": axis_types, "x64": x64, "memory": memory}
+    modes[sys.argv[1]]()

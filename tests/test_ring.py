@@ -2,10 +2,11 @@
 
 The multi-device checks (8 CPU devices: outputs and dq/dk/dv against float64
 references at atol = rtol = 1e-5, causal and not, key padding, GQA, both
-layouts, a 2x4 data x seq mesh; compiled per-device memory for n = 1..8) run
-in a subprocess, tests/ring_checks.py, because this process already has JAX
-initialised with one device. Layout algebra, input errors and the 1-device
-ring run here.
+layouts, a 2x4 data x seq mesh; Explicit and Auto mesh axes, inside and outside
+`jax.set_mesh`, on inputs of any layout; float64 mode; compiled per-device memory
+for n = 1..8) run in a subprocess, tests/ring_checks.py, because this process
+already has JAX initialised with one device. Layout algebra, input errors, a
+traced scale and the 1-device ring run here.
 """
 
 from __future__ import annotations
@@ -46,6 +47,20 @@ def _run_checks(mode: str) -> str:
 def test_eight_devices_match_single_device_outputs_and_gradients():
     out = _run_checks("correctness")
     assert out.count("ok  ") == 6, out
+
+
+@pytest.mark.slow
+def test_explicit_and_auto_meshes_in_and_out_of_set_mesh_on_any_input_layout():
+    """jax.make_mesh's default Explicit axes used to fail in shard_map's in_specs check."""
+    out = _run_checks("axis_types")
+    assert out.count("ok  ") == 2, out
+
+
+@pytest.mark.slow
+def test_eight_devices_under_x64():
+    """jax_enable_x64 (int64 loop indices): float32 and float64 inputs, outputs and grads."""
+    out = _run_checks("x64")
+    assert out.count("ok  ") == 2, out
 
 
 @pytest.mark.slow
@@ -143,6 +158,50 @@ def test_one_device_ring_matches_float64(layout):
     np.testing.assert_allclose(out, want, rtol=FP32_TOL, atol=FP32_TOL)
 
 
+# --- a traced scale ------------------------------------------------------------------
+
+
+def np_attention_vjp(q, k, v, ct, mask, scale):
+    """float64 NumPy (dq, dk, dv, dscale) of ``sum(attention(q, k, v) * ct)``, with GQA."""
+    q, k, v, ct = (np.asarray(a, np.float64) for a in (q, k, v, ct))
+    B, S, K, H = k.shape
+    G = q.shape[2] // K
+    kr, vr = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)
+    logits = np.einsum("btnh,bsnh->bnts", q, kr)
+    _, p = np_attention(q, k, v, mask=mask, scale=scale)
+    dp = np.einsum("btnh,bsnh->bnts", ct, vr)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    dq = scale * np.einsum("bnts,bsnh->btnh", ds, kr)
+    dk = scale * np.einsum("bnts,btnh->bsnh", ds, q).reshape(B, S, K, G, H).sum(3)
+    dv = np.einsum("bnts,btnh->bsnh", p, ct).reshape(B, S, K, G, -1).sum(3)
+    return dq, dk, dv, float((ds * logits).sum())
+
+
+def test_traced_scale_gets_its_gradient(maybe_jit):
+    """A traced scale used to raise ConcretizationTypeError (``float(scale)``)."""
+    B, L, N, K, H = 2, 16, 4, 2, 8
+    ks = jax.random.split(jax.random.key(3), 4)
+    q, k, v, ct = (
+        jax.random.normal(kk, (B, L, n, H)) for kk, n in zip(ks, (N, K, K, N), strict=True)
+    )
+    scale = 0.3
+
+    def loss(q, k, v, scale):
+        out = ring_attention(q, k, v, mesh=_mesh1(), axis_name="seq", is_causal=True, scale=scale)
+        return jnp.sum(out * ct)
+
+    grads = maybe_jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, scale)
+    mask = np.tril(np.ones((L, L), bool))[None, None]
+    want = np_attention_vjp(q, k, v, ct, mask, scale)
+    for name, g, w in zip(("dq", "dk", "dv", "dscale"), grads, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=FP32_TOL, atol=FP32_TOL, err_msg=name)
+    out = maybe_jit(
+        lambda s: ring_attention(q, k, v, mesh=_mesh1(), axis_name="seq", is_causal=True, scale=s)
+    )(jnp.float32(scale))
+    want_out, _ = np_attention(q, k, v, mask=mask, scale=scale)
+    np.testing.assert_allclose(out, want_out, rtol=FP32_TOL, atol=FP32_TOL)
+
+
 # --- bad input ---------------------------------------------------------------------
 
 
@@ -173,6 +232,7 @@ def _qkv(L=8, N=4, K=2):
         ),
         (dict(), dict(block_q=0), r"block sizes should be positive"),
         (dict(N=3, K=2), dict(), r"multiple of the number of key/value heads"),
+        (dict(), dict(scale=jnp.ones(2)), r"scale should be a scalar, but got shape \(2,\)"),
     ],
 )
 def test_bad_input_is_a_clear_value_error(inputs, kwargs, match):

@@ -24,6 +24,14 @@ positions is exactly right), or fully masked (skipped, costs nothing): a
 `lax.switch` picks one per pair from the global chunk ids, so no position mask
 is ever built.
 
+Mesh axis types: the mesh may have `Auto` or `Explicit` axes (``jax.make_mesh``
+makes Explicit ones by default), inside ``jax.set_mesh`` or not. Inputs of any
+layout (unsharded, or sharded another way) are first placed in the ring's layout
+(`jax.device_put` for concrete arrays; under a trace `jax.sharding.reshard` for
+Explicit axes and `jax.lax.with_sharding_constraint` for Auto ones), because
+`jax.shard_map` over Explicit axes requires its inputs' sharding types to equal
+its ``in_specs``.
+
 Letters: B batch, L global length, n ring size, c chunk length (L / 2n for
 zigzag, L / n for contiguous), m chunks per device (2 or 1), N query heads,
 K kv heads, H head dim (Hv for values).
@@ -39,10 +47,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import Array, lax
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flax_mha.checks import check_qkv
+from flax_mha.functional import default_scale
 from flax_mha.kernels import blockwise as bw
 from flax_mha.kernels import blockwise_tiles as bt
 
@@ -452,6 +461,39 @@ def _backward_body(
 # --- shard_map wiring and custom VJP -------------------------------------------------
 
 
+def _only(spec: P, mesh: Mesh, kind: AxisType) -> P:
+    """``spec`` keeping only the mesh axes of type ``kind`` (the others become None)."""
+
+    def keep(entry: Any) -> Any:
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        kept = tuple(a for a in names if mesh._name_to_type[a] == kind)
+        return kept[0] if len(kept) == 1 else (kept or None)
+
+    return P(*(keep(e) for e in spec))
+
+
+def _place(x: Array, mesh: Mesh, spec: P) -> Array:
+    """``x`` laid out as ``spec`` on ``mesh``, whatever its layout and the mesh's axis types.
+
+    `jax.shard_map` over Explicit axes rejects inputs whose sharding type differs
+    from its ``in_specs`` (over Auto axes it reshards silently), so the ring's
+    inputs are put in place first. Concrete arrays move with `jax.device_put`
+    (from any devices); traced ones with `jax.sharding.reshard` for the Explicit
+    axes (the sharding becomes part of the type) and
+    `jax.lax.with_sharding_constraint` for the Auto ones. Both are linear, so
+    JAX transposes them and gradients come back in the caller's layout.
+    """
+    spec = P(*spec, *(None,) * (x.ndim - len(spec)))
+    if not isinstance(x, jax.core.Tracer):
+        return jax.device_put(x, NamedSharding(mesh, spec))
+    if AxisType.Explicit in mesh.axis_types:
+        x = jax.sharding.reshard(x, NamedSharding(mesh, _only(spec, mesh, AxisType.Explicit)))
+    if AxisType.Auto in mesh.axis_types:
+        auto = NamedSharding(mesh, _only(spec, mesh, AxisType.Auto))
+        x = lax.with_sharding_constraint(x, auto)
+    return x
+
+
 def _shard_forward(r: _Ring, q: Array, k: Array, v: Array, kv_len: Array | None):
     seq, lse_spec = r.seq_spec(), P(r.batch_axis, None, r.axis_name)
     if r.has_lengths:
@@ -501,6 +543,7 @@ def _ring_fwd(r: _Ring, q, k, v, kv_len):
 
 def _ring_bwd(r: _Ring, res, dout):
     q, k, v, kv_len, out, lse = res
+    dout = _place(dout, r.mesh, r.seq_spec())  # the cotangent may come in any layout
     dq, dk, dv = _shard_backward(r, q, k, v, kv_len, out, lse, dout)
     return dq, dk, dv, None
 
@@ -538,12 +581,16 @@ def ring_attention(
       query: [B, L, N, H], natural sequence order (see ``natural_order``).
       key: [B, L, K, H]; K divides N.
       value: [B, L, K, Hv].
-      mesh: the device mesh.
+      mesh: the device mesh; its axes may be `Auto` or `Explicit` (inputs of
+        any layout are resharded to the ring's; the output is sharded over
+        ``(batch_axis_name, axis_name)``).
       axis_name: mesh axis the sequence is split over (ring size n).
       is_causal: key s visible to query t iff ``s <= t`` (global positions).
       key_value_seq_lengths: int [B]; keys at global positions ``>= len`` are
         never attended (rows with nothing visible give zeros).
-      scale: multiplies q.k; default ``1 / sqrt(H)``.
+      scale: multiplies q.k; default ``1 / sqrt(H)``. A Python float or a scalar
+        array; a traced one (e.g. a learned scale under `jax.grad`) is folded into
+        the queries, so it gets its gradient.
       layout: ``"zigzag"`` (device i holds chunks i and 2n-1-i of 2n: balanced
         causal work; L divisible by 2n) or ``"contiguous"`` (device i holds
         chunk i of n; L divisible by n).
@@ -611,7 +658,13 @@ def ring_attention(
                 f"shape {key_value_seq_lengths.shape} and dtype {key_value_seq_lengths.dtype}"
             )
         key_value_seq_lengths = key_value_seq_lengths.astype(jnp.int32)
-    scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
+    if scale is None:
+        scale = default_scale(H)
+    elif jnp.ndim(scale) != 0:
+        raise ValueError(f"scale should be a scalar, but got shape {jnp.shape(scale)}")
+    # A traced scale (e.g. learned, or differentiated) is folded into q before the
+    # ring, in float32 as the kernel would apply it; autodiff then gives its gradient.
+    traced_scale = isinstance(scale, jax.core.Tracer)
     b_local = B // (1 if batch_axes is None else n_batch)
     bq, bk = bw.default_block_sizes(b_local, N, num_kv_heads=key.shape[2], is_causal=is_causal)
     r = _Ring(
@@ -622,14 +675,24 @@ def ring_attention(
         # One device: the zig-zag order is the natural order; one chunk is cheaper than two.
         zigzag=zigzag and n > 1,
         is_causal=bool(is_causal),
-        scale=scale,
+        scale=1.0 if traced_scale else float(scale),
         block_q=bq if block_q is None else int(block_q),
         block_k=bk if block_k is None else int(block_k),
         has_lengths=key_value_seq_lengths is not None,
     )
     r.kernel(False)  # validates the block sizes now, with the kernel's message
+    dtype = query.dtype
+    query, key, value = (_place(x, mesh, r.seq_spec()) for x in (query, key, value))
+    if key_value_seq_lengths is not None:
+        key_value_seq_lengths = _place(key_value_seq_lengths, mesh, P(r.batch_axis))
+    if traced_scale:
+        compute = jnp.promote_types(dtype, _F32)
+        # On the mesh too: eagerly, an Explicit-mesh q and a scale elsewhere do not mix.
+        scale = _place(jnp.asarray(scale).astype(compute), mesh, P())
+        query = query.astype(compute) * scale
     permute = zigzag and natural_order and n > 1
     if permute:
         query, key, value = (_reorder(x, r, inverse=False) for x in (query, key, value))
     out = _ring(r, query, key, value, key_value_seq_lengths)
-    return _reorder(out, r, inverse=True) if permute else out
+    out = _reorder(out, r, inverse=True) if permute else out
+    return out.astype(dtype)
