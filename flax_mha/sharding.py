@@ -11,6 +11,17 @@ onto the two axes of a mesh made by `make_mesh`:
   only communication of an attention layer is the all-reduce after the output
   projection, which sums the heads' contributions.
 
+Mesh axis types: `make_mesh` makes `Auto` axes unless asked for `Explicit` ones
+(``axis_types=``, or ``"data=2:explicit,model=4:explicit"`` in a spec, e.g.
+``flax-mha train --mesh``); meshes from ``jax.make_mesh`` (Explicit by default) are
+accepted everywhere too. Our layers are written for shardings the compiler
+propagates (an explicit-sharding einsum over the split heads would need an
+``out_sharding``), so the layouts made here (`param_shardings`, `shard_params`,
+`batch_sharding`, `shard_batch`, `replicated`, `replicate`) use the mesh's `auto_mesh`
+view: the same devices, names and shape with every axis `Auto`. Run jitted steps
+outside ``jax.set_mesh`` of an Explicit mesh (or inside ``jax.set_mesh(auto_mesh(mesh))``).
+`flax_mha.ring_attention` takes either kind of mesh as it is.
+
 A dimension that the mesh axis does not divide (e.g. 2 key/value heads on a 4-way
 ``model`` axis) is replicated instead (with a warning): every device then holds all
 those heads and computes them redundantly, which is correct and costs only memory.
@@ -35,7 +46,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 from flax.core import meta
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from flax_mha.layers import BATCH, EMBED, HEADS, KV, KV_HEADS, LENGTH, MLP, VOCAB
 
@@ -43,12 +54,14 @@ __all__ = [
     "DATA_AXIS",
     "DEFAULT_RULES",
     "MODEL_AXIS",
+    "auto_mesh",
     "batch_sharding",
     "constrain",
     "infer_logical_axes",
     "logical_axes",
     "make_mesh",
     "param_shardings",
+    "parse_mesh_axis_types",
     "parse_mesh_spec",
     "replicate",
     "replicated",
@@ -78,15 +91,15 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
 # --------------------------------------------------------------------------- meshes
 
 
-def parse_mesh_spec(spec: str) -> dict[str, int]:
-    """``"data=2,model=4"`` -> ``{"data": 2, "model": 4}`` (one size may be ``-1``: the rest).
+_AXIS_TYPES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
 
-    Raises:
-      ValueError: for a malformed spec, a repeated axis or a size < 1 (other than -1).
-    """
+
+def _parse(spec: str) -> tuple[dict[str, int], dict[str, AxisType]]:
     axes: dict[str, int] = {}
+    types: dict[str, AxisType] = {}
     for part in spec.replace(" ", "").split(","):
         name, eq, size = part.partition("=")
+        size, colon, kind = size.partition(":")
         if not (eq and name.isidentifier()):
             raise ValueError(f"mesh should look like 'data=2,model=4', but got {spec!r}")
         try:
@@ -99,30 +112,77 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
             raise ValueError(f"mesh axis {name!r} is repeated in {spec!r}")
         if n < 1 and n != -1:
             raise ValueError(f"mesh axis {name!r} should have size >= 1 or -1, but got {n}")
+        if colon and kind.lower() not in _AXIS_TYPES:
+            raise ValueError(
+                f"mesh axis {name!r} should have type 'auto' or 'explicit', but got {kind!r}"
+            )
         axes[name] = n
+        types[name] = _AXIS_TYPES[kind.lower() if colon else "auto"]
     if list(axes.values()).count(-1) > 1:
         raise ValueError(f"at most one mesh axis may have size -1, but got {spec!r}")
-    return axes
+    return axes, types
 
 
-def make_mesh(spec: str | Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+    """``"data=2,model=4"`` -> ``{"data": 2, "model": 4}`` (one size may be ``-1``: the rest).
+
+    An axis may carry its type, ``"data=2:explicit"`` (see `parse_mesh_axis_types`).
+
+    Raises:
+      ValueError: for a malformed spec, a repeated axis, a size < 1 (other than -1) or
+        an unknown axis type.
+    """
+    return _parse(spec)[0]
+
+
+def parse_mesh_axis_types(spec: str) -> dict[str, AxisType]:
+    """``"data=2:explicit,model=4"`` -> ``{"data": Explicit, "model": Auto}`` (default Auto).
+
+    Raises:
+      ValueError: as `parse_mesh_spec`.
+    """
+    return _parse(spec)[1]
+
+
+def make_mesh(
+    spec: str | Mapping[str, int],
+    devices: Sequence[jax.Device] | None = None,
+    axis_types: AxisType | Mapping[str, AxisType] | None = None,
+) -> Mesh:
     """A mesh over ``devices`` (default: all devices of all processes) from a spec.
 
     Args:
       spec: ``"data=2,model=4"`` or ``{"data": 2, "model": 4}``; a size of -1 takes the
-        devices left over. Axes absent from the spec are added with size 1, so the
-        `DEFAULT_RULES` always find ``data`` and ``model``.
+        devices left over; in a string, ``"data=2:explicit"`` makes that axis Explicit.
+        Axes absent from the spec are added with size 1, so the `DEFAULT_RULES` always
+        find ``data`` and ``model``.
       devices: the devices to lay out.
+      axis_types: one `jax.sharding.AxisType` for every axis, or ``{name: type}``
+        (overriding the spec's); unnamed axes are `Auto`.
 
     Returns:
-      A `jax.sharding.Mesh` with `Auto` axes (the compiler propagates shardings).
+      A `jax.sharding.Mesh` (`Auto` axes unless asked otherwise: the compiler
+      propagates shardings).
 
     Raises:
-      ValueError: if the sizes do not multiply to the number of devices.
+      ValueError: if the sizes do not multiply to the number of devices, or
+        ``axis_types`` names an axis the mesh does not have.
     """
-    axes = dict(parse_mesh_spec(spec) if isinstance(spec, str) else spec)
+    if isinstance(spec, str):
+        axes, types = _parse(spec)
+    else:
+        axes, types = dict(spec), {}
     for name in (DATA_AXIS, MODEL_AXIS):
         axes.setdefault(name, 1)
+    if isinstance(axis_types, AxisType):
+        types = dict.fromkeys(axes, axis_types)
+    elif axis_types is not None:
+        unknown = set(axis_types) - set(axes)
+        if unknown:
+            raise ValueError(
+                f"axis_types should name axes of the mesh {tuple(axes)}, but got {sorted(unknown)}"
+            )
+        types = {**types, **axis_types}
     devices = list(jax.devices() if devices is None else devices)
     known = math.prod(n for n in axes.values() if n != -1)
     if -1 in axes.values():
@@ -135,13 +195,25 @@ def make_mesh(spec: str | Mapping[str, int], devices: Sequence[jax.Device] | Non
             f"{math.prod(axes.values())}; on CPU, simulate devices with "
             "XLA_FLAGS=--xla_force_host_platform_device_count=N"
         )
-    auto = (jax.sharding.AxisType.Auto,) * len(axes)
-    return jax.make_mesh(tuple(axes.values()), tuple(axes), axis_types=auto, devices=devices)
+    kinds = tuple(types.get(name, AxisType.Auto) for name in axes)
+    return jax.make_mesh(tuple(axes.values()), tuple(axes), axis_types=kinds, devices=devices)
+
+
+def auto_mesh(mesh: Mesh) -> Mesh:
+    """``mesh`` with every axis `Auto`: the same devices, names and shape.
+
+    The layouts of this module live on it, so that sharding stays out of the types of
+    the model's arrays (our layers let the compiler choose the shardings of their
+    einsums over split heads; under Explicit axes JAX would ask for them).
+    """
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return mesh.update(axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    """The sharding of an array held whole by every device of ``mesh``."""
-    return NamedSharding(mesh, PartitionSpec())
+    """The sharding of an array held whole by every device of ``mesh`` (its `auto_mesh`)."""
+    return NamedSharding(auto_mesh(mesh), PartitionSpec())
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
@@ -263,16 +335,18 @@ def param_shardings(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES, warn: b
       warn: warn about dimensions that are replicated because the mesh does not divide them.
 
     Returns:
-      A tree of the structure of ``nn.meta.unbox(tree)`` with `NamedSharding` leaves.
+      A tree of the structure of ``nn.meta.unbox(tree)`` with `NamedSharding` leaves,
+      on ``auto_mesh(mesh)``.
     """
     flat, treedef = _flatten(tree)
     shapes = {p: np.shape(meta.unbox(x)) for p, x in flat}
+    layout_mesh = auto_mesh(mesh)
     shardings = []
     for path, leaf in flat:
         names = _names_of(path, leaf, shapes)
         spec = nn.logical_to_mesh_axes(names, rules)
         spec = _fit(spec, shapes[path], mesh, "/".join(path), warn)
-        shardings.append(NamedSharding(mesh, spec))
+        shardings.append(NamedSharding(layout_mesh, spec))
     return jax.tree_util.tree_unflatten(treedef, shardings)
 
 
@@ -290,9 +364,12 @@ def shard_params(params: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
-    """Leading (batch) axis over the mesh axis of ``"batch"``; the rest replicated."""
+    """Leading (batch) axis over the mesh axis of ``"batch"``; the rest replicated.
+
+    On ``auto_mesh(mesh)``, like every layout of this module.
+    """
     spec = nn.logical_to_mesh_axes((BATCH,) + (None,) * (ndim - 1), rules)
-    return NamedSharding(mesh, spec)
+    return NamedSharding(auto_mesh(mesh), spec)
 
 
 def shard_batch(batch: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
@@ -322,7 +399,12 @@ def constrain(x: jax.Array, names: tuple[str | None, ...], mesh: Mesh,
 
     E.g. ``constrain(q, ("batch", "length", "heads", "kv"), mesh)`` pins queries to
     "batch over data, heads over model" inside a jitted function. Dimensions the mesh
-    does not divide are left replicated.
+    does not divide are left replicated. An activation whose type carries an Explicit
+    mesh is resharded (`jax.sharding.reshard`) instead.
     """
     spec = _fit(nn.logical_to_mesh_axes(names, rules), x.shape, mesh, "activation", False)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    if AxisType.Explicit in jax.typeof(x).sharding.mesh.axis_types:
+        # x carries an Explicit mesh in its type (e.g. under jax.set_mesh): a constraint
+        # may only name Auto axes there; resharding changes the type instead.
+        return jax.sharding.reshard(x, NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(auto_mesh(mesh), spec))

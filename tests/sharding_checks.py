@@ -1,7 +1,9 @@
 """Multi-device checks on 8 simulated CPU devices, run by tests/test_sharding.py.
 
 The other test modules initialise JAX with one device, so these checks run in a
-subprocess: ``python tests/sharding_checks.py {mha,train,cli}``. Each section prints
+subprocess: ``python tests/sharding_checks.py {mha,train,cli}[-explicit]``; the
+``-explicit`` sections run the same checks on a mesh with Explicit axes (the default of
+``jax.make_mesh``; ``--mesh data=2:explicit,model=4:explicit`` for the CLI). Each section prints
 what it checked and exits non-zero (with a traceback) on the first failure.
 """
 
@@ -95,8 +97,11 @@ def check_mha_case(mesh, name: str, layer: MultiHeadAttention, T: int, S: int) -
     print(f"ok mha {name}: output and gradients match one device to {TOL}")
 
 
-def check_mha() -> None:
+def check_mha(explicit: bool = False) -> None:
     mesh = sharding.make_mesh("data=2,model=4")
+    if explicit:
+        mesh = jax.make_mesh((2, 4), ("data", "model"))  # JAX's default: Explicit axes
+        assert set(mesh.axis_types) == {jax.sharding.AxisType.Explicit}, mesh
     blockwise = functools.partial(dot_product_attention, implementation="blockwise")
     cases = [
         ("mha", MultiHeadAttention(num_heads=8, qkv_features=32), 16, 12),
@@ -107,6 +112,9 @@ def check_mha() -> None:
     ]  # fmt: skip
     for name, layer, T, S in cases:
         check_mha_case(mesh, name, layer, T, S)
+    if explicit:  # the same, jitted inside jax.set_mesh of the mesh's Auto view
+        with jax.set_mesh(sharding.auto_mesh(mesh)):
+            check_mha_case(mesh, "mha in jax.set_mesh(auto_mesh(mesh))", *cases[0][1:])
 
 
 def tiny_config():
@@ -123,8 +131,9 @@ def _flat_pairs(a, b) -> dict:
             for (p, x), y in zip(flat_a, flat_b, strict=True)}  # fmt: skip
 
 
-def check_train() -> None:
-    mesh = sharding.make_mesh("data=2,model=4")
+def check_train(mesh_spec: str = "data=2,model=4") -> None:
+    mesh = sharding.make_mesh(mesh_spec)
+    print(f"  mesh {mesh_spec!r}: {mesh}")
     config = tiny_config()
     rng = jax.random.key(0)
     ref = train.create_train_state(config, rng)
@@ -173,24 +182,22 @@ def check_train() -> None:
         lambda x: x.sharding.spec, train.create_train_state(config, rng, mesh).params
     )
     assert got_specs == want_specs, "the step changed the layout"
-    print(f"ok train: 3 sharded steps (dropout on) match one device to {TOL}")
+    print(f"ok train {mesh_spec}: 3 sharded steps (dropout on) match one device to {TOL}")
 
 
-def check_cli() -> None:
+def check_cli(spec: str = "data=2,model=4") -> None:
     tmp = pathlib.Path(tempfile.mkdtemp())
     args = ["--config", str(TINY), "--config.model.num_heads=4", "--config.train.num_steps=20",
             "--config.train.eval_every=20", "--config.data.num_eval_examples=16",
             "--config.train.eval_batch_size=16", "--no-progress"]  # fmt: skip
     try:
         assert main(["train", "--workdir", str(tmp / "one"), *args]) == 0
-        assert (
-            main(["train", "--workdir", str(tmp / "mesh"), "--mesh", "data=2,model=4", *args]) == 0
-        )
+        assert main(["train", "--workdir", str(tmp / "mesh"), "--mesh", spec, *args]) == 0
         one, mesh_run = train.read_metrics(tmp / "one"), train.read_metrics(tmp / "mesh")
         assert [r["step"] for r in one] == [r["step"] for r in mesh_run] == [5, 10, 15, 20]
         for a, b in zip(mesh_run, one, strict=True):
             close(a["loss"], b["loss"], f"loss at step {a['step']}")
-        print("ok cli: `train --mesh data=2,model=4` logs the one-device losses:",
+        print(f"ok cli: `train --mesh {spec}` logs the one-device losses:",
               [round(r["loss"], 5) for r in mesh_run])  # fmt: skip
 
         # Resume: drop the last checkpoint (as if killed after step 10), train again.
@@ -198,6 +205,8 @@ def check_cli() -> None:
         shutil.rmtree(tmp / "mesh" / "checkpoints" / "20")
         config = train.load_workdir_config(tmp / "mesh")
         mesh = train.make_train_mesh(config)
+        want_type = "Explicit" if ":explicit" in spec else "Auto"
+        assert {t.name for t in mesh.axis_types} == {want_type}, mesh
         manager = train._checkpoint_manager(str(tmp / "mesh"), config)
         restored = train._start_state(config, str(tmp / "mesh"), manager, mesh)
         manager.close()
@@ -206,9 +215,7 @@ def check_cli() -> None:
         assert q.sharding.spec == P(None, "model", None) and q.sharding.mesh.shape["model"] == 4
         assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape[1] == 1
         print("ok cli: the checkpoint of step 10 restores sharded:", q.sharding)
-        assert (
-            main(["train", "--workdir", str(tmp / "mesh"), "--mesh", "data=2,model=4", *args]) == 0
-        )
+        assert main(["train", "--workdir", str(tmp / "mesh"), "--mesh", spec, *args]) == 0
         resumed = train.read_metrics(tmp / "mesh")
         for a, b in zip(resumed, mesh_run, strict=True):
             close(a["loss"], b["loss"], f"resumed loss at step {a['step']}")
@@ -222,6 +229,14 @@ def check_cli() -> None:
 
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.devices()
-    sections = {"mha": check_mha, "train": check_train, "cli": check_cli}
+    explicit = "data=2:explicit,model=4:explicit"
+    sections = {
+        "mha": check_mha,
+        "train": check_train,
+        "cli": check_cli,
+        "mha-explicit": functools.partial(check_mha, explicit=True),
+        "train-explicit": functools.partial(check_train, explicit),
+        "cli-explicit": functools.partial(check_cli, explicit),
+    }
     for section in sys.argv[1:] or list(sections):
         sections[section]()

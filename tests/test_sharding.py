@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flax_mha import MultiHeadAttention, sharding, train
@@ -141,6 +142,52 @@ def test_parse_mesh_spec():
             sharding.parse_mesh_spec(bad)
 
 
+def test_parse_mesh_axis_types():
+    assert sharding.parse_mesh_spec("data=2:explicit,model=4") == {"data": 2, "model": 4}
+    E, A = AxisType.Explicit, AxisType.Auto
+    assert sharding.parse_mesh_axis_types("data=2:explicit,model=4:Auto,x=1") == {
+        "data": E, "model": A, "x": A}  # fmt: skip
+    with pytest.raises(ValueError, match="mesh axis 'data' should have type 'auto' or 'explicit'"):
+        sharding.parse_mesh_spec("data=2:manual")
+
+
+def test_make_mesh_axis_types():
+    """sharding.make_mesh always made Auto axes; Explicit ones are asked for by name."""
+    E, A = AxisType.Explicit, AxisType.Auto
+    assert sharding.make_mesh("data=-1").axis_types == (A, A)
+    assert sharding.make_mesh("data=-1:explicit").axis_types == (E, A)
+    assert sharding.make_mesh("data=-1", axis_types=E).axis_types == (E, E)
+    assert sharding.make_mesh({"data": 1}, axis_types={"model": E}).axis_types == (A, E)
+    with pytest.raises(ValueError, match=r"axis_types should name axes of the mesh"):
+        sharding.make_mesh("data=-1", axis_types={"seq": E})
+
+
+def test_layouts_on_an_explicit_mesh_live_on_its_auto_view():
+    """Params and batches laid out for an Explicit mesh run through our (Auto-style) layers."""
+    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    layer = MultiHeadAttention(num_heads=2, qkv_features=8, partition_params=True)
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+    boxed = layer.init(jax.random.key(1), x)["params"]
+    params = sharding.shard_params(boxed, mesh)
+    kernel = params["query"]["kernel"]
+    assert kernel.sharding.spec == P(None, "model", None)
+    assert kernel.sharding.mesh == sharding.auto_mesh(mesh)
+    assert set(kernel.sharding.mesh.axis_types) == {AxisType.Auto}
+    assert sharding.auto_mesh(mesh).devices.tolist() == mesh.devices.tolist()
+    xs = sharding.shard_batch(x, mesh)
+    y = jax.jit(lambda p, x: layer.apply({"params": p}, x))(params, xs)
+    want = layer.apply({"params": nn.meta.unbox(boxed)}, x)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    # constrain: an Auto-typed activation is constrained, an Explicit-typed one resharded.
+    c = jax.jit(lambda x: sharding.constrain(x, ("batch", "length", "embed"), mesh))(xs)
+    np.testing.assert_array_equal(c, x)
+    with jax.set_mesh(mesh):
+        xe = jax.device_put(x, NamedSharding(mesh, P()))
+        c = jax.jit(lambda x: sharding.constrain(x, ("batch", "length", "embed"), mesh))(xe)
+        assert jax.typeof(c).sharding.spec == P("data", None, None)
+    np.testing.assert_array_equal(c, x)
+
+
 def test_make_mesh_on_one_device():
     mesh = sharding.make_mesh("data=-1")
     assert dict(mesh.shape) == {"data": 1, "model": 1}
@@ -181,9 +228,15 @@ def _run(args, timeout=240, env=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("section", ["mha", "train", "cli"])
+@pytest.mark.parametrize(
+    "section", ["mha", "train", "cli", "mha-explicit", "train-explicit", "cli-explicit"]
+)
 def test_on_eight_devices(section):
-    """Outputs, gradients, layouts, collectives (mha); train steps (train); CLI + resume (cli)."""
+    """Outputs, gradients, layouts, collectives (mha); train steps (train); CLI + resume (cli).
+
+    ``-explicit``: the same on meshes with Explicit axes (``jax.make_mesh``'s default),
+    which used to fail (ShardingTypeError in the heads' output projection).
+    """
     out = _run([str(TESTS / "sharding_checks.py"), section])
     assert "ok " in out, out
 
