@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from np_reference import FP32_TOL, np_attention
+from test_decode import np_attention_vjp
 
 import flax_mha
 
@@ -218,6 +219,7 @@ BAD = [
     ("window", dict(local_window_size=(1, 2, 3)), ValueError, "local_window_size"),
     ("dropout rng", dict(dropout_rate=0.5), ValueError, "dropout_rng"),
     ("dropout rate", dict(dropout_rate=1.5, dropout_rng=jax.random.key(0)), ValueError, "dropout_rate"),
+    ("scale", dict(scale=jnp.ones(3)), ValueError, r"scale should be a scalar, but got shape \(3,\)"),
 ]  # fmt: skip
 
 
@@ -346,3 +348,127 @@ def test_blockwise_dropout_is_reproducible_and_drops():
     c = flax_mha.dot_product_attention(q, q, q, dropout_rng=jax.random.key(2), **kw)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c, atol=1e-3)
+
+
+# --- jax_enable_x64 (issue 12, item 4) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("L", [300, 400])  # either side of BLOCKWISE_MIN_CPU_ELEMENTS
+def test_x64_mode_on_both_sides_of_the_blockwise_threshold(L, dtype):
+    with jax.enable_x64(True):
+        q, k, v = (
+            rand(0, (1, L, 2, 4), dtype),
+            rand(1, (1, L, 1, 4), dtype),
+            rand(2, (1, L, 1, 4), dtype),
+        )
+        cot = rand(3, (1, L, 2, 4), dtype)
+        lengths = jnp.array([L - 37])
+
+        def loss(q, k, v):
+            out = flax_mha.dot_product_attention(q, k, v, is_causal=True,
+                                                 key_value_seq_lengths=lengths)  # fmt: skip
+            return jnp.sum(out * cot), out
+
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
+    assert out.dtype == dtype
+    m = np_positional_mask(1, L, L, is_causal=True, kv_len=[L - 37])
+    ref, ref_grads = np_attention_vjp(q, k, v, m, 0.5, cot)
+    np.testing.assert_allclose(out, ref, **TOL)
+    for g, rg in zip(grads, ref_grads, strict=False):
+        np.testing.assert_allclose(g, rg, **TOL)
+
+
+# --- a traced scale (issue 12, item 6) ------------------------------------------------------------
+
+SCALE_CASES = [  # (implementation, T, S); None = automatic (blockwise at 320 x 320)
+    ("reference", 7, 9),
+    ("xla", 7, 9),
+    ("blockwise", 7, 9),
+    ("decode", 1, 40),
+    (None, 16, 16),
+    (None, 320, 320),
+    (None, 1, 1024),
+]
+
+
+@pytest.mark.parametrize(("impl", "T", "S"), SCALE_CASES, ids=[str(c) for c in SCALE_CASES])
+def test_traced_scale_gives_values_and_its_gradient_on_every_backend(impl, T, S):
+    # A learned scale under grad, or a scale passed to jax.jit, is a tracer: it worked on
+    # the reference and raised ConcretizationTypeError on the blockwise kernel.
+    B, N, K, H = 2, 4, 2, 8
+    q, k, v = rand(0, (B, T, N, H)), rand(1, (B, S, K, H)), rand(2, (B, S, K, H))
+    cot = rand(3, (B, T, N, H))
+    lengths = jnp.array([S, S - 3])  # the decode kernel needs them
+
+    def loss(q, k, v, scale):
+        out = flax_mha.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lengths,
+                                             implementation=impl)  # fmt: skip
+        return jnp.sum(out * cot), out
+
+    grad = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True))
+    (_, out), grads = grad(q, k, v, jnp.float32(0.3))
+    ref, ref_grads = np_attention_vjp(
+        q, k, v, np_positional_mask(B, T, S, kv_len=lengths), 0.3, cot
+    )
+    np.testing.assert_allclose(out, ref, **TOL)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, rg, **TOL)
+
+
+def test_traced_scale_on_pallas_tpu_in_interpret_mode():
+    pltpu = pytest.importorskip("jax.experimental.pallas.tpu")
+    B, T, S, N, H = 1, 20, 30, 2, 8
+    q, k, v = rand(0, (B, T, N, H)), rand(1, (B, S, N, H)), rand(2, (B, S, N, H))
+    cot = rand(3, (B, T, N, H))
+
+    def loss(q, k, v, scale):
+        out = flax_mha.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                             implementation="pallas_tpu")  # fmt: skip
+        return jnp.sum(out * cot), out
+
+    with pltpu.force_tpu_interpret_mode():
+        grad = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True))
+        (_, out), grads = grad(q, k, v, jnp.float32(0.3))
+    ref, ref_grads = np_attention_vjp(q, k, v, np_positional_mask(B, T, S, True), 0.3, cot)
+    np.testing.assert_allclose(out, ref, **TOL)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, rg, **TOL)
+
+
+# --- forward-mode autodiff: the same at every size (issue 12, item 6) -----------------------------
+
+
+@pytest.mark.parametrize(("T", "S"), [(16, 16), (320, 320), (1, 1024)])
+def test_forward_mode_gives_the_same_error_below_and_above_the_threshold(T, S):
+    # The automatic choice runs the reference, the blockwise or the decode kernel; each
+    # is a custom_vjp, so jax.jvp / jax.jacfwd raise JAX's own error at every size.
+    q, kv = rand(0, (1, T, 2, 4)), rand(1, (1, S, 2, 4))
+
+    def f(q):
+        return flax_mha.dot_product_attention(q, kv, kv, key_value_seq_lengths=jnp.array([S]))
+
+    with pytest.raises(
+        TypeError, match=r"can't apply forward-mode autodiff \(jvp\) to a custom_vjp"
+    ):
+        jax.jvp(f, (q,), (q,))
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+@pytest.mark.parametrize("L", [16, 320])
+def test_explicit_reference_keeps_forward_mode(impl, L):
+    q, k, v = rand(0, (1, L, 2, 4)), rand(1, (1, L, 1, 4)), rand(2, (1, L, 1, 4))
+    tangents = rand(3, (1, L, 2, 4)), rand(4, (1, L, 1, 4)), rand(5, (1, L, 1, 4))
+
+    def f(q, k, v):
+        return flax_mha.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+
+    out, tangent_out = jax.jvp(f, (q, k, v), tangents)
+    # Central difference of the float64 NumPy reference (error ~eps^2).
+    eps, m = 1e-4, np_positional_mask(1, L, L, True)
+    x = [np.asarray(a, np.float64) for a in (q, k, v)]
+    dx = [np.asarray(t, np.float64) for t in tangents]
+    plus, _ = np_attention(*(a + eps * t for a, t in zip(x, dx, strict=True)), m)
+    minus, _ = np_attention(*(a - eps * t for a, t in zip(x, dx, strict=True)), m)
+    np.testing.assert_allclose(out, np_attention(*x, m)[0], **TOL)
+    np.testing.assert_allclose(tangent_out, (plus - minus) / (2 * eps), **TOL)

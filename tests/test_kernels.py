@@ -316,6 +316,25 @@ def test_x64_mode_with_chunked_tiles(tile, monkeypatch):
         check_case(**{**GRID["everything"], "jit": False})
 
 
+# --- a traced scale (issue 12, item 6) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_traced_scale_gives_the_static_scale_result(dtype):
+    # A traced scale is folded into q in float32 before the kernel (scale = 1 inside):
+    # the same float32 product the kernel forms from a static scale, so the same output.
+    rng = np.random.default_rng(0)
+    (q, k, v, _), _ = make_inputs(rng, 2, 70, 50, 4, 2, 16, 16)
+    q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
+    kw = dict(is_causal=True, block_q=16, block_k=16)
+    static = jax.jit(lambda q, k, v: blockwise_attention(q, k, v, scale=0.3, **kw))(q, k, v)
+    traced = jax.jit(lambda q, k, v, s: blockwise_attention(q, k, v, scale=s, **kw))(
+        q, k, v, jnp.float32(0.3)
+    )
+    assert traced.dtype == static.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(traced, np.float32), np.asarray(static, np.float32))
+
+
 # --- edge cases ----------------------------------------------------------------------
 
 

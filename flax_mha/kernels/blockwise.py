@@ -537,7 +537,7 @@ def blockwise_attention_with_lse(
     key: Array,
     value: Array,
     *,
-    scale: float,
+    scale: float | Array,
     bias: Array | None = None,
     mask: Array | None = None,
     is_causal: bool = False,
@@ -565,6 +565,13 @@ def blockwise_attention_with_lse(
     )
     block_q = bq if block_q is None else block_q
     block_k = bk if block_k is None else block_k
+    dtype = query.dtype
+    if isinstance(scale, jax.core.Tracer):
+        # A traced scale (a jit argument, a learned parameter) cannot be a static option:
+        # fold it into q outside the custom VJP, so that autodiff gives its gradient. In
+        # float32, the kernel's own precision, so that q * scale is not rounded to bf16.
+        query = query.astype(_F32) * jnp.asarray(scale, _F32)
+        scale = 1.0
     cfg = _config(scale, is_causal, local_window, dropout_rate, dropout_rng, block_q, block_k)
     rng = dropout_rng if cfg.dropout_rate > 0.0 else None
     # Lengths and masks must be arrays (not lists) to be custom_vjp leaves.
@@ -572,7 +579,8 @@ def blockwise_attention_with_lse(
         None if x is None else jnp.asarray(x) for x in (query_seq_lengths, key_value_seq_lengths)
     )
     mask = None if mask is None else jnp.asarray(mask)
-    return _attention(cfg, query, key, value, bias, mask, q_len, kv_len, rng)
+    out, lse = _attention(cfg, query, key, value, bias, mask, q_len, kv_len, rng)
+    return out.astype(dtype), lse
 
 
 def blockwise_attention(
@@ -580,7 +588,7 @@ def blockwise_attention(
     key: Array,
     value: Array,
     *,
-    scale: float,
+    scale: float | Array,
     bias: Array | None = None,
     mask: Array | None = None,
     is_causal: bool = False,
@@ -602,7 +610,8 @@ def blockwise_attention(
       query: [B, T, N, H].
       key: [B, S, K, H]; K divides N, query head n uses kv head ``n // (N // K)``.
       value: [B, S, K, Hv].
-      scale: Python float multiplying q.k (static).
+      scale: scalar multiplying q.k: a Python float (a static option of the kernel) or
+        a traced scalar (folded into q in float32 before the kernel; differentiable).
       bias: additive float, 4-D, broadcastable to [B, N, T, S] (size-1 dims
         are never materialised at full size). Differentiable.
       mask: bool, True = attend, 4-D, broadcastable to [B, N, T, S].

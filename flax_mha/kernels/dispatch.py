@@ -28,7 +28,7 @@ from flax_mha.functional import default_scale, dropout_multiplier
 from flax_mha.kernels.blockwise import blockwise_attention
 from flax_mha.kernels.decode import decode_attention
 from flax_mha.kernels.pallas_tpu import pallas_tpu_attention
-from flax_mha.kernels.reference import reference_attention
+from flax_mha.kernels.reference import reference_attention, reverse_mode_only
 
 __all__ = ["IMPLEMENTATIONS", "Request", "choose_implementation", "dot_product_attention"]
 
@@ -207,7 +207,7 @@ def dot_product_attention(
     qk_attn_weights_einsum: Callable[..., Array] | None = None,
     attn_weights_value_einsum: Callable[..., Array] | None = None,
     *,
-    scale: float | None = None,
+    scale: float | Array | None = None,
     is_causal: bool = False,
     query_seq_lengths: Array | None = None,
     key_value_seq_lengths: Array | None = None,
@@ -242,7 +242,8 @@ def dot_product_attention(
       qk_attn_weights_einsum: einsum for the scores (with the next one, instead of
         ``precision``/``einsum_dot_general``).
       attn_weights_value_einsum: einsum for the weighted sum.
-      scale: score scale; default ``1 / sqrt(H)``.
+      scale: score scale, a Python float or a scalar array (traced and differentiable
+        on every backend); default ``1 / sqrt(H)``.
       is_causal: query ``t`` attends to keys ``s <= t``.
       query_seq_lengths: int [batch...]; query rows at or past the length give zeros.
       key_value_seq_lengths: int [batch...]; keys at or past the length are ignored.
@@ -256,13 +257,25 @@ def dot_product_attention(
     Raises:
       TypeError: for non-floating query/key/value or non-integer lengths.
       ValueError: for inconsistent shapes, a mask or bias that does not broadcast,
-        a bad dropout configuration or an unknown implementation.
+        a non-scalar scale, a bad dropout configuration or an unknown implementation.
+
+    Differentiation: reverse mode (`jax.grad`, `jax.vjp`) works on every backend, with
+    respect to query, key, value, bias and a traced ``scale`` (a `jax.jit` argument or
+    a learned parameter). Forward mode (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) does not
+    with the automatic choice: its O(L)-memory kernels have a custom VJP, which JAX cannot
+    forward-differentiate, and so that this holds at every size, the materialising
+    reference is wrapped the same way when it is chosen automatically. Either way JAX
+    raises ``TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp
+    function``. Pass ``implementation="reference"`` (or ``"xla"``) for forward mode; it
+    materialises the [T, S] weights of every head.
     """
     check_qkv(query, key, value)
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation should be one of {IMPLEMENTATIONS} or None, but got {implementation!r}"
         )
+    if scale is not None and jnp.ndim(scale) != 0:
+        raise ValueError(f"scale should be a scalar, but got shape {jnp.shape(scale)}")
     qk_einsum, wv_einsum = _einsums(
         precision, einsum_dot_general, qk_attn_weights_einsum, attn_weights_value_einsum
     )
@@ -308,6 +321,7 @@ def dot_product_attention(
         q_lengths=q_lengths is not None,
         kv_lengths=kv_lengths is not None,
     )
+    automatic = implementation is None
     implementation = choose_implementation(request, implementation)
     scale = default_scale(H) if scale is None else scale
     q, k, v = (x.reshape(B, *x.shape[-3:]) for x in (query, key, value))
@@ -331,6 +345,10 @@ def dot_product_attention(
     elif implementation == "pallas_tpu":
         out = pallas_tpu_attention(q, k, v, **common)
     elif implementation == "cudnn":
+        if isinstance(scale, jax.core.Tracer):
+            # cuDNN takes a static scale: fold a traced one into q (in q's dtype, as the
+            # Pallas wrapper does), so that autodiff gives its gradient.
+            q, scale = q * scale.astype(q.dtype), 1.0
         out = jax.nn.dot_product_attention(
             q, k, v, bias, mask, scale=scale, is_causal=is_causal,
             query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths,
@@ -345,14 +363,28 @@ def dot_product_attention(
         pos_mask = _positional_mask(T, S, B, is_causal, window, q_lengths, kv_lengths)
         if pos_mask is not None:
             mask = pos_mask if mask is None else jnp.logical_and(mask, pos_mask)
-        out, weights = reference_attention(
-            q, k, v, mask=mask, bias=bias, dropout=dropout, scale=scale, logit_cap=logit_cap,
-            precision=precision, qk_einsum=qk_einsum, wv_einsum=wv_einsum,
-            weights_dtype=jnp.float32 if force_fp32_for_softmax else None,
+        attend = functools.partial(
+            reference_attention, logit_cap=logit_cap, precision=precision, qk_einsum=qk_einsum,
+            wv_einsum=wv_einsum, weights_dtype=jnp.float32 if force_fp32_for_softmax else None,
         )  # fmt: skip
+        if automatic:
+            # The kernels the automatic choice runs above the CPU threshold are custom_vjp
+            # functions, which JAX cannot forward-differentiate; so is this one, so that
+            # jax.jvp behaves the same at every size (see the docstring). Unless sown, the
+            # weights are left out: a custom_vjp's backward gets a zero cotangent for every
+            # output, and one for the weights would cost a [B, N, T, S] product.
+            attend = functools.partial(reverse_mode_only, _out_and_weights(attend, module))
+        out, weights = attend(q, k, v, mask=mask, bias=bias, dropout=dropout, scale=scale)
         if module is not None:
             module.sow("intermediates", "attention_weights", weights.reshape(*batch, N, T, S))
     return out.reshape(*batch, T, N, out.shape[-1]).astype(dtype)
+
+
+def _out_and_weights(attend: Callable[..., Any], module: Any) -> Callable[..., Any]:
+    """``attend``, returning ``(out, None)`` when no module sows the weights."""
+    if module is not None:
+        return attend
+    return lambda *args, **kwargs: (attend(*args, **kwargs)[0], None)
 
 
 def _positional_mask(

@@ -7,6 +7,7 @@ against.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -53,3 +54,35 @@ def reference_attention(
         return functional.multi_head_attention(q, k, v, m, b, d, **kwargs)
 
     return jax.vmap(one_example, in_axes=(0, 0, 0, *axes))(query, key, value, *extras)
+
+
+def reverse_mode_only(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``f(*args, **kwargs)`` behind a `jax.custom_vjp` whose backward is f's own VJP.
+
+    Values and reverse-mode gradients are f's; forward mode raises JAX's "can't apply
+    forward-mode autodiff (jvp) to a custom_vjp function", as it does for the
+    O(L)-memory kernels. The forward pass keeps f's VJP closure (a pytree of its
+    residuals) for the backward, so nothing is recomputed. Array arguments (traced
+    or not) are the differentiable inputs; the others (None, Python numbers) are
+    constants of f.
+    """
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    is_array = [isinstance(x, jax.Array) for x in leaves]
+    arrays = [x for x, a in zip(leaves, is_array, strict=True) if a]
+    consts = [None if a else x for x, a in zip(leaves, is_array, strict=True)]
+
+    def call(*arrays: Array) -> Any:
+        it = iter(arrays)
+        full = [next(it) if a else x for x, a in zip(consts, is_array, strict=True)]
+        fargs, fkwargs = jax.tree.unflatten(treedef, full)
+        return f(*fargs, **fkwargs)
+
+    def fwd(*arrays: Array) -> tuple[Any, Any]:
+        return jax.vjp(call, *arrays)
+
+    def bwd(vjp: Any, cotangent: Any) -> tuple[Any, ...]:
+        return vjp(cotangent)
+
+    wrapped = jax.custom_vjp(call)
+    wrapped.defvjp(fwd, bwd)
+    return wrapped(*arrays)
