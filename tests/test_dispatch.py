@@ -472,3 +472,15 @@ def test_explicit_reference_keeps_forward_mode(impl, L):
     minus, _ = np_attention(*(a - eps * t for a, t in zip(x, dx, strict=True)), m)
     np.testing.assert_allclose(out, np_attention(*x, m)[0], **TOL)
     np.testing.assert_allclose(tangent_out, (plus - minus) / (2 * eps), **TOL)
+
+
+def test_pallas_tpu_is_not_chosen_under_x64():
+    # JAX's Pallas TPU flash attention fails to trace under jax_enable_x64 (its index maps
+    # mix int64 and int32: "lax.select requires arguments to have the same dtypes"), so
+    # on a TPU the automatic choice falls back to the blockwise kernel, which works there.
+    assert choose_implementation(request(platform="tpu", x64=True)) == "blockwise"
+    with pytest.raises(ValueError, match="pallas_tpu.*jax_enable_x64"):
+        choose_implementation(request(platform="tpu", x64=True), "pallas_tpu")
+    q = rand(0, (1, 20, 2, 8))
+    with jax.enable_x64(True), pytest.raises(ValueError, match="jax_enable_x64"):
+        flax_mha.dot_product_attention(q, q, q, implementation="pallas_tpu")

@@ -68,6 +68,7 @@ class Request:
     causal: bool = False
     q_lengths: bool = False
     kv_lengths: bool = False
+    x64: bool = False  # jax_enable_x64 is on
 
 
 def _ineligible(name: str, r: Request) -> str | None:
@@ -99,6 +100,9 @@ def _ineligible(name: str, r: Request) -> str | None:
             return f"it needs head_dim <= 128, a multiple of 8, equal for q and v ({r.H}, {r.Hv})"
         return None
     if name == "pallas_tpu":
+        if r.x64:
+            # Its index maps mix int64 and int32 under x64 and fail to trace (jax 0.10.2).
+            return "JAX's Pallas flash attention does not trace under jax_enable_x64"
         if r.dropout:
             return "it has no attention dropout"
         if r.window:
@@ -320,6 +324,7 @@ def dot_product_attention(
         causal=is_causal,
         q_lengths=q_lengths is not None,
         kv_lengths=kv_lengths is not None,
+        x64=bool(jax.config.jax_enable_x64),
     )
     automatic = implementation is None
     implementation = choose_implementation(request, implementation)
