@@ -124,7 +124,7 @@ def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from flax_mha.train import train_and_evaluate, validate_config
 
     validate_config(config)  # before jax compiles anything
-    train_and_evaluate(config, args.workdir)
+    train_and_evaluate(config, args.workdir, force=args.force)
     return 0
 
 
@@ -210,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="continue from the latest checkpoint (default: config.train.resume)",
     )
+    train.add_argument(
+        "--force",
+        action="store_true",
+        help="resume even if the config differs from the run's config.json in fields that "
+        "change the run (model, optimizer, data, seed, batch size)",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument(
         "--mesh",
@@ -261,8 +267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             return args.func(args, extra)
         return args.func(args)
-    except ValueError as e:
+    except ValueError as e:  # bad input: arguments, config, workdir
         parser.exit(2, f"flax-mha {args.command}: error: {e}\n")
+    except Exception as e:
+        from flax_mha.train import TrainingError  # imports jax: only once something failed
+
+        if not isinstance(e, TrainingError):
+            raise
+        parser.exit(1, f"flax-mha {args.command}: error: {e}\n")
     return 1
 
 

@@ -25,14 +25,20 @@ Shapes: ``B`` batch, ``L`` input length, ``T`` target length, ``V`` vocabulary, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
+import gc
 import json
+import logging
 import math
 import os
+import shutil
+import socket
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -55,13 +61,18 @@ from flax_mha.generation import generate
 from flax_mha.models import PAD_ID, Transformer, TransformerConfig
 
 __all__ = [
+    "LOCK_FILE",
+    "RESUMABLE_FIELDS",
     "TrainState",
+    "TrainingError",
     "attention_weights",
+    "config_diff",
     "create_train_state",
     "cross_entropy_loss",
     "eval_step",
     "evaluate",
     "load_workdir_config",
+    "lock_workdir",
     "make_optimizer",
     "make_train_mesh",
     "make_train_step",
@@ -75,6 +86,7 @@ __all__ = [
     "train_and_evaluate",
     "train_step",
     "validate_config",
+    "verify_state",
 ]
 
 SCHEDULES = ("warmup_cosine", "paper", "constant")
@@ -494,6 +506,10 @@ def evaluate(
 # --------------------------------------------------------------------------- checkpoints
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot start or go on: its workdir is in use, or its loss is not finite."""
+
+
 def _checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     # Synchronous saves: train_step donates the state's buffers, so an asynchronous save
     # could still be reading arrays the next step reuses; saves here are small anyway.
@@ -526,6 +542,169 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState, step: int) -> Tr
     return state.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"])
 
 
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _leaf_paths(tree: Any) -> list[str]:
+    return ["/".join(map(_key_name, path)) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+@jax.jit
+def _non_finite_counts(tree: Any) -> Any:
+    """Per leaf, the number of NaN/inf entries (0 for integer leaves)."""
+    return jax.tree.map(
+        lambda x: jnp.sum(~jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else 0, tree
+    )
+
+
+def verify_state(state: Any, like: Any) -> None:
+    """Checks that a restored state can be trained: the tree, shapes and dtypes of ``like``,
+    and only finite values.
+
+    Args:
+      state: a pytree of arrays, e.g. a restored checkpoint.
+      like: the pytree it should match, e.g. the freshly initialised state.
+
+    Raises:
+      ValueError: naming the first wrong leaf by its path, e.g. ``params/logits_dense/kernel
+        should be finite, but has 12 NaN/inf values``.
+    """
+    if jax.tree.structure(state) != jax.tree.structure(like):
+        missing = sorted(set(_leaf_paths(like)) - set(_leaf_paths(state)))
+        extra = sorted(set(_leaf_paths(state)) - set(_leaf_paths(like)))
+        raise ValueError(
+            "state should have the tree structure of the reference, but got "
+            f"{len(missing)} leaves missing {missing[:2]} and {len(extra)} extra {extra[:2]}"
+        )
+    paths = _leaf_paths(like)
+    for path, x, ref in zip(paths, jax.tree.leaves(state), jax.tree.leaves(like), strict=True):
+        if x.shape != ref.shape:
+            raise ValueError(f"{path} should have shape {ref.shape}, but got {x.shape}")
+        if x.dtype != ref.dtype:
+            raise ValueError(f"{path} should have dtype {ref.dtype}, but got {x.dtype}")
+    counts = jax.device_get(jax.tree.leaves(_non_finite_counts(state)))
+    for path, n in zip(paths, counts, strict=True):
+        if n:
+            raise ValueError(f"{path} should be finite, but has {int(n)} NaN/inf value(s)")
+
+
+def _one_line(error: BaseException, limit: int = 240) -> str:
+    """The innermost cause of ``error`` on one line (orbax wraps TensorStore's message)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    # Orbax's advice to pass partial_restore=True is for its API, not for our users.
+    message = str(error).split("If this mismatch is intentional")[0]
+    text = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    text = text or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_orbax_leftover(unraisable: Any) -> bool:
+    """An abandoned orbax read: its coroutine, or its callback into a closed loop."""
+    error, obj = unraisable.exc_value, unraisable.object
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    code = getattr(obj, "cr_code", None)
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
+def _collect_orbax_leftovers() -> None:
+    """Quiets what a failed orbax read leaves behind (hundreds of lines of tracebacks).
+
+    Its asyncio tasks outlive their event loop: collected later, each logs "Task exception
+    was never retrieved"; and TensorStore completes the abandoned reads from its threads,
+    each calling back into the closed loop ("Event loop is closed", raised where nothing
+    can catch it). The tasks are collected now with asyncio's log muted; from then on the
+    process's unraisable hook drops those two kinds (and passes on everything else).
+    """
+    if not getattr(sys.unraisablehook, "_flax_mha_filter", False):
+        previous = sys.unraisablehook
+
+        def hook(unraisable: Any) -> None:
+            if not _is_orbax_leftover(unraisable):
+                previous(unraisable)
+
+        hook._flax_mha_filter = True
+        sys.unraisablehook = hook
+    log = logging.getLogger("asyncio")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        gc.collect()
+    finally:
+        log.setLevel(level)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _restore_intact(
+    manager: ocp.CheckpointManager,
+    state: TrainState,
+    workdir: str,
+    *,
+    set_aside: bool,
+    forced_changes: str = "",
+) -> TrainState | None:
+    """The newest checkpoint that restores and passes `verify_state`, or None if none does.
+
+    Each damaged checkpoint gets one warning line on stderr; with ``set_aside`` it moves to
+    ``workdir/damaged_checkpoints/<step>`` (kept, and out of the way of the step's new save).
+    With ``forced_changes`` (a resume forced over a changed config), a checkpoint that does
+    not restore into ``state`` is a config mismatch, not damage: a ValueError says so.
+    """
+    like = _checkpoint_tree(state)
+    try:
+        return _restore_newest(manager, state, like, workdir, set_aside, forced_changes)
+    finally:
+        if set_aside:
+            manager.reload()  # the manager caches its steps, and skips saves of known ones
+
+
+def _restore_newest(
+    manager: ocp.CheckpointManager,
+    state: TrainState,
+    like: Any,
+    workdir: str,
+    set_aside: bool,
+    forced_changes: str,
+) -> TrainState | None:
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = _restore(manager, state, step)
+        except Exception as e:  # orbax and TensorStore raise many types for unreadable files
+            problem = _one_line(e)
+            del e
+            _collect_orbax_leftovers()
+            if forced_changes:
+                # Orbax does not tell a tree of another shape from a damaged file.
+                raise ValueError(
+                    f"the checkpoint of step {step} in {workdir!r} cannot be restored into "
+                    f"the changed config ({forced_changes}), even with force: it does not fit "
+                    f"it or is damaged: {problem}"
+                ) from None
+            problem = f"it cannot be read: {problem}"
+        else:
+            try:
+                verify_state(_checkpoint_tree(restored), like)
+                return restored
+            except ValueError as e:
+                problem = str(e)
+        where = "; set aside in damaged_checkpoints/" if set_aside else ""
+        _warn(f"the checkpoint of step {step} in {workdir!r} is damaged ({problem}){where}")
+        if set_aside and jax.process_index() == 0:
+            aside = os.path.join(workdir, "damaged_checkpoints", str(step))
+            shutil.rmtree(aside, ignore_errors=True)
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            shutil.move(os.path.join(manager.directory, str(step)), aside)
+    return None
+
+
 def load_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """The config a run in ``workdir`` was trained with (``workdir/config.json``)."""
     path = os.path.join(workdir, "config.json")
@@ -540,24 +719,172 @@ def load_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict
 def restore_params(
     workdir: str | os.PathLike,
 ) -> tuple[ml_collections.ConfigDict, Transformer, Any, int]:
-    """Loads the latest checkpoint of a run.
+    """Loads the latest intact checkpoint of a run (a damaged one is skipped with a warning).
 
     Returns:
       (config, model, params, step).
 
     Raises:
-      ValueError: if ``workdir`` has no config or no checkpoint.
+      ValueError: if ``workdir`` has no config or no intact checkpoint.
     """
     config = load_workdir_config(workdir)
+    workdir = os.fspath(workdir)
     abstract = jax.eval_shape(lambda: create_train_state(config, jax.random.key(0)))
     state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
-    manager = _checkpoint_manager(os.fspath(workdir), config)
-    step = manager.latest_step()
-    if step is None:
-        raise ValueError(f"workdir should hold a checkpoint, but {os.fspath(workdir)!r} has none")
-    state = _restore(manager, state, step)
+    manager = _checkpoint_manager(workdir, config)
+    steps = manager.all_steps()
+    if not steps:
+        raise ValueError(f"workdir should hold a checkpoint, but {workdir!r} has none")
+    state = _restore_intact(manager, state, workdir, set_aside=False)
     manager.close()
-    return config, Transformer(model_config(config)), state.params, step
+    if state is None:
+        raise ValueError(
+            f"workdir should hold an intact checkpoint, but {workdir!r} has no intact "
+            f"checkpoint (steps {sorted(steps)} are all damaged)"
+        )
+    return config, Transformer(model_config(config)), state.params, int(state.step)
+
+
+# --------------------------------------------------------------------------- workdir
+
+LOCK_FILE = "train.lock"
+
+
+@contextlib.contextmanager
+def lock_workdir(workdir: str | os.PathLike) -> Iterator[str]:
+    """Holds ``workdir/train.lock`` so that a second run on the same workdir is refused.
+
+    The lock is an ``fcntl.flock`` on the file, which holds the owner's pid, host and
+    start time; the kernel releases it when its process exits, however it exits, so the
+    file of a dead run does not block. Where the file system has no locks it warns and
+    goes on unlocked.
+
+    Yields:
+      The lock file's path.
+
+    Raises:
+      TrainingError: if another process holds the lock; the message names it.
+    """
+    workdir = os.fspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrainingError(
+                f"workdir {workdir!r} is in use by {_lock_owner(path)} ({path}); wait for "
+                "that run to end, or use another workdir"
+            ) from None
+        except OSError as e:
+            _warn(f"cannot lock {path} ({e}); two runs on {workdir!r} would not be stopped")
+        owner = {"pid": os.getpid(), "host": socket.gethostname(),
+                 "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(owner).encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock_owner(path: str) -> str:
+    try:
+        with open(path) as f:
+            owner = json.load(f)
+        return f"pid {owner['pid']} on {owner['host']}, started {owner['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+_MISSING = type("_Missing", (), {"__repr__": lambda self: "<missing>"})()
+
+
+def config_diff(
+    old: ml_collections.ConfigDict | dict, new: ml_collections.ConfigDict | dict
+) -> list[tuple[str, Any, Any]]:
+    """The fields where two configs differ, as ``(dotted path, old value, new value)``.
+
+    Both are compared as JSON (as ``config.json`` stores them: tuples become lists); a
+    field only one of them has shows ``<missing>`` on the other side.
+    """
+
+    def flat(c: Any) -> dict[str, Any]:
+        tree = json.loads(c.to_json()) if isinstance(c, ml_collections.ConfigDict) else c
+        return flax_traverse.flatten_dict(json.loads(json.dumps(tree)), sep=".")
+
+    a, b = flat(old), flat(new)
+    return [
+        (path, a.get(path, _MISSING), b.get(path, _MISSING))
+        for path in sorted(a.keys() | b.keys())
+        if a.get(path, _MISSING) != b.get(path, _MISSING)
+    ]
+
+
+# Fields a resume may change: what the run logs, evaluates, keeps and where it runs. Every
+# other field changes the run itself (model, optimizer, data, seed, batch size).
+RESUMABLE_FIELDS = frozenset(
+    {f"train.{name}" for name in ("num_steps", "log_every", "eval_every", "checkpoint_every",
+                                  "max_checkpoints_to_keep", "eval_batch_size", "progress_bar",
+                                  "resume", "plots", "mesh")}
+    | {"data.eval_min_len", "data.eval_max_len", "data.num_eval_examples"}
+)  # fmt: skip
+
+
+def _show(diff: list[tuple[str, Any, Any]]) -> str:
+    return ", ".join(f"{path} {old!r} -> {new!r}" for path, old, new in diff)
+
+
+def _check_resume_config(
+    saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str, force: bool
+) -> str:
+    """Compares the run's ``config.json`` with the new config before resuming.
+
+    Returns:
+      The forced changes outside `RESUMABLE_FIELDS` ("" if none).
+
+    Raises:
+      ValueError: naming the changed fields outside `RESUMABLE_FIELDS`, unless ``force``.
+    """
+    diff = config_diff(saved, config)
+    other = [d for d in diff if d[0] not in RESUMABLE_FIELDS]
+    allowed = [d for d in diff if d[0] in RESUMABLE_FIELDS]
+    if other and not force:
+        raise ValueError(
+            f"the config should match the run in {workdir!r} (its config.json) to resume it, "
+            f"but got {_show(other)}; use another workdir, or --force (force=True) to "
+            "resume anyway"
+        )
+    if other:
+        _warn(f"resuming {workdir!r} with a changed {_show(other)} (forced)")
+    if allowed:
+        print(f"resuming with a changed {_show(allowed)}", flush=True)
+    steps = [d for d in allowed if d[0] == "train.num_steps"]
+    if steps and config.optim.schedule == "warmup_cosine":
+        print(
+            f"note: the warmup_cosine schedule decays over train.num_steps, so the remaining "
+            f"steps follow the schedule of {steps[0][2]} steps, not the one the run started "
+            f"with ({steps[0][1]})",
+            flush=True,
+        )
+    return _show(other)
+
+
+def _write_config(workdir: str, config: ml_collections.ConfigDict, start: int) -> None:
+    """Writes ``config.json``; a different one already there is kept, never silently lost."""
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            if not config_diff(json.load(f), config):
+                return
+        kept = f"config.before_step_{start}.json"
+        os.replace(path, os.path.join(workdir, kept))
+        print(f"config.json holds the new config; the previous one is kept as {kept}", flush=True)
+    with open(path, "w") as f:
+        f.write(config.to_json(indent=2))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -590,8 +917,16 @@ def _start_state(
     workdir: str,
     manager: ocp.CheckpointManager,
     mesh: jax.sharding.Mesh | None = None,
+    *,
+    force: bool = False,
 ) -> TrainState:
-    """A fresh state, or the latest checkpoint's when resuming (laid out on ``mesh``)."""
+    """A fresh state, or the latest intact checkpoint's when resuming (laid out on ``mesh``).
+
+    Raises:
+      ValueError: if the workdir has checkpoints but ``config.train.resume`` is False, or
+        its config differs in fields a resume may not change (see `RESUMABLE_FIELDS`)
+        and not ``force``.
+    """
     state = create_train_state(config, jax.random.fold_in(jax.random.key(config.seed), 0), mesh)
     latest = manager.latest_step()
     if latest is None:
@@ -601,97 +936,152 @@ def _start_state(
             f"config.train.resume is False but {workdir!r} has checkpoints up to step {latest}; "
             "resume, or train in an empty workdir"
         )
-    saved = load_workdir_config(workdir)
-    if saved.model.to_dict() != config.model.to_dict():
-        raise ValueError(
-            f"config.model should match the run in {workdir!r} to resume it, "
-            f"but got {config.model.to_dict()} != {saved.model.to_dict()}"
+    forced = _check_resume_config(load_workdir_config(workdir), config, workdir, force)
+    restored = _restore_intact(manager, state, workdir, set_aside=True, forced_changes=forced)
+    if restored is None:
+        _warn(f"{workdir!r} has no intact checkpoint; starting from step 0")
+        return state
+    return restored
+
+
+def _non_finite_step(pending: list[dict[str, Array]], done: int) -> tuple[int, float] | None:
+    """The first of the steps ``done - len(pending) + 1 .. done`` whose loss or gradient
+    norm is not finite, with that loss; None if all are finite."""
+    host = jax.device_get([(m["loss_sum"] / jnp.maximum(m["tokens"], 1.0), m["grad_norm"])
+                           for m in pending])  # fmt: skip
+    for i, (loss, grad_norm) in enumerate(host):
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            return done - len(pending) + 1 + i, float(loss)
+    return None
+
+
+def _stop_if_not_finite(pending: list[dict[str, Array]], done: int, last_saved: int | None) -> None:
+    bad = _non_finite_step(pending, done)
+    if bad is not None:
+        kept = f"the checkpoint of step {last_saved} is" if last_saved else "no checkpoint is"
+        raise TrainingError(
+            f"the loss is not finite at step {bad[0]} (loss {bad[1]}); the run stops and "
+            f"saves nothing ({kept} kept): lower config.optim.learning_rate, or check the "
+            "checkpoint it resumed from"
         )
-    return _restore(manager, state, latest)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainState:
-    """Trains (resuming from ``workdir``'s latest checkpoint), evaluates, checkpoints, plots.
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, force: bool = False
+) -> TrainState:
+    """Trains (resuming from ``workdir``'s latest intact checkpoint), evaluates, checkpoints.
+
+    The workdir is locked for the run (`lock_workdir`). A resume compares the new config
+    with the run's ``config.json``: fields outside `RESUMABLE_FIELDS` must match unless
+    ``force``; a changed ``config.json`` is kept as ``config.before_step_<step>.json``.
+    Damaged checkpoints (unreadable, or failing `verify_state`) are set aside with a
+    warning and the previous intact one is used. A non-finite loss stops the run before
+    anything is saved.
 
     Args:
       config: a training config (see ``configs/default.py``); validated first.
       workdir: folder for checkpoints, ``metrics.jsonl``, ``curves.png`` and ``attention/``.
+      force: resume even if fields outside `RESUMABLE_FIELDS` changed.
 
     Returns:
       The final `TrainState`.
 
     Raises:
       ValueError: for a bad config, or a workdir that cannot be resumed with it.
+      TrainingError: if another run holds the workdir, or the loss is not finite.
     """
-    from tqdm.auto import tqdm
-
     validate_config(config)
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    # With several processes (jax.distributed), all of them train and save their shards;
+    # only the first locks the workdir and writes its text files and plots.
+    writer = jax.process_index() == 0
+    with lock_workdir(workdir) if writer else contextlib.nullcontext():
+        return _train_locked(config, workdir, force, writer)
+
+
+def _train_locked(
+    config: ml_collections.ConfigDict, workdir: str, force: bool, writer: bool
+) -> TrainState:
+    from tqdm.auto import tqdm
+
     t, d = config.train, config.data
     mesh = make_train_mesh(config)
-    # With several processes (jax.distributed), all of them train and save their shards;
-    # only the first writes the workdir's text files and plots.
-    writer = jax.process_index() == 0
     model = Transformer(model_config(config))
     manager = _checkpoint_manager(workdir, config)
-    state = _start_state(config, workdir, manager, mesh)
-    start = int(state.step)
-    if writer:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    if writer:
-        _rewind_metrics(metrics_path, start)
-    dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-    if mesh is None:
-        step_fn, put = train_step, jax.device_put
-    else:
-        step_fn = make_train_step(state, mesh)
-        put = functools.partial(sharding_lib.shard_batch, mesh=mesh)
-        dropout_rng = sharding_lib.replicate(dropout_rng, mesh)
-    examples = data_lib.eval_set(config.seed, d.num_eval_examples, d.task, d.eval_min_len,
-                                 d.eval_max_len)  # fmt: skip
-    schedule = make_schedule(config)
-    show_bar = bool(t.progress_bar) and sys.stderr.isatty()
-    bar = tqdm(total=t.num_steps, initial=start, disable=not show_bar, desc="train", unit="step")
-    say = bar.write if show_bar else (lambda line: print(line, flush=True))
-    if start:
-        say(f"resumed from the checkpoint of step {start} in {workdir}")
-    say(f"devices: {jax.devices()}; {sum(x.size for x in jax.tree.leaves(state.params)):,} params")
-    if mesh is not None:
-        say(f"mesh: {dict(mesh.shape)} over {jax.process_count()} process(es)")
+    try:
+        state = _start_state(config, workdir, manager, mesh, force=force)
+        start = int(state.step)
+        metrics_path = os.path.join(workdir, "metrics.jsonl")
+        if writer:
+            _write_config(workdir, config, start)
+            _rewind_metrics(metrics_path, start)
+        dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+        if mesh is None:
+            step_fn, put = train_step, jax.device_put
+        else:
+            step_fn = make_train_step(state, mesh)
+            put = functools.partial(sharding_lib.shard_batch, mesh=mesh)
+            dropout_rng = sharding_lib.replicate(dropout_rng, mesh)
+        examples = data_lib.eval_set(config.seed, d.num_eval_examples, d.task, d.eval_min_len,
+                                     d.eval_max_len)  # fmt: skip
+        schedule = make_schedule(config)
+        show_bar = bool(t.progress_bar) and sys.stderr.isatty()
+        bar = tqdm(total=t.num_steps, initial=start, disable=not show_bar, desc="train",
+                   unit="step")  # fmt: skip
+        say = bar.write if show_bar else (lambda line: print(line, flush=True))
+        if start:
+            say(f"resumed from the checkpoint of step {start} in {workdir}")
+        n_params = sum(x.size for x in jax.tree.leaves(state.params))
+        say(f"devices: {jax.devices()}; {n_params:,} params")
+        if mesh is not None:
+            say(f"mesh: {dict(mesh.shape)} over {jax.process_count()} process(es)")
 
-    pending, tic = [], time.perf_counter()
-    for step in range(start, t.num_steps):
-        batch = data_lib.train_batch(config.seed, step, d.task, t.batch_size, d.min_len, d.max_len)
-        state, metrics = step_fn(state, put(batch), dropout_rng)
-        pending.append(metrics)
-        done = step + 1
-        bar.update(1)
-        is_last = done == t.num_steps
-        record = None
-        if done % t.log_every == 0 or is_last:
-            record = {"step": done, **_summarize(pending, time.perf_counter() - tic)}
-            record["lr"] = float(schedule(done - 1))  # the rate of this step's update
-            pending = []
-            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
-                            tok_s=f"{record['tokens_per_sec']:.0f}")  # fmt: skip
-        if done % t.eval_every == 0 or is_last:
-            record = {"step": done, **(record or {})}
-            record.update(evaluate(state, model, examples, t.eval_batch_size))
-        if record is not None:
-            say(_format(record, t.num_steps))
-            if writer:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-        if done % t.checkpoint_every == 0 or is_last:
-            manager.save(done, args=ocp.args.StandardSave(_checkpoint_tree(state)))
-        if record is not None or done % t.checkpoint_every == 0:
-            tic = time.perf_counter()  # time eval and saving out of tokens/s
-    bar.close()
-    manager.wait_until_finished()
-    manager.close()
+        pending, unchecked, tic = [], [], time.perf_counter()
+        last_saved = start or None
+        for step in range(start, t.num_steps):
+            batch = data_lib.train_batch(config.seed, step, d.task, t.batch_size, d.min_len,
+                                         d.max_len)  # fmt: skip
+            state, metrics = step_fn(state, put(batch), dropout_rng)
+            pending.append(metrics)
+            unchecked.append(metrics)
+            done = step + 1
+            bar.update(1)
+            is_last = done == t.num_steps
+            logs, saves = done % t.log_every == 0 or is_last, done % t.checkpoint_every == 0
+            if logs or saves or is_last:
+                # Checked at log lines and saves only: a check per step would wait for it.
+                _stop_if_not_finite(unchecked, done, last_saved)
+                unchecked = []
+            record = None
+            if logs:
+                record = {"step": done, **_summarize(pending, time.perf_counter() - tic)}
+                record["lr"] = float(schedule(done - 1))  # the rate of this step's update
+                pending = []
+                bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
+                                tok_s=f"{record['tokens_per_sec']:.0f}")  # fmt: skip
+            if done % t.eval_every == 0 or is_last:
+                record = {"step": done, **(record or {})}
+                record.update(evaluate(state, model, examples, t.eval_batch_size))
+            if record is not None:
+                say(_format(record, t.num_steps))
+                if writer:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+            if saves or is_last:
+                tree = _checkpoint_tree(state)
+                if not bool(jnp.all(jnp.array(jax.tree.leaves(_non_finite_counts(tree))) == 0)):
+                    raise TrainingError(f"the state of step {done} is not finite; not saving it")
+                if not manager.save(done, args=ocp.args.StandardSave(tree)):
+                    raise TrainingError(f"orbax skipped the checkpoint of step {done} (its "
+                                        f"latest step is {manager.latest_step()})")  # fmt: skip
+                last_saved = done
+            if record is not None or saves:
+                tic = time.perf_counter()  # time eval and saving out of tokens/s
+        bar.close()
+        manager.wait_until_finished()
+    finally:
+        manager.close()
     if t.plots and writer:
         _write_plots(workdir, state, model, examples)
     return state

@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from flax_mha import data, train
@@ -232,3 +234,207 @@ def test_workdir_config_is_json(tiny_run):
     workdir, _ = tiny_run
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["model"]["d_model"] == 32 and saved["data"]["task"] == "reverse"
+
+
+# --------------------------------------------------------------------------- robustness
+# Issue 12, items 10-12: damaged checkpoints, non-finite losses, two runs on one workdir,
+# and resuming with a changed config. Each test works on a copy of the finished tiny run.
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    """A copy of the finished tiny run (checkpoints 10..60) that a test may damage."""
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], workdir)
+    return workdir
+
+
+def _tiny(num_steps=60):
+    config = load_config(TINY)
+    config.train.num_steps = num_steps
+    return config
+
+
+def _rewrite_checkpoint(workdir, step, fn):
+    """Replaces the checkpoint of ``step`` by ``fn`` of its tree (a checkpoint that decodes
+    to other values, as flipped bytes in its data file do)."""
+    config = train.load_workdir_config(workdir)
+    like = train.create_train_state(config, jax.random.key(0))
+    manager = train._checkpoint_manager(str(workdir), config)
+    tree = train._checkpoint_tree(train._restore(manager, like, step))
+    manager.delete(step)
+    manager.save(step, args=ocp.args.StandardSave(jax.tree.map(fn, tree)))
+    manager.wait_until_finished()
+    manager.close()
+
+
+def _nan_params(x):
+    return jnp.full_like(x, jnp.nan) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
+def _truncate_data_files(workdir, step):
+    """Cuts every data file of a checkpoint to half its size (a disk-full or killed copy)."""
+    folder = workdir / "checkpoints" / str(step)
+    data_files = [p for p in folder.rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert data_files
+    for path in data_files:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_verify_state_names_the_bad_leaf():
+    like = {"a": jnp.zeros((2, 3)), "b": {"c": jnp.zeros(4, jnp.int32)}}
+    train.verify_state(jax.tree.map(jnp.ones_like, like), like)  # passes
+    for bad, message in [
+        ({"a": jnp.zeros((2, 3)).at[1, 2].set(jnp.nan), "b": like["b"]},
+         "a should be finite, but has 1 NaN/inf value"),
+        ({"a": jnp.zeros((3, 2)), "b": like["b"]}, "a should have shape (2, 3), but got (3, 2)"),
+        ({"a": jnp.zeros((2, 3), jnp.bfloat16), "b": like["b"]},
+         "a should have dtype float32, but got bfloat16"),
+        ({"a": jnp.zeros((2, 3))}, "should have the tree structure"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train.verify_state(bad, like)
+
+
+@pytest.mark.parametrize("damage", ["nan", "truncated"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(run_copy, damage, capsys):
+    if damage == "nan":
+        _rewrite_checkpoint(run_copy, 60, _nan_params)
+    else:
+        _truncate_data_files(run_copy, 60)
+    _, _, params, step = train.restore_params(run_copy)  # e.g. `flax-mha predict`
+    assert step == 50
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "checkpoint of step 60" in line]
+    assert len(warnings) == 1 and "damaged" in warnings[0], err
+    assert "Traceback" not in err
+
+    state = train.train_and_evaluate(_tiny(), run_copy)  # resumes from 50, redoes 51..60
+    out = capsys.readouterr()
+    assert "resumed from the checkpoint of step 50" in out.out
+    assert "checkpoint of step 60" in out.err and "damaged" in out.err
+    assert int(state.step) == 60
+    assert (run_copy / "damaged_checkpoints" / "60").is_dir()  # set aside, not deleted
+    _, _, params, step = train.restore_params(run_copy)
+    assert step == 60 and "damaged" not in capsys.readouterr().err
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
+
+
+def test_no_intact_checkpoint_starts_afresh_and_says_so(run_copy, capsys):
+    for step in range(10, 61, 10):
+        _truncate_data_files(run_copy, step)
+    with pytest.raises(ValueError, match="has no intact checkpoint"):
+        train.restore_params(run_copy)
+    state = train.train_and_evaluate(_tiny(num_steps=12), run_copy)
+    out = capsys.readouterr()
+    assert "no intact checkpoint" in out.err and "starting from step 0" in out.err
+    assert "Traceback" not in out.err and "Event loop" not in out.err
+    assert int(state.step) == 12
+    assert [r["step"] for r in train.read_metrics(run_copy)] == [5, 10, 12]
+
+
+@pytest.mark.parametrize("every", ["log_every", "checkpoint_every"])
+def test_non_finite_loss_stops_the_run_without_saving(run_copy, every, capsys):
+    # Finite but huge weights (what flipped bytes often decode to): the loss overflows.
+    _rewrite_checkpoint(run_copy, 60, lambda x: x * 1e30 if x.dtype == jnp.float32 else x)
+    argv = ["train", "--config", str(TINY), "--workdir", str(run_copy),
+            "--config.train.num_steps=70", "--config.train.log_every=100",
+            "--config.train.checkpoint_every=100", f"--config.train.{every}=1"]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("flax-mha train: error: the loss is not finite at step 61"), err
+    assert "Traceback" not in "\n".join(err)
+    assert sorted(os.listdir(run_copy / "checkpoints"), key=int)[-1] == "60"  # none saved
+    assert all(r["step"] <= 60 for r in train.read_metrics(run_copy))
+
+
+def test_second_run_on_a_locked_workdir_is_refused(run_copy, capsys):
+    with train.lock_workdir(run_copy):
+        with pytest.raises(train.TrainingError, match=f"pid {os.getpid()}") as e:
+            train.train_and_evaluate(_tiny(), run_copy)
+        assert "started" in str(e.value) and str(run_copy) in str(e.value)
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--config", str(TINY), "--workdir", str(run_copy)])
+        assert e.value.code == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is in use by" in err[0], err
+    train.train_and_evaluate(_tiny(), run_copy)  # released at exit: runs again
+
+
+def test_lock_of_a_dead_process_does_not_block(run_copy):
+    code = ("import os, signal, sys; from flax_mha.train import lock_workdir; "
+            "lock = lock_workdir(sys.argv[1]); lock.__enter__(); os.kill(os.getpid(), signal.SIGKILL)")  # fmt: skip
+    killed = _run(["-c", code, str(run_copy)])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (run_copy / "train.lock").read_text()  # the dead owner's pid is still written
+    with train.lock_workdir(run_copy):
+        assert json.loads((run_copy / "train.lock").read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("--config.seed=1", "seed 0 -> 1"),
+        ("--config.optim.learning_rate=0.001", "optim.learning_rate 0.003 -> 0.001"),
+        ("--config.optim.optimizer=adam", "optim.optimizer 'adamw' -> 'adam'"),
+        ("--config.data.task=sort", "data.task 'reverse' -> 'sort'"),
+        ("--config.model.num_heads=1", "model.num_heads 2 -> 1"),
+    ],
+)
+def test_resume_with_a_changed_config_names_the_fields_and_refuses(run_copy, override, named,
+                                                                    capsys):  # fmt: skip
+    before = (run_copy / "config.json").read_text()
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", str(TINY), "--workdir", str(run_copy), override])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0] and "--force" in err[0], err
+    assert (run_copy / "config.json").read_text() == before  # not overwritten
+
+
+def test_force_resumes_with_a_changed_config_and_keeps_the_old_one(run_copy, capsys):
+    old = json.loads((run_copy / "config.json").read_text())
+    config = _tiny(num_steps=62)
+    config.optim.learning_rate = 1e-3
+    with pytest.raises(ValueError, match=re.escape("optim.learning_rate 0.003 -> 0.001")):
+        train.train_and_evaluate(config, run_copy)
+    state = train.train_and_evaluate(config, run_copy, force=True)
+    assert int(state.step) == 62
+    out = capsys.readouterr()
+    assert "optim.learning_rate 0.003 -> 0.001 (forced)" in out.err
+    out = out.out
+    assert json.loads((run_copy / "config.json").read_text())["optim"]["learning_rate"] == 1e-3
+    assert json.loads((run_copy / "config.before_step_60.json").read_text()) == old
+    assert "config.before_step_60.json" in out
+
+
+def test_force_cannot_resume_a_checkpoint_of_another_shape(run_copy):
+    config = _tiny()
+    config.optim.optimizer = "adam"  # no weight-decay state: another optimizer tree
+    with pytest.raises(ValueError, match="does not fit") as e:
+        train.train_and_evaluate(config, run_copy, force=True)
+    assert "optim.optimizer 'adamw' -> 'adam'" in str(e.value) and "opt_state" in str(e.value)
+    assert "partial_restore" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_safe_changes_resume_with_a_note(run_copy, capsys):
+    config = _tiny(num_steps=65)
+    config.train.log_every = 1
+    config.data.num_eval_examples = 32
+    state = train.train_and_evaluate(config, run_copy)
+    assert int(state.step) == 65
+    out = capsys.readouterr().out
+    assert "train.log_every 5 -> 1" in out and "data.num_eval_examples 64 -> 32" in out
+    # num_steps is allowed, but the cosine schedule decays over it: said explicitly.
+    assert "train.num_steps 60 -> 65" in out and "schedule" in out
+
+
+def test_config_diff_lists_dotted_paths():
+    old, new = _tiny(), _tiny()
+    new.optim.b2 = 0.99
+    new.seed = 3
+    assert train.config_diff(old, new) == [("optim.b2", 0.98, 0.99), ("seed", 0, 3)]
+    assert train.config_diff(old, old) == []
