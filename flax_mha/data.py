@@ -6,8 +6,8 @@ A task maps a sequence of decimal digits to another one:
 * ``sort``: ``3 1 4 1 5 -> 1 1 3 4 5``;
 * ``copy``: ``3 1 4 1 5 -> 3 1 4 1 5``.
 
-Token ids: 0 = padding (`flax_mha.models.PAD_ID`, also the decoder's BOS), 1 = EOS
-(`flax_mha.generation.EOS_ID`), digit ``d`` = ``d + 2``; the vocabulary has 12 ids.
+Token ids: 0 = padding (`PAD_ID`, also the decoder's BOS), 1 = `EOS_ID` (both defined in
+`flax_mha.models`), digit ``d`` = ``d + 2``; the vocabulary has 12 ids.
 
 Batches are pure functions of ``(seed, step)``: the batch of training step ``s`` is drawn
 from a NumPy generator seeded with ``SeedSequence(seed, spawn_key=(0, s))``. Resuming at
@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from flax_mha.models import EOS_ID, PAD_ID
+
 __all__ = [
     "EOS_ID",
     "PAD_ID",
@@ -37,8 +39,6 @@ __all__ = [
     "train_batch",
 ]
 
-PAD_ID = 0  # = flax_mha.models.PAD_ID; the decoder also reads it as BOS.
-EOS_ID = 1  # = flax_mha.generation.EOS_ID
 DIGIT_OFFSET = 2  # digit d is token d + 2
 VOCAB_SIZE = DIGIT_OFFSET + 10
 TASKS = ("reverse", "sort", "copy")

@@ -13,12 +13,9 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from flax_mha.models import PAD_ID, Transformer, TransformerLM
+from flax_mha.models import EOS_ID, PAD_ID, Transformer, TransformerLM
 
 __all__ = ["EOS_ID", "generate", "generate_lm", "next_token"]
-
-#: End-of-sequence id used by the built-in tasks.
-EOS_ID = 1
 
 
 def next_token(

@@ -35,6 +35,8 @@ from flax_mha.layers import (
 from flax_mha.masks import combine_masks, make_attention_mask, make_causal_mask
 
 __all__ = [
+    "EOS_ID",
+    "PAD_ID",
     "DecoderBlock",
     "EncoderBlock",
     "FeedForward",
@@ -45,7 +47,10 @@ __all__ = [
     "sinusoidal_positions",
 ]
 
+#: Padding: masked out of attention; the decoder also reads it as BOS (`shift_right`).
 PAD_ID = 0
+#: End of sequence: generation stops a row there (`flax_mha.generation`).
+EOS_ID = 1
 
 
 @dataclasses.dataclass(frozen=True)
