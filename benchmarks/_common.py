@@ -1,15 +1,14 @@
-"""What the benchmark scripts share: the problem-shape flags and the median timer."""
+"""What the benchmark scripts share: the problem-shape flags, and the timers of
+`flax_mha.apps.timing` (the ones `flax-mha bench` and notebook 02 use)."""
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
-from typing import Any
 
-import jax
-import jax.numpy as jnp
+from flax_mha.apps.timing import compiled_temp_bytes as compiled_temp_bytes
+from flax_mha.apps.timing import first_and_second_call_s as first_and_second_call_s
+from flax_mha.apps.timing import jit_fwd_and_grad as jit_fwd_and_grad
+from flax_mha.apps.timing import median_ms as median_ms
 
 
 def add_shape_arguments(parser: argparse.ArgumentParser, *, runs: int) -> None:
@@ -19,23 +18,3 @@ def add_shape_arguments(parser: argparse.ArgumentParser, *, runs: int) -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--runs", type=int, default=runs)
-
-
-def median_ms(fn: Callable[[], Any], runs: int) -> float:
-    """Median wall time of ``fn()`` in ms over ``runs`` calls, after one warm-up call.
-
-    JAX results are waited for (``jax.block_until_ready``); anything else is timed as is.
-    """
-    jax.block_until_ready(fn())  # warm-up (compilation)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def jit_fwd_and_grad(attn: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """``attn(q, k, v)`` jitted, and the jitted gradient of ``sum(attn(q, k, v))`` in q, k, v."""
-    grad = jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v)), argnums=(0, 1, 2))
-    return jax.jit(attn), jax.jit(grad)

@@ -12,12 +12,17 @@ Usage (fp32, median of --runs runs after one warm-up, block_until_ready):
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import add_shape_arguments, jit_fwd_and_grad, median_ms
+from _common import (
+    add_shape_arguments,
+    compiled_temp_bytes,
+    first_and_second_call_s,
+    jit_fwd_and_grad,
+    median_ms,
+)
 
 from flax_mha import dot_product_attention
 from flax_mha.kernels.blockwise import blockwise_attention
@@ -25,10 +30,7 @@ from flax_mha.kernels.blockwise import blockwise_attention
 
 def _jax_fns(attn, q, k, v):
     fwd, grad = jit_fwd_and_grad(attn)
-    return (
-        lambda: jax.block_until_ready(fwd(q, k, v)),
-        lambda: jax.block_until_ready(grad(q, k, v)),
-    )
+    return lambda: fwd(q, k, v), lambda: grad(q, k, v)
 
 
 def bench(args: argparse.Namespace) -> None:
@@ -97,18 +99,21 @@ def bench(args: argparse.Namespace) -> None:
         print(f"  {name:24s} {ms:9.1f} ms")
 
 
+def _blockwise_grad(block_q: int | None, block_k: int | None, causal: bool):
+    """The jitted gradient of sum(blockwise attention) in q, k, v (scale 1/sqrt(64))."""
+
+    def attn(q, k, v):
+        return blockwise_attention(
+            q, k, v, scale=0.125, is_causal=causal, block_q=block_q, block_k=block_k
+        )
+
+    return jit_fwd_and_grad(attn)[1]
+
+
 def memory(L: int, block_q: int | None, block_k: int | None, causal: bool = False) -> int:
     """Compiled temp bytes of grad(sum(attention)) at B=1, N=8, H=64 (compile only)."""
     spec = jax.ShapeDtypeStruct((1, L, 8, 64), jnp.float32)
-
-    def loss(q, k, v):
-        out = blockwise_attention(
-            q, k, v, scale=0.125, is_causal=causal, block_q=block_q, block_k=block_k
-        )
-        return jnp.sum(out)
-
-    fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    return fn.lower(spec, spec, spec).compile().memory_analysis().temp_size_in_bytes
+    return compiled_temp_bytes(_blockwise_grad(block_q, block_k, causal), spec, spec, spec)
 
 
 def main() -> None:
@@ -138,28 +143,11 @@ def main() -> None:
             jax.random.normal(jax.random.key(i), (1, L, 8, 64), jnp.float32) for i in range(3)
         )
         for causal in (False, True):
-
-            def loss(q, k, v, causal=causal):
-                out = blockwise_attention(
-                    q,
-                    k,
-                    v,
-                    scale=0.125,
-                    is_causal=causal,
-                    block_q=args.block_q,
-                    block_k=args.block_k,
-                )
-                return jnp.sum(out)
-
-            g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-            t0 = time.perf_counter()
-            jax.block_until_ready(g(q, k, v))
-            t1 = time.perf_counter()
-            jax.block_until_ready(g(q, k, v))
-            t2 = time.perf_counter()
+            g = _blockwise_grad(args.block_q, args.block_k, causal)
+            first, second = first_and_second_call_s(lambda g=g: g(q, k, v))
             print(
                 f"L={L} B=1 N=8 H=64 causal={causal}: "
-                f"first call {t1 - t0:.1f} s, second {t2 - t1:.1f} s"
+                f"first call {first:.1f} s, second {second:.1f} s"
             )
         return
     bench(args)

@@ -59,7 +59,7 @@ import numpy as np
 import flax_mha
 from flax_mha import data
 from flax_mha import train as train_lib
-from flax_mha.bench import compiled_temp_bytes, median_ms
+from flax_mha.apps.timing import compiled_temp_bytes, jit_fwd_and_grad, median_ms
 from flax_mha.default_config import get_config
 from flax_mha.generation import generate
 from flax_mha.kernels.dispatch import Request, choose_implementation
@@ -253,25 +253,19 @@ attention_fns = {
     "flax_mha.dot_product_attention": flax_mha.dot_product_attention,
     "jax.nn.dot_product_attention": jax.nn.dot_product_attention,
 }
-
-
-def fwd_bwd(attn):
-    """The gradient of sum(attention) with respect to q, k and v: one forward, one backward."""
-    return jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
-
-
+# The gradient of sum(attention) with respect to q, k and v: one forward, one backward.
+fwd_bwd = {name: jit_fwd_and_grad(attn)[1] for name, attn in attention_fns.items()}
 ms = {}
-for name, attn in attention_fns.items():
-    step = jax.jit(fwd_bwd(attn))
-    ms[name] = median_ms(lambda step=step: jax.block_until_ready(step(q, k, v)), REPEATS)
+for name, step in fwd_bwd.items():
+    ms[name] = median_ms(lambda step=step: step(q, k, v), REPEATS)
     print(f"{name:32s} fwd+bwd {ms[name]:9.2f} ms  (B, L, N, H = {BENCH_SHAPE})")
 ours, theirs = ms.values()
 print(f"flax_mha / jax.nn time: {ours / theirs:.2f}  (below 1: flax_mha is faster)")
 
 shape = jax.ShapeDtypeStruct((1, MEMORY_LENGTH, 8, 64), DTYPE)
-for name, attn in attention_fns.items():
+for name, step in fwd_bwd.items():
     try:
-        mib = compiled_temp_bytes(fwd_bwd(attn), shape, shape, shape) / 2**20
+        mib = compiled_temp_bytes(step, shape, shape, shape) / 2**20
         print(f"{name:32s} fwd+bwd temporaries at L={MEMORY_LENGTH}: {mib:10.1f} MiB")
     except Exception as e:  # an accelerator's compiler rejects programs that cannot fit
         print(f"{name:32s} at L={MEMORY_LENGTH}: does not compile ({type(e).__name__})")

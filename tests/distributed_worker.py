@@ -22,7 +22,7 @@ LOCAL_DEVICES = 2
 
 def worker_config():
     """The tiny config with dropout on (the test's one-process reference uses it too)."""
-    from flax_mha.cli import load_config
+    from flax_mha.apps.cli import load_config
 
     config = load_config(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
     config.model.dropout_rate = 0.1

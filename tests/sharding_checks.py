@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from flax_mha import MultiHeadAttention, data, sharding, train  # noqa: E402
-from flax_mha.cli import load_config, main  # noqa: E402
+from flax_mha.apps.cli import load_config, main  # noqa: E402
 from flax_mha.kernels.dispatch import dot_product_attention  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

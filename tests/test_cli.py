@@ -6,8 +6,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from flax_mha.cli import main
-from flax_mha.demo import run_demo
+from flax_mha.apps.cli import main
+from flax_mha.apps.demo import run_demo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -8,7 +8,7 @@ import ml_collections
 import pytest
 
 from flax_mha import train
-from flax_mha.cli import apply_overrides, load_config, main
+from flax_mha.apps.cli import apply_overrides, load_config, main
 from flax_mha.models import TransformerConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flax_mha import MultiHeadAttention, sharding, train
-from flax_mha.cli import load_config, main
+from flax_mha.apps.cli import load_config, main
 from flax_mha.layers import HeadProjection, LayerNorm, OutputProjection
 from flax_mha.models import TransformerConfig, TransformerLM
 

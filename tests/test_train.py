@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from flax_mha import data, train
-from flax_mha.cli import load_config, main
+from flax_mha.apps.cli import load_config, main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.py"
@@ -148,7 +148,7 @@ KILL_AT = 27
 KILLER = """
 import os, signal, sys
 import flax_mha.train as T
-from flax_mha.cli import main
+from flax_mha.apps.cli import main
 step_fn = T.train_step
 def train_step(state, batch, rng):
     state, metrics = step_fn(state, batch, rng)
@@ -175,7 +175,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tiny_run, tmp_path):
     assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20"]
     assert train.read_metrics(workdir)[-1]["step"] == 25  # logged after the last checkpoint
 
-    resumed = _run(["-m", "flax_mha.cli", *cli_args])  # no flag: resumes automatically
+    resumed = _run(["-m", "flax_mha.apps.cli", *cli_args])  # no flag: resumes automatically
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from the checkpoint of step 20" in resumed.stdout
 

@@ -103,8 +103,8 @@ def run_demo(
             say("  " + f"{t:<{width}}" + "".join(f"{p:7.3f}" for p in row))
 
     module = MultiHeadAttention(num_heads=N, use_bias=False)
-    params = {"params": {"query": {"kernel": w_q}, "key": {"kernel": w_k},
-                         "value": {"kernel": w_v}, "out": {"kernel": w_o}}}  # fmt: skip
+    kernels = {"query": w_q, "key": w_k, "value": w_v, "out": w_o}
+    params = {"params": {name: {"kernel": w} for name, w in kernels.items()}}
     module_out = module.apply(params, x)
     gap = float(jnp.max(jnp.abs(module_out - projected)))
     say(f"MultiHeadAttention on the same weights: max |difference| = {gap:.2e}")

@@ -10,11 +10,10 @@ Timings are medians after a warm-up; no test asserts on them.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,10 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_mha.apps.timing import (
+    compiled_temp_bytes,
+    first_and_second_call_s,
+    jit_fwd_and_grad,
+    median_ms,
+)
 from flax_mha.attention import MultiHeadAttention
 from flax_mha.kernels.dispatch import dot_product_attention
 
-__all__ = ["attention_flops", "compiled_temp_bytes", "median_ms", "run_bench"]
+__all__ = ["attention_flops", "run_bench"]
 
 
 def attention_flops(B: int, N: int, T: int, S: int, H: int, causal: bool, backward: bool) -> float:
@@ -34,33 +39,20 @@ def attention_flops(B: int, N: int, T: int, S: int, H: int, causal: bool, backwa
     return f * (3.5 if backward else 1.0)
 
 
-def median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    """Median wall time in ms of ``fn()`` (which must block until done), after a warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def _jax_pair(fn: Callable[..., Any], *args: Any) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """``fn(*args)`` and the gradient of its sum in every argument, as calls to time."""
+    fwd, grad = jit_fwd_and_grad(fn)
+    return lambda: fwd(*args), lambda: grad(*args)
 
 
-def compiled_temp_bytes(fn: Callable[..., Any], *shapes: jax.ShapeDtypeStruct) -> int:
-    """Temporary bytes XLA allocates for ``jax.jit(fn)`` on ``shapes`` (compiles, never runs)."""
-    return int(jax.jit(fn).lower(*shapes).compile().memory_analysis().temp_size_in_bytes)
-
-
-def _jax_pair(attn: Callable[..., Any], *args: Any) -> tuple[Callable[[], Any], Callable[[], Any]]:
-    fwd = jax.jit(attn)
-    grad = jax.jit(jax.grad(lambda *a: jnp.sum(attn(*a)), argnums=tuple(range(len(args)))))
-    return (lambda: jax.block_until_ready(fwd(*args)),
-            lambda: jax.block_until_ready(grad(*args)))  # fmt: skip
+def _blockwise(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = False) -> jax.Array:
+    return dot_product_attention(q, k, v, is_causal=is_causal, implementation="blockwise")
 
 
 def _gemm_gflops(n: int, repeats: int) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n))
     f = jax.jit(lambda a: a @ a)
-    ms = median_ms(lambda: jax.block_until_ready(f(a)), repeats)
+    ms = median_ms(lambda: f(a), repeats)
     return 2.0 * n**3 / (ms * 1e-3) / 1e9
 
 
@@ -86,24 +78,21 @@ def _attention_rows(B, L, N, H, repeats, torch_ok, progress) -> list[dict[str, A
     q, k, v = (jax.random.normal(kk, (B, L, N, H)) for kk in keys)
     rows = []
     for causal in (False, True):
-        peers: dict[str, tuple[Callable, Callable]] = {
-            "flax_mha blockwise": _jax_pair(
-                lambda q, k, v, c=causal: dot_product_attention(
-                    q, k, v, is_causal=c, implementation="blockwise"
-                ), q, k, v),
-            "jax.nn.dot_product_attention": _jax_pair(
-                lambda q, k, v, c=causal: jax.nn.dot_product_attention(q, k, v, is_causal=c),
-                q, k, v),
-        }  # fmt: skip
+        ours = functools.partial(_blockwise, is_causal=causal)
+        theirs = functools.partial(jax.nn.dot_product_attention, is_causal=causal)
+        peers = {
+            "flax_mha blockwise": _jax_pair(ours, q, k, v),
+            "jax.nn.dot_product_attention": _jax_pair(theirs, q, k, v),
+        }
         if torch_ok:
             peers["torch SDPA"] = _torch_kernels(tuple(np.asarray(x) for x in (q, k, v)), causal)
         for name, (fwd, bwd) in peers.items():
             for backward, fn in ((False, fwd), (True, bwd)):
                 ms = median_ms(fn, repeats)
-                flops = attention_flops(B, N, L, L, H, causal, backward)
-                rows.append(dict(kind="kernel", impl=name, B=B, L=L, N=N, H=H, causal=causal,
-                                 pass_="fwd+bwd" if backward else "fwd", ms=ms,
-                                 gflops=flops / (ms * 1e-3) / 1e9))  # fmt: skip
+                gflops = attention_flops(B, N, L, L, H, causal, backward) / (ms * 1e-3) / 1e9
+                pass_ = "fwd+bwd" if backward else "fwd"
+                shape = dict(B=B, L=L, N=N, H=H, causal=causal, pass_=pass_)
+                rows.append(dict(kind="kernel", impl=name, **shape, ms=ms, gflops=gflops))
                 progress()
     return rows
 
@@ -112,7 +101,6 @@ def _module_rows(B, L, D, N, repeats, torch_ok, progress) -> list[dict[str, Any]
     import flax.linen as nn
 
     x = jax.random.normal(jax.random.key(0), (B, L, D))
-    rows = []
     peers = {}
     classes = {
         "flax_mha.MultiHeadAttention": MultiHeadAttention,
@@ -121,7 +109,7 @@ def _module_rows(B, L, D, N, repeats, torch_ok, progress) -> list[dict[str, Any]
     for name, cls in classes.items():
         module = cls(num_heads=N)
         params = module.init(jax.random.key(1), x)
-        peers[name] = _jax_pair(lambda p, x, m=module: m.apply(p, x), params, x)
+        peers[name] = _jax_pair(module.apply, params, x)
     if torch_ok:
         import torch
 
@@ -136,65 +124,71 @@ def _module_rows(B, L, D, N, repeats, torch_ok, progress) -> list[dict[str, Any]
             mha(tx, tx, tx, need_weights=False)[0].sum().backward()
 
         peers["torch.nn.MultiheadAttention"] = (fwd, bwd)
+    rows = []
     for name, (fwd, bwd) in peers.items():
-        for backward, fn in ((False, fwd), (True, bwd)):
-            rows.append(dict(kind="module", impl=name, B=B, L=L, D=D, N=N,
-                             pass_="fwd+bwd" if backward else "fwd",
-                             ms=median_ms(fn, repeats)))  # fmt: skip
+        for pass_, fn in (("fwd", fwd), ("fwd+bwd", bwd)):
+            ms = median_ms(fn, repeats)
+            rows.append(dict(kind="module", impl=name, B=B, L=L, D=D, N=N, pass_=pass_, ms=ms))
             progress()
     return rows
 
 
 def _memory_rows(lengths, N, H, progress) -> list[dict[str, Any]]:
+    peers = {
+        "flax_mha blockwise": _blockwise,
+        "jax.nn.dot_product_attention": jax.nn.dot_product_attention,
+    }
     rows = []
     for L in lengths:
         shape = jax.ShapeDtypeStruct((1, L, N, H), jnp.float32)
-        for name, attn in (
-            ("flax_mha blockwise", lambda q, k, v: dot_product_attention(
-                q, k, v, implementation="blockwise")),
-            ("jax.nn.dot_product_attention", jax.nn.dot_product_attention),
-        ):  # fmt: skip
-            grad = jax.grad(lambda q, k, v, a=attn: jnp.sum(a(q, k, v)), argnums=(0, 1, 2))
+        for name, attn in peers.items():
+            _, grad = jit_fwd_and_grad(attn)
             temp = compiled_temp_bytes(grad, shape, shape, shape)
             rows.append(dict(kind="memory", impl=name, B=1, L=L, N=N, H=H, temp_bytes=temp))
             progress()
     return rows
 
 
+def _decode_step(module: Any, params: Any, L: int, D: int, filled: int) -> Callable[[], Any]:
+    """One decode step at a cache of ``L`` slots with ``filled`` used, as a call to time."""
+    x = jnp.ones((1, L, D))
+    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), x))
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables["cache"])
+    cache["cache_index"] = jnp.array(filled, jnp.int32)
+
+    def one(c, t):
+        out, state = module.apply({"params": params, "cache": c}, t, mutable=["cache"])
+        return out, dict(state["cache"], cache_index=c["cache_index"])  # stay at `filled`
+
+    step = jax.jit(one, donate_argnums=0)  # in-place cache update, as in a scan
+    box = {"cache": cache}
+    token = jnp.ones((1, 1, D))
+
+    def run():
+        out, box["cache"] = step(box["cache"], token)
+        return out
+
+    return run
+
+
 def _decode_rows(lengths, filled_fraction, D, N, repeats, progress) -> list[dict[str, Any]]:
     """Tokens/s of one decode step (B=1) with a cache of ``L`` slots, ``L * fraction`` filled."""
     import flax.linen as nn
 
+    peers = {
+        "flax_mha.MultiHeadAttention": MultiHeadAttention(num_heads=N, decode=True),
+        "flax.linen.MultiHeadDotProductAttention": nn.MultiHeadDotProductAttention(
+            num_heads=N, decode=True
+        ),
+    }
+    params = MultiHeadAttention(num_heads=N).init(jax.random.key(0), jnp.ones((1, 1, D)))
     rows = []
     for L in lengths:
         filled = max(1, int(L * filled_fraction))
-        for name, module in (
-            ("flax_mha.MultiHeadAttention", MultiHeadAttention(num_heads=N, decode=True)),
-            ("flax.linen.MultiHeadDotProductAttention",
-             nn.MultiHeadDotProductAttention(num_heads=N, decode=True)),
-        ):  # fmt: skip
-            x = jnp.ones((1, L, D))
-            variables = jax.eval_shape(lambda m=module, x=x: m.init(jax.random.key(0), x))
-            params = MultiHeadAttention(num_heads=N).init(jax.random.key(0), x[:, :1])["params"]
-            cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables["cache"])
-            cache["cache_index"] = jnp.array(filled, jnp.int32)
-
-            def one(c, t, m=module, p=params):
-                out, state = m.apply({"params": p, "cache": c}, t, mutable=["cache"])
-                new = dict(state["cache"], cache_index=c["cache_index"])  # stay at `filled`
-                return out, new
-
-            step = jax.jit(one, donate_argnums=0)  # in-place cache update, as in a scan
-            box = {"cache": cache}
-            token = jnp.ones((1, 1, D))
-
-            def run(step=step, box=box, token=token):
-                out, box["cache"] = step(box["cache"], token)
-                jax.block_until_ready(out)
-
-            ms = median_ms(run, repeats)
-            rows.append(dict(kind="decode", impl=name, L=L, filled=filled, D=D, N=N, ms=ms,
-                             tokens_per_s=1e3 / ms))  # fmt: skip
+        for name, module in peers.items():
+            ms = median_ms(_decode_step(module, params["params"], L, D, filled), repeats)
+            row = dict(kind="decode", impl=name, L=L, filled=filled, D=D, N=N, ms=ms)
+            rows.append(dict(row, tokens_per_s=1e3 / ms))
             progress()
     return rows
 
@@ -202,62 +196,79 @@ def _decode_rows(lengths, filled_fraction, D, N, repeats, progress) -> list[dict
 def _long_run(L: int, N: int, H: int) -> dict[str, Any]:
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(kk, (1, L, N, H)) for kk in keys)
-    _, bwd = _jax_pair(lambda q, k, v: dot_product_attention(q, k, v, implementation="blockwise"),
-                       q, k, v)  # fmt: skip
-    t0 = time.perf_counter()
-    bwd()  # includes compilation
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    bwd()
-    return dict(kind="long", impl="flax_mha blockwise", B=1, L=L, N=N, H=H,
-                first_s=first, s=time.perf_counter() - t0)  # fmt: skip
+    _, bwd = _jax_pair(_blockwise, q, k, v)
+    first, second = first_and_second_call_s(bwd)
+    row = dict(kind="long", impl="flax_mha blockwise", B=1, L=L, N=N, H=H)
+    return dict(row, first_s=first, s=second)
+
+
+def _ours(rows: list[dict[str, Any]], impl: str, like: dict[str, Any], *keys: str) -> dict:
+    """The row of ``impl`` that matches ``like`` in ``keys``."""
+    return next(r for r in rows if r["impl"] == impl and all(r[k] == like[k] for k in keys))
+
+
+def _kernel_table(kern: list[dict[str, Any]], gemm: float) -> list[str]:
+    lines = [
+        "| impl | B, L, N, H | causal | pass | ms | GFLOP/s | % of GEMM | ours / this |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in kern:
+        ours = _ours(kern, "flax_mha blockwise", r, "causal", "pass_")
+        lines.append(
+            f"| {r['impl']} | {r['B']}, {r['L']}, {r['N']}, {r['H']} | {r['causal']} | "
+            f"{r['pass_']} | {r['ms']:.1f} | {r['gflops']:.1f} | "
+            f"{100 * r['gflops'] / gemm:.0f}% "
+            f"| {ours['ms'] / r['ms']:.2f} |"
+        )
+    return lines
+
+
+def _module_table(mods: list[dict[str, Any]]) -> list[str]:
+    lines = ["| module | B, L, D, N | pass | ms | ours / this |", "|---|---|---|---|---|"]
+    for r in mods:
+        ours = _ours(mods, "flax_mha.MultiHeadAttention", r, "pass_")
+        lines.append(
+            f"| {r['impl']} | {r['B']}, {r['L']}, {r['D']}, {r['N']} | {r['pass_']} "
+            f"| {r['ms']:.1f} | {ours['ms'] / r['ms']:.2f} |"
+        )
+    return lines
+
+
+def _memory_table(mem: list[dict[str, Any]]) -> list[str]:
+    lines = ["| fwd+bwd compiled temporaries | B, L, N, H | MiB |", "|---|---|---|"]
+    for r in mem:
+        mib = r["temp_bytes"] / 2**20
+        lines.append(f"| {r['impl']} | 1, {r['L']}, {r['N']}, {r['H']} | {mib:.1f} |")
+    return lines
+
+
+def _decode_table(dec: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| decode step (B=1) | max_length | filled | D, N | ms | tokens/s | ours faster by |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in dec:
+        ours = _ours(dec, "flax_mha.MultiHeadAttention", r, "L")
+        speedup = ours["tokens_per_s"] / r["tokens_per_s"]
+        lines.append(
+            f"| {r['impl']} | {r['L']} | {r['filled']} | {r['D']}, {r['N']} | "
+            f"{r['ms']:.2f} | {r['tokens_per_s']:.0f} | {speedup:.2f} |"
+        )
+    return lines
 
 
 def _markdown(rows: list[dict[str, Any]], gemm: float) -> str:
     lines = [f"fp32 GEMM ceiling measured in this run: {gemm:.1f} GFLOP/s", ""]
-    kern = [r for r in rows if r["kind"] == "kernel"]
-    if kern:
-        lines += ["| impl | B, L, N, H | causal | pass | ms | GFLOP/s | % of GEMM | ours / this |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in kern:
-            ours = next(o for o in kern if o["impl"] == "flax_mha blockwise"
-                        and o["causal"] == r["causal"] and o["pass_"] == r["pass_"])  # fmt: skip
-            lines.append(
-                f"| {r['impl']} | {r['B']}, {r['L']}, {r['N']}, {r['H']} | {r['causal']} | "
-                f"{r['pass_']} | {r['ms']:.1f} | {r['gflops']:.1f} | "
-                f"{100 * r['gflops'] / gemm:.0f}% "
-                f"| {ours['ms'] / r['ms']:.2f} |"
-            )
-        lines.append("")
-    mods = [r for r in rows if r["kind"] == "module"]
-    if mods:
-        lines += ["| module | B, L, D, N | pass | ms | ours / this |", "|---|---|---|---|---|"]
-        for r in mods:
-            ours = next(o for o in mods if o["impl"] == "flax_mha.MultiHeadAttention"
-                        and o["pass_"] == r["pass_"])  # fmt: skip
-            lines.append(f"| {r['impl']} | {r['B']}, {r['L']}, {r['D']}, {r['N']} | {r['pass_']} "
-                         f"| {r['ms']:.1f} | {ours['ms'] / r['ms']:.2f} |")  # fmt: skip
-        lines.append("")
-    mem = [r for r in rows if r["kind"] == "memory"]
-    if mem:
-        lines += ["| fwd+bwd compiled temporaries | B, L, N, H | MiB |", "|---|---|---|"]
-        for r in mem:
-            lines.append(f"| {r['impl']} | 1, {r['L']}, {r['N']}, {r['H']} | "
-                         f"{r['temp_bytes'] / 2**20:.1f} |")  # fmt: skip
-        lines.append("")
-    dec = [r for r in rows if r["kind"] == "decode"]
-    if dec:
-        lines += [
-            "| decode step (B=1) | max_length | filled | D, N | ms | tokens/s | ours faster by |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in dec:
-            ours = next(o for o in dec if o["impl"] == "flax_mha.MultiHeadAttention"
-                        and o["L"] == r["L"])  # fmt: skip
-            speedup = ours["tokens_per_s"] / r["tokens_per_s"]
-            lines.append(f"| {r['impl']} | {r['L']} | {r['filled']} | {r['D']}, {r['N']} | "
-                         f"{r['ms']:.2f} | {r['tokens_per_s']:.0f} | {speedup:.2f} |")  # fmt: skip
-        lines.append("")
+    tables = {
+        "kernel": functools.partial(_kernel_table, gemm=gemm),
+        "module": _module_table,
+        "memory": _memory_table,
+        "decode": _decode_table,
+    }
+    for kind, table in tables.items():
+        selected = [r for r in rows if r["kind"] == kind]
+        if selected:
+            lines += [*table(selected), ""]
     for r in rows:
         if r["kind"] == "long":
             lines.append(
@@ -334,8 +345,10 @@ def run_bench(
     if long_length:
         say(f"real fwd+bwd run at L={long_length} ...")
         rows.append(_long_run(long_length, heads, head_dim))
-    header = (f"jax {jax.__version__}, {platform.machine()}, {os.cpu_count()} cores, "
-              f"backend {jax.default_backend()}, fp32, median of {repeats}")  # fmt: skip
+    header = (
+        f"jax {jax.__version__}, {platform.machine()}, {os.cpu_count()} cores, "
+        f"backend {jax.default_backend()}, fp32, median of {repeats}"
+    )
     text = header + "\n\n" + _markdown(rows, gemm)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)

@@ -20,7 +20,7 @@ import ml_collections
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from flax_mha.demo import run_demo
+    from flax_mha.apps.demo import run_demo
 
     run_demo(
         args.out,
@@ -157,11 +157,11 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from flax_mha.bench import run_bench
+    from flax_mha.apps.bench import run_bench
 
     if args.quick:
-        run_bench(args.out, batch=1, length=256, module_length=64, model_dim=64,
-                  memory_lengths=(512, 2048), decode_lengths=(256, 1024), repeats=2)  # fmt: skip
+        sizes = dict(batch=1, length=256, module_length=64, model_dim=64, repeats=2)
+        run_bench(args.out, **sizes, memory_lengths=(512, 2048), decode_lengths=(256, 1024))
         return 0
     run_bench(
         args.out,
@@ -181,7 +181,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `flax-mha`, one subcommand per job."""
-    from flax_mha.demo import DEFAULT_SENTENCE
+    from flax_mha.apps.demo import DEFAULT_SENTENCE
 
     parser = argparse.ArgumentParser(
         prog="flax-mha", description="Multi-head attention for JAX and Flax."
@@ -243,13 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--module-length", type=int, default=512)
     bench.add_argument("--model-dim", type=int, default=512)
     bench.add_argument(
-        "--memory-lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536],
+        "--memory-lengths",
+        type=int,
+        nargs="+",
+        default=[1024, 4096, 16384, 65536],
         help="sequence lengths whose compiled fwd+bwd temporaries are reported (not run)",
-    )  # fmt: skip
+    )
     bench.add_argument(
-        "--decode-lengths", type=int, nargs="+", default=[512, 2048, 8192, 16384],
+        "--decode-lengths",
+        type=int,
+        nargs="+",
+        default=[512, 2048, 8192, 16384],
         help="cache lengths of the decode-step benchmark (1/8 filled)",
-    )  # fmt: skip
+    )
     bench.add_argument("--long", type=int, default=None, help="also run fwd+bwd once at this L")
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
