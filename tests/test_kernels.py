@@ -169,7 +169,8 @@ def check_case(
 ):
     rng = np.random.default_rng(seed)
     args, cts = make_inputs(rng, B, T, S, N, K, H, Hv, bias_shape, dtype)
-    cts = (cts[0].astype(dtype), cts[1])  # lse is float32 whatever the input dtype
+    lse_dtype = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    cts = (cts[0].astype(dtype), cts[1].astype(lse_dtype))  # lse: float32, or float64 for float64
     mask = None if mask_shape is None else rng.random(mask_shape) < 0.7
     scale = 1.0 / np.sqrt(H)
     allowed = allowed_mask(

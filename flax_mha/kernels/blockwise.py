@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -90,8 +91,14 @@ _F32 = jnp.float32
 
 
 def _dot(a: Array, b: Array, contract: tuple[tuple[int, ...], tuple[int, ...]]) -> Array:
-    """Tile product, batched over the (batch, kv head) axes of a chunk, in float32."""
-    return lax.dot_general(a, b, (contract, ((0, 1), (0, 1))), preferred_element_type=_F32)
+    """Tile product, batched over the (batch, kv head) axes of a chunk, in at least float32."""
+    acc = _accumulation(a, b)
+    return lax.dot_general(a, b, (contract, ((0, 1), (0, 1))), preferred_element_type=acc)
+
+
+def _accumulation(*xs: Array) -> Any:
+    """The dtype tiles compute in: float32, or float64 for float64 inputs."""
+    return jnp.promote_types(jnp.result_type(*xs), _F32)
 
 
 def _loop(lo, hi, body, init, max_trips: int, whole: bool = False):
@@ -158,12 +165,12 @@ def _triangular(cfg: bt.Config, geo: bt.Geometry, T: int, S: int, *masks) -> boo
     )
 
 
-def _softmax_init(ch: bt.Chunks, M: int, Hv: int):
+def _softmax_init(ch: bt.Chunks, M: int, Hv: int, acc: Any):
     """Online-softmax state (running max, running sum, accumulator, tile count)."""
     return (
-        jnp.full((ch.bc, ch.kc, M), -jnp.inf, _F32),
-        jnp.zeros((ch.bc, ch.kc, M), _F32),
-        jnp.zeros((ch.bc, ch.kc, M, Hv), _F32),
+        jnp.full((ch.bc, ch.kc, M), -jnp.inf, acc),
+        jnp.zeros((ch.bc, ch.kc, M), acc),
+        jnp.zeros((ch.bc, ch.kc, M, Hv), acc),
         jnp.int32(0),
     )
 
@@ -202,6 +209,7 @@ def _finish(cfg: bt.Config, carry):
 def _forward(cfg: bt.Config, q, k, v, bias, mask, q_len, kv_len, rng):
     """Forward pass. Returns (out [B,T,N,Hv], lse [B,N,T] f32, visited tile count)."""
     B, T, N, _ = q.shape
+    acc = _accumulation(q, k, v)
     S, K = k.shape[1], k.shape[2]
     Hv = v.shape[-1]
     geo = bt.geometry(T, S, cfg.block_q, cfg.block_k)
@@ -220,16 +228,16 @@ def _forward(cfg: bt.Config, q, k, v, bias, mask, q_len, kv_len, rng):
     def q_block(carry, ci):
         out, lse, count = carry
         c, i = ci // geo.nq, ci % geo.nq
-        q_i = bt.q_tile(qp, ch, c, i * bq, bq, K).astype(_F32) * cfg.scale
+        q_i = bt.q_tile(qp, ch, c, i * bq, bq, K).astype(acc) * cfg.scale
 
         def k_step(j, st, masked=True):
-            k_t = bt.kv_tile(kp, ch, c, j * bk, bk).astype(_F32)
-            v_t = bt.kv_tile(vp, ch, c, j * bk, bk).astype(_F32)
+            k_t = bt.kv_tile(kp, ch, c, j * bk, bk).astype(acc)
+            v_t = bt.kv_tile(vp, ch, c, j * bk, bk).astype(acc)
             logits = functools.partial(tiles.logits, c=c, i=i, j=j) if masked else None
             keep = tiles.dropout_keep(c, i, j) if dropout else None
             return _softmax_step(q_i, k_t, v_t, st, logits, keep)
 
-        init = _softmax_init(ch, M, Hv)
+        init = _softmax_init(ch, M, Hv, acc)
         lo, hi = bt.key_block_range(cfg, geo, i, q_max, kv_max)
         if plain_causal:
             # Key blocks wholly at or below the first query of block i (and wholly
@@ -248,7 +256,7 @@ def _forward(cfg: bt.Config, q, k, v, bias, mask, q_len, kv_len, rng):
 
     init = (
         jnp.zeros((B, geo.nq * bq, N, Hv), q.dtype),
-        jnp.zeros((B, N, geo.nq * bq), _F32),
+        jnp.zeros((B, N, geo.nq * bq), acc),
         jnp.int32(0),
     )
     (out, lse, count), _ = lax.scan(q_block, init, jnp.arange(ch.count * geo.nq, dtype=jnp.int32))
@@ -265,6 +273,7 @@ def _forward_causal(cfg: bt.Config, geo: bt.Geometry, q, k, v):
     the upper half of the diagonal tiles.
     """
     B, T, N, _ = q.shape
+    acc = _accumulation(q, k, v)
     K, Hv = k.shape[2], v.shape[-1]
     bq, bk = geo.bq, geo.bk
     r, G = bk // bq, N // K
@@ -278,15 +287,15 @@ def _forward_causal(cfg: bt.Config, geo: bt.Geometry, q, k, v):
     def q_block(carry, ci):
         out, lse, count = carry
         c, i = ci // geo.nq, ci % geo.nq
-        q_i = bt.q_tile(q, ch, c, i * bq, bq, K).astype(_F32) * cfg.scale
+        q_i = bt.q_tile(q, ch, c, i * bq, bq, K).astype(acc) * cfg.scale
 
         def step(start, width, st, logits=None):
-            k_t = bt.kv_tile(k, ch, c, start, width).astype(_F32)
-            v_t = bt.kv_tile(v, ch, c, start, width).astype(_F32)
+            k_t = bt.kv_tile(k, ch, c, start, width).astype(acc)
+            v_t = bt.kv_tile(v, ch, c, start, width).astype(acc)
             return _softmax_step(q_i, k_t, v_t, st, logits)
 
         # The diagonal tile first: every row sees its own key, so m is finite after it.
-        st = step(i * bq, bq, _softmax_init(ch, M, Hv), diagonal)
+        st = step(i * bq, bq, _softmax_init(ch, M, Hv, acc), diagonal)
         pairs = i // r
         max_pairs, max_singles = (geo.nq - 1) // r, min(r - 1, geo.nq - 1)
         st = _loop(0, pairs, lambda p, st: step(p * bk, bk, st), st, max_pairs)
@@ -296,7 +305,7 @@ def _forward_causal(cfg: bt.Config, geo: bt.Geometry, q, k, v):
         lse = bt.put_row_tile(lse, lse_i, ch, c, i * bq, bq)
         return (out, lse, count + n), None
 
-    init = (jnp.zeros((B, T, N, Hv), q.dtype), jnp.zeros((B, N, T), _F32), jnp.int32(0))
+    init = (jnp.zeros((B, T, N, Hv), q.dtype), jnp.zeros((B, N, T), acc), jnp.int32(0))
     (out, lse, count), _ = lax.scan(q_block, init, jnp.arange(ch.count * geo.nq, dtype=jnp.int32))
     return out, lse, count
 
@@ -305,8 +314,9 @@ def _backward_inputs(out, lse, dout, dlse, T_pad):
     """Padded dout, lse (0 for fully masked rows) and D - dlse, the last two [B, N, T_pad]."""
     # D_t = sum_s P_ts dP_ts = dO_t . O_t; a cotangent on lse adds P_ts dlse_t to
     # dS_ts, which is the same as subtracting dlse_t from D_t.
-    delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1).transpose(0, 2, 1)
-    db = bt.pad_axis(delta - dlse.astype(_F32), 2, T_pad)
+    acc = _accumulation(out, dout)
+    delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1).transpose(0, 2, 1)
+    db = bt.pad_axis(delta - dlse.astype(acc), 2, T_pad)
     # Fully masked rows have lse = -inf and only -inf logits: use 0 there so
     # that p = exp(-inf - 0) = 0.
     lb = bt.pad_axis(jnp.where(jnp.isneginf(lse), 0.0, lse), 2, T_pad)
@@ -337,6 +347,7 @@ def _backward(cfg: bt.Config, q, k, v, bias, mask, q_len, kv_len, rng, out, lse,
     transposed, [bc, kc, H, M], and are added into dq in place.
     """
     B, T, N, H = q.shape
+    acc = _accumulation(q, k, v)
     S, K = k.shape[1], k.shape[2]
     Hv = v.shape[-1]
     geo = bt.geometry(T, S, cfg.block_q, cfg.block_k)
@@ -363,14 +374,14 @@ def _backward(cfg: bt.Config, q, k, v, bias, mask, q_len, kv_len, rng, out, lse,
     def k_block(carry, cj):
         dq, dk, dv, dbias, count = carry
         c, j = cj // geo.nk, cj % geo.nk
-        k_j = bt.kv_tile(kp, ch, c, j * bk, bk).astype(_F32)
-        kt_j = bt.kv_tile(kp, ch, c, j * bk, bk, transposed=True).astype(_F32) * cfg.scale
-        v_j = bt.kv_tile(vp, ch, c, j * bk, bk).astype(_F32)
+        k_j = bt.kv_tile(kp, ch, c, j * bk, bk).astype(acc)
+        kt_j = bt.kv_tile(kp, ch, c, j * bk, bk, transposed=True).astype(acc) * cfg.scale
+        v_j = bt.kv_tile(vp, ch, c, j * bk, bk).astype(acc)
 
         def q_step(i, st, masked=True):
             dk_j, dv_j, dq, dbias, n = st
-            q_i = bt.q_tile(qp, ch, c, i * bq, bq, K).astype(_F32) * cfg.scale
-            do_i = bt.q_tile(dop, ch, c, i * bq, bq, K).astype(_F32)
+            q_i = bt.q_tile(qp, ch, c, i * bq, bq, K).astype(acc) * cfg.scale
+            do_i = bt.q_tile(dop, ch, c, i * bq, bq, K).astype(acc)
             l_i = bt.row_tile(lb, ch, c, i * bq, bq)
             d_i = bt.row_tile(db, ch, c, i * bq, bq)
             logits = functools.partial(tiles.logits, c=c, i=i, j=j) if masked else None
@@ -384,8 +395,8 @@ def _backward(cfg: bt.Config, q, k, v, bias, mask, q_len, kv_len, rng, out, lse,
             return dk_j, dv_j, dq, dbias, n + 1
 
         init = (
-            jnp.zeros((ch.bc, ch.kc, bk, H), _F32),
-            jnp.zeros((ch.bc, ch.kc, bk, Hv), _F32),
+            jnp.zeros((ch.bc, ch.kc, bk, H), acc),
+            jnp.zeros((ch.bc, ch.kc, bk, Hv), acc),
             dq,
             dbias,
             jnp.int32(0),
@@ -409,10 +420,10 @@ def _backward(cfg: bt.Config, q, k, v, bias, mask, q_len, kv_len, rng, out, lse,
         return (dq, dk, dv, dbias, count + n), None
 
     init = (
-        jnp.zeros((B, T_pad, N, H), _F32),
-        jnp.zeros((B, S_pad, K, H), _F32),
-        jnp.zeros((B, S_pad, K, Hv), _F32),
-        None if tiles.bias is None else jnp.zeros(tiles.bias.shape, _F32),
+        jnp.zeros((B, T_pad, N, H), acc),
+        jnp.zeros((B, S_pad, K, H), acc),
+        jnp.zeros((B, S_pad, K, Hv), acc),
+        None if tiles.bias is None else jnp.zeros(tiles.bias.shape, acc),
         jnp.int32(0),
     )
     idx = jnp.arange(ch.count * geo.nk, dtype=jnp.int32)
@@ -433,6 +444,7 @@ def _backward_causal(cfg: bt.Config, geo: bt.Geometry, q, k, v, out, lse, dout, 
     then the queries after it as unmasked tiles of ``bk`` and ``bq`` rows.
     """
     B, T, N, H = q.shape
+    acc = _accumulation(q, k, v)
     K, Hv = k.shape[2], v.shape[-1]
     bq, bk = geo.bq, geo.bk
     r, G = bk // bq, N // K
@@ -446,14 +458,14 @@ def _backward_causal(cfg: bt.Config, geo: bt.Geometry, q, k, v, out, lse, dout, 
     def k_block(carry, cj):
         dq, dk, dv, count = carry
         c, j = cj // geo.nq, cj % geo.nq
-        k_j = bt.kv_tile(k, ch, c, j * bq, bq).astype(_F32)
-        kt_j = bt.kv_tile(k, ch, c, j * bq, bq, transposed=True).astype(_F32) * cfg.scale
-        v_j = bt.kv_tile(v, ch, c, j * bq, bq).astype(_F32)
+        k_j = bt.kv_tile(k, ch, c, j * bq, bq).astype(acc)
+        kt_j = bt.kv_tile(k, ch, c, j * bq, bq, transposed=True).astype(acc) * cfg.scale
+        v_j = bt.kv_tile(v, ch, c, j * bq, bq).astype(acc)
 
         def step(start, width, st, logits=None):
             dk_j, dv_j, dq, n = st
-            q_i = bt.q_tile(q, ch, c, start, width, K).astype(_F32) * cfg.scale
-            do_i = bt.q_tile(dop, ch, c, start, width, K).astype(_F32)
+            q_i = bt.q_tile(q, ch, c, start, width, K).astype(acc) * cfg.scale
+            do_i = bt.q_tile(dop, ch, c, start, width, K).astype(acc)
             l_i = bt.row_tile(lb, ch, c, start, width)
             d_i = bt.row_tile(db, ch, c, start, width)
             pdt, dst = _grad_tile(cfg, k_j, v_j, kt_j, q_i, do_i, l_i, d_i, logits)
@@ -463,8 +475,8 @@ def _backward_causal(cfg: bt.Config, geo: bt.Geometry, q, k, v, out, lse, dout, 
             return dk_j, dv_j, dq, n + 1
 
         st = (
-            jnp.zeros((ch.bc, ch.kc, bq, H), _F32),
-            jnp.zeros((ch.bc, ch.kc, bq, Hv), _F32),
+            jnp.zeros((ch.bc, ch.kc, bq, H), acc),
+            jnp.zeros((ch.bc, ch.kc, bq, Hv), acc),
             dq,
             jnp.int32(0),
         )
@@ -481,9 +493,9 @@ def _backward_causal(cfg: bt.Config, geo: bt.Geometry, q, k, v, out, lse, dout, 
         return (dq, dk, dv, count + n), None
 
     init = (
-        jnp.zeros((B, T, N, H), _F32),
-        jnp.zeros((B, T, K, H), _F32),
-        jnp.zeros((B, T, K, Hv), _F32),
+        jnp.zeros((B, T, N, H), acc),
+        jnp.zeros((B, T, K, H), acc),
+        jnp.zeros((B, T, K, Hv), acc),
         jnp.int32(0),
     )
     idx = jnp.arange(ch.count * geo.nq, dtype=jnp.int32)
@@ -553,9 +565,9 @@ def blockwise_attention_with_lse(
 
     Returns:
       ``(out, lse)``: out [B, T, N, Hv] in the query dtype; lse [B, N, T]
-      float32, the log-sum-exp over keys of the scaled, biased, masked logits
-      (before dropout). Fully masked rows get ``lse = -inf`` (and zero output).
-      Both outputs are differentiable.
+      float32 (float64 for float64 inputs), the log-sum-exp over keys of the
+      scaled, biased, masked logits (before dropout). Fully masked rows get
+      ``lse = -inf`` (and zero output). Both outputs are differentiable.
 
     Raises:
       ValueError: see `blockwise_attention`.
@@ -570,7 +582,8 @@ def blockwise_attention_with_lse(
         # A traced scale (a jit argument, a learned parameter) cannot be a static option:
         # fold it into q outside the custom VJP, so that autodiff gives its gradient. In
         # float32, the kernel's own precision, so that q * scale is not rounded to bf16.
-        query = query.astype(_F32) * jnp.asarray(scale, _F32)
+        acc = _accumulation(query)
+        query = query.astype(acc) * jnp.asarray(scale, acc)
         scale = 1.0
     cfg = _config(scale, is_causal, local_window, dropout_rate, dropout_rng, block_q, block_k)
     rng = dropout_rng if cfg.dropout_rate > 0.0 else None

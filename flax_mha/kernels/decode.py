@@ -5,7 +5,7 @@ slots of which only the first ``kv_length[b]`` are filled. This kernel reads the
 in blocks of ``block_k`` slots straight from its [B, S, K, H] layout and stops after
 the last filled block, so a step costs time proportional to the filled length, not
 to ``max_length`` (Flax's decode attends over every slot and masks). Blocks are
-combined with the online-softmax recurrence, in float32.
+combined with the online-softmax recurrence, in float32 (float64 for float64 inputs).
 
 It has a custom VJP, so that it can be differentiated where the dispatcher picks it
 (a one-query step under ``jax.grad``): the backward pass walks the same filled blocks
@@ -16,6 +16,7 @@ lengths), in O(S) memory.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +58,8 @@ def decode_attention(
     lengths = jnp.minimum(key_value_seq_lengths.astype(jnp.int32), S)
     # The scale is applied outside the custom VJP: autodiff then gives the gradient
     # of a traced scale (a jit argument, a learned parameter) for free.
-    q = (query[:, 0].astype(_F32) * jnp.asarray(scale, _F32)).reshape(B, K, N // K, H)
+    acc = jnp.promote_types(jnp.result_type(query, key, value), _F32)  # float64 stays float64
+    q = (query[:, 0].astype(acc) * jnp.asarray(scale, acc)).reshape(B, K, N // K, H)
     out = _decode(bk, q, key, value, lengths)
     return out.reshape(B, 1, N, Hv).astype(query.dtype)
 
@@ -67,26 +69,26 @@ def _num_blocks(lengths: Array, bk: int) -> Array:
     return (jnp.max(lengths) + bk - 1) // bk
 
 
-def _block(key: Array, value: Array, lengths: Array, j: Array, bk: int):
-    """Block ``j`` of the cache: (start, k, v [B, bk, K, .] float32, valid [B, 1, 1, bk])."""
+def _block(key: Array, value: Array, lengths: Array, j: Array, bk: int, dtype: Any):
+    """Block ``j`` of the cache: (start, k, v [B, bk, K, .] in ``dtype``, valid [B, 1, 1, bk])."""
     S = key.shape[1]
     # The last block may start before S - bk: clamp, and mask slots already seen.
     start = jnp.minimum(j * bk, S - bk)
-    k = lax.dynamic_slice_in_dim(key, start, bk, axis=1).astype(_F32)
-    v = lax.dynamic_slice_in_dim(value, start, bk, axis=1).astype(_F32)
+    k = lax.dynamic_slice_in_dim(key, start, bk, axis=1).astype(dtype)
+    v = lax.dynamic_slice_in_dim(value, start, bk, axis=1).astype(dtype)
     pos = start + jnp.arange(bk, dtype=jnp.int32)
     valid = (pos[None, :] < lengths[:, None]) & (pos[None, :] >= j * bk)  # [B, bk]
     return start, k, v, valid[:, None, None, :]
 
 
 def _forward(bk: int, q: Array, key: Array, value: Array, lengths: Array):
-    """(out [B, K, G, Hv], lse [B, K, G]) in float32; lse = -inf for empty sequences."""
+    """(out [B, K, G, Hv], lse [B, K, G]) in the dtype of q; lse = -inf for empty sequences."""
     B, K, G, _ = q.shape
     Hv = value.shape[-1]
 
     def body(j, carry):
         m, l, acc = carry
-        _, k, v, valid = _block(key, value, lengths, j, bk)
+        _, k, v, valid = _block(key, value, lengths, j, bk, q.dtype)
         s = jnp.where(valid, jnp.einsum("bkgh,bskh->bkgs", q, k), -jnp.inf)  # [B, K, G, bk]
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -97,9 +99,9 @@ def _forward(bk: int, q: Array, key: Array, value: Array, lengths: Array):
         return m_new, l, acc
 
     init = (
-        jnp.full((B, K, G), -jnp.inf, _F32),
-        jnp.zeros((B, K, G), _F32),
-        jnp.zeros((B, K, G, Hv), _F32),
+        jnp.full((B, K, G), -jnp.inf, q.dtype),
+        jnp.zeros((B, K, G), q.dtype),
+        jnp.zeros((B, K, G, Hv), q.dtype),
     )
     m, l, acc = lax.fori_loop(0, _num_blocks(lengths, bk), body, init)
     filled = l > 0
@@ -108,7 +110,7 @@ def _forward(bk: int, q: Array, key: Array, value: Array, lengths: Array):
 
 
 def _backward(bk, q, key, value, lengths, out, lse, dout):
-    """(dq [B, K, G, H] float32, dk, dv in the cache dtypes) over the filled blocks."""
+    """(dq [B, K, G, H] in the dtype of q, dk, dv in the cache dtypes) over the filled blocks."""
     # D = sum_s p_s dp_s = dout . out; empty sequences have lse = -inf and only -inf
     # logits: shift them by 0 so that p = exp(-inf) = 0, not nan.
     delta = jnp.sum(dout * out, axis=-1)[..., None]
@@ -121,7 +123,7 @@ def _backward(bk, q, key, value, lengths, out, lse, dout):
 
     def body(j, carry):
         dq, dk, dv = carry
-        start, k, v, valid = _block(key, value, lengths, j, bk)
+        start, k, v, valid = _block(key, value, lengths, j, bk, q.dtype)
         s = jnp.where(valid, jnp.einsum("bkgh,bskh->bkgs", q, k), -jnp.inf)
         p = jnp.exp(s - lse)  # [B, K, G, bk]
         ds = p * (jnp.einsum("bkgh,bskh->bkgs", dout, v) - delta)
@@ -131,9 +133,9 @@ def _backward(bk, q, key, value, lengths, out, lse, dout):
         return dq, dk, dv
 
     init = (
-        jnp.zeros(q.shape, _F32),
-        jnp.zeros(key.shape, _F32),
-        jnp.zeros(value.shape, _F32),
+        jnp.zeros(q.shape, q.dtype),
+        jnp.zeros(key.shape, q.dtype),
+        jnp.zeros(value.shape, q.dtype),
     )
     dq, dk, dv = lax.fori_loop(0, _num_blocks(lengths, bk), body, init)
     return dq, dk.astype(key.dtype), dv.astype(value.dtype)
@@ -151,7 +153,7 @@ def _decode_fwd(bk, q, key, value, lengths):
 
 def _decode_bwd(bk, residuals, dout):
     q, key, value, lengths, out, lse = residuals
-    dq, dk, dv = _backward(bk, q, key, value, lengths, out, lse, dout.astype(_F32))
+    dq, dk, dv = _backward(bk, q, key, value, lengths, out, lse, dout.astype(q.dtype))
     return dq, dk, dv, None  # the lengths are not differentiable
 
 

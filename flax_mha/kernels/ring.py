@@ -184,7 +184,7 @@ def _local_lengths(kv_len: Array | None, k_id: Array, c: int) -> Array | None:
 def _merge(o1: Array, l1: Array, o2: Array, l2: Array) -> tuple[Array, Array]:
     """Log-sum-exp merge of two normalised partial results over disjoint key sets.
 
-    o [B, c, N, Hv] f32, l [B, N, c] f32; rows that saw nothing have l = -inf
+    o [B, c, N, Hv], l [B, N, c] in the accumulation dtype; rows that saw nothing have l = -inf
     and o = 0, and stay so when both sides saw nothing (no nan).
     """
     mx = jnp.maximum(l1, l2)
@@ -242,8 +242,7 @@ def _reorder_local(x: Array, axis_name: str, n: int, inverse: bool) -> Array:
     return jnp.concatenate([first, second], axis=1)
 
 
-def _reorder(x: Array, r: _Ring, inverse: bool) -> Array:
-    """Natural <-> zig-zag order of a global [B, L, ...] array sharded over the ring."""
+def _reorder_global(x: Array, r: _Ring, inverse: bool) -> Array:
     spec = r.seq_spec()
     f = jax.shard_map(
         functools.partial(_reorder_local, axis_name=r.axis_name, n=r.n, inverse=inverse),
@@ -254,24 +253,47 @@ def _reorder(x: Array, r: _Ring, inverse: bool) -> Array:
     return f(x)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _reorder(x: Array, r: _Ring, inverse: bool) -> Array:
+    """Natural <-> zig-zag order of a global [B, L, ...] array sharded over the ring.
+
+    A permutation, so its transpose is the inverse permutation. It is written out
+    because the cotangent may come in any layout (an unsharded gradient of the
+    output, eagerly, on an Explicit mesh, which JAX's own transpose of `shard_map`
+    would reject): it is placed on the ring first, as the inputs are.
+    """
+    return _reorder_global(x, r, inverse)
+
+
+def _reorder_fwd(x: Array, r: _Ring, inverse: bool) -> tuple[Array, None]:
+    return _reorder_global(x, r, inverse), None
+
+
+def _reorder_bwd(r: _Ring, inverse: bool, _: None, ct: Array) -> tuple[Array]:
+    return (_reorder_global(_place(ct, r.mesh, r.seq_spec()), r, not inverse),)
+
+
+_reorder.defvjp(_reorder_fwd, _reorder_bwd)
+
+
 # --- per-pair kernels ------------------------------------------------------------
 
 
 def _pair_forward(
     r: _Ring, q_id: Array, k_id: Array, q: Array, k: Array, v: Array, kv_len: Array | None
 ) -> tuple[Array, Array]:
-    """(out [B, c, N, Hv] f32, lse [B, N, c]) of one (q chunk, k chunk) pair."""
+    """(out [B, c, N, Hv], lse [B, N, c]) of one (q chunk, k chunk) pair, in the dtype of q."""
 
     def run(causal: bool) -> tuple[Array, Array]:
         out, lse, _ = bw._forward(r.kernel(causal), q, k, v, None, None, None, kv_len, None)
-        return out.astype(_F32), lse
+        return out.astype(q.dtype), lse.astype(q.dtype)
 
     if not r.is_causal:
         return run(False)
 
     def none() -> tuple[Array, Array]:
         B, c, N, _ = q.shape
-        return jnp.zeros((B, c, N, v.shape[-1]), _F32), jnp.full((B, N, c), -jnp.inf, _F32)
+        return jnp.zeros((B, c, N, v.shape[-1]), q.dtype), jnp.full((B, N, c), -jnp.inf, q.dtype)
 
     return lax.switch(_kind(q_id, k_id), [lambda: run(False), lambda: run(True), none])
 
@@ -288,7 +310,7 @@ def _pair_backward(
     lse: Array,
     dout: Array,
 ) -> tuple[Array, Array, Array]:
-    """(dq, dk, dv) (f32) contributed by one pair; exact because lse and out are global."""
+    """(dq, dk, dv) contributed by one pair (accumulation dtype); exact as lse, out are global."""
 
     def run(causal: bool) -> tuple[Array, Array, Array]:
         (dq, dk, dv, _), _ = bw._backward(
@@ -346,6 +368,7 @@ def _over_pairs(m: int, pair: Callable[[Any, Any, Any], Any], carry: Any) -> Any
 def _forward_body(r: _Ring, q: Array, k: Array, v: Array, kv_len: Array | None):
     """Local q [B, m*c, N, H], k/v [B, m*c, K, H(v)] -> (out [B, m*c, N, Hv], lse [B, N, m*c])."""
     device = lax.axis_index(r.axis_name)
+    acc = jnp.promote_types(jnp.result_type(q, k, v), _F32)  # float64 stays float64
     B, Lq, N, _ = q.shape
     c = Lq // r.m
 
@@ -359,9 +382,9 @@ def _forward_body(r: _Ring, q: Array, k: Array, v: Array, kv_len: Array | None):
                 r,
                 r.chunk_id(device, a),
                 k_id,
-                # f32 so per-pair outputs are not rounded to a low-precision
+                # At least f32 so per-pair outputs are not rounded to a low-precision
                 # dtype before the merge (a no-op for f32 inputs).
-                _slice(q, a, c).astype(_F32),
+                _slice(q, a, c).astype(acc),
                 _slice(k_vis, b, c),
                 _slice(v_vis, b, c),
                 _local_lengths(kv_len, k_id, c),
@@ -371,7 +394,7 @@ def _forward_body(r: _Ring, q: Array, k: Array, v: Array, kv_len: Array | None):
 
         return _over_pairs(r.m, pair, acc)
 
-    acc = (jnp.zeros((B, Lq, N, v.shape[-1]), _F32), jnp.full((B, N, Lq), -jnp.inf, _F32))
+    acc = (jnp.zeros((B, Lq, N, v.shape[-1]), acc), jnp.full((B, N, Lq), -jnp.inf, acc))
     k_vis, v_vis = k, v
     if r.n > 1:
 
@@ -402,6 +425,7 @@ def _backward_body(
 ):
     """Local residuals and dout -> local (dq, dk, dv), each like its input."""
     device = lax.axis_index(r.axis_name)
+    acc = jnp.promote_types(jnp.result_type(q, k, v), _F32)  # float64 stays float64
     c = q.shape[1] // r.m
 
     def accumulate(s: Array, k_vis: Array, v_vis: Array, dk_vis: Array, dv_vis: Array, dq):
@@ -410,14 +434,14 @@ def _backward_body(
         def pair(a, b, carry):
             dk_vis, dv_vis, dq = carry
             k_id = r.chunk_id(src, b)
-            # f32 so that per-pair dk/dv are not rounded before they are summed.
+            # At least f32 so that per-pair dk/dv are not rounded before they are summed.
             dq_ab, dk_ab, dv_ab = _pair_backward(
                 r,
                 r.chunk_id(device, a),
                 k_id,
-                _slice(q, a, c).astype(_F32),
-                _slice(k_vis, b, c).astype(_F32),
-                _slice(v_vis, b, c).astype(_F32),
+                _slice(q, a, c).astype(acc),
+                _slice(k_vis, b, c).astype(acc),
+                _slice(v_vis, b, c).astype(acc),
                 _local_lengths(kv_len, k_id, c),
                 _slice(out, a, c),
                 _slice(lse, a, c, axis=2),
@@ -431,9 +455,9 @@ def _backward_body(
         return _over_pairs(r.m, pair, (dk_vis, dv_vis, dq))
 
     perm = _ring_perm(r.n)
-    dq = jnp.zeros(q.shape, _F32)
-    dk_vis = jnp.zeros(k.shape, _F32)
-    dv_vis = jnp.zeros(v.shape, _F32)
+    dq = jnp.zeros(q.shape, acc)
+    dk_vis = jnp.zeros(k.shape, acc)
+    dv_vis = jnp.zeros(v.shape, acc)
     k_vis, v_vis = k, v
     if r.n > 1:
 
@@ -606,7 +630,7 @@ def ring_attention(
       block_k: kernel key block size; likewise.
 
     Returns:
-      [B, L, N, Hv] in the query dtype (float32 accumulation).
+      [B, L, N, Hv] in the query dtype (accumulated in float32, or float64 for float64 inputs).
 
     Raises:
       ValueError: naming the offending argument, if shapes, ``layout``,
