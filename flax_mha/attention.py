@@ -43,7 +43,7 @@ _INPUT_NAMES = {"query": "inputs_q", "key": "inputs_k", "value": "inputs_v"}
 
 def _check_inputs(inputs_q: Array, inputs_k: Array, inputs_v: Array) -> None:
     for name, x in (("inputs_q", inputs_q), ("inputs_k", inputs_k), ("inputs_v", inputs_v)):
-        check_float(name, x)
+        check_float(name, x, allow_complex=True)  # complex inputs run, as in Flax
         if x.ndim < 2:
             raise ValueError(
                 f"{name} should have shape [batch..., length, features] (rank >= 2), "

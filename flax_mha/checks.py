@@ -12,17 +12,18 @@ import jax.numpy as jnp
 from jax import Array
 
 
-def check_float(name: str, x: Any) -> None:
-    """Raises TypeError unless ``x`` is an array with a floating dtype."""
+def check_float(name: str, x: Any, allow_complex: bool = False) -> None:
+    """Raises TypeError unless ``x`` is an array with a floating (or complex) dtype."""
     dtype = getattr(x, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    kind = jnp.inexact if allow_complex else jnp.floating
+    if dtype is None or not jnp.issubdtype(dtype, kind):
         raise TypeError(f"{name} should be a floating-point array, but got dtype {dtype}")
 
 
-def check_qkv(query: Array, key: Array, value: Array) -> None:
+def check_qkv(query: Array, key: Array, value: Array, allow_complex: bool = False) -> None:
     """Checks dtypes and shapes of [batch..., T, N, H] / [batch..., S, K, H(v)] inputs."""
     for name, x in (("query", query), ("key", key), ("value", value)):
-        check_float(name, x)
+        check_float(name, x, allow_complex)
         if x.ndim < 3:
             raise ValueError(
                 f"{name} should have shape [batch..., length, num_heads, head_dim] "

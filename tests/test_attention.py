@@ -477,3 +477,27 @@ def test_inputs_kv_warning_has_flax_category_and_message():
     with pytest.warns(DeprecationWarning) as our_record:
         ours.apply(params, x, inputs_kv=x)
     assert [str(w.message) for w in our_record] == [str(w.message) for w in flax_record]
+
+
+def test_complex_inputs_run_as_in_flax():
+    theirs, ours = both(num_heads=2)
+    x = (rand(0, (2, 5, 8)) + 1j * rand(1, (2, 5, 8))).astype(jnp.complex64)
+    params = theirs.init(jax.random.key(1), x)
+    expected = theirs.apply(params, x)
+    out = ours.apply(params, x)
+    assert out.dtype == expected.dtype == jnp.complex64
+    np.testing.assert_allclose(out, expected, **TOL)
+    mask = flax_mha.make_causal_mask(jnp.ones((2, 5)))
+    np.testing.assert_allclose(
+        ours.apply(params, x, mask=mask), theirs.apply(params, x, mask=mask), **TOL
+    )
+
+
+def test_complex_attention_runs_on_the_reference_at_every_size():
+    q = (rand(0, (1, 400, 2, 4)) + 1j * rand(1, (1, 400, 2, 4))).astype(jnp.complex64)
+    expected = nn.dot_product_attention(q, q, q)
+    np.testing.assert_allclose(flax_mha.dot_product_attention(q, q, q), expected, **TOL)
+    with pytest.raises(
+        ValueError, match="implementation='blockwise' cannot be used here: it has no complex inputs"
+    ):
+        flax_mha.dot_product_attention(q, q, q, implementation="blockwise")

@@ -484,3 +484,12 @@ def test_pallas_tpu_is_not_chosen_under_x64():
     q = rand(0, (1, 20, 2, 8))
     with jax.enable_x64(True), pytest.raises(ValueError, match="jax_enable_x64"):
         flax_mha.dot_product_attention(q, q, q, implementation="pallas_tpu")
+
+
+@pytest.mark.parametrize("rate", [-0.1, float("nan"), 1.0])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_bad_dropout_rate_is_an_error_even_when_deterministic(rate, deterministic):
+    q = jnp.zeros((1, 3, 2, 4))
+    with pytest.raises(ValueError, match=r"dropout_rate should be in \[0, 1\), but got"):
+        flax_mha.dot_product_attention(q, q, q, dropout_rate=rate, deterministic=deterministic,
+                                       dropout_rng=jax.random.key(0))  # fmt: skip

@@ -69,12 +69,15 @@ class Request:
     q_lengths: bool = False
     kv_lengths: bool = False
     x64: bool = False  # jax_enable_x64 is on
+    complex: bool = False  # complex inputs (as Flax accepts them)
 
 
 def _ineligible(name: str, r: Request) -> str | None:
     """Why backend ``name`` cannot serve ``r``, or None."""
     if name in ("reference", "xla"):
         return None
+    if r.complex:
+        return "it has no complex inputs (only the reference has)"
     if r.weights:
         return "the attention weights are requested (sow_weights / module)"
     if r.custom_matmuls:
@@ -118,11 +121,11 @@ def _ineligible(name: str, r: Request) -> str | None:
 def choose_implementation(r: Request, implementation: str | None = None) -> str:
     """The backend that runs ``r``: ``implementation`` if given (checked), else automatic.
 
-    Automatic choice: the reference when the weights are wanted, precision/einsum
-    overrides or soft-capping are given, or dropout is active (it reproduces Flax's dropout stream
-    exactly; pass ``implementation="blockwise"`` for dropout in O(L) memory); the
-    decode kernel for one-query steps over a long cache given by its lengths; on TPU
-    the Pallas kernel, on GPU cuDNN, when eligible; otherwise the blockwise kernel,
+    Automatic choice: the reference when the weights are wanted, precision/einsum overrides
+    or soft-capping are given, the inputs are complex, or dropout is active (it reproduces
+    Flax's dropout stream exactly; pass ``implementation="blockwise"`` for dropout in O(L)
+    memory); the decode kernel for one-query steps over a long cache given by its lengths;
+    on TPU the Pallas kernel, on GPU cuDNN, when eligible; otherwise the blockwise kernel,
     except on CPU for small T * S where the reference is as fast.
 
     Raises:
@@ -133,7 +136,7 @@ def choose_implementation(r: Request, implementation: str | None = None) -> str:
         if why is not None:
             raise ValueError(f"implementation={implementation!r} cannot be used here: {why}")
         return implementation
-    if r.weights or r.custom_matmuls or r.dropout or r.softcap:
+    if r.weights or r.custom_matmuls or r.dropout or r.softcap or r.complex:
         return "reference"
     if r.platform == "tpu" and _ineligible("pallas_tpu", r) is None:
         return "pallas_tpu"
@@ -273,7 +276,7 @@ def dot_product_attention(
     function``. Pass ``implementation="reference"`` (or ``"xla"``) for forward mode; it
     materialises the [T, S] weights of every head.
     """
-    check_qkv(query, key, value)
+    check_qkv(query, key, value, allow_complex=True)
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation should be one of {IMPLEMENTATIONS} or None, but got {implementation!r}"
@@ -294,15 +297,15 @@ def dot_product_attention(
     if mask is not None:
         mask = _flatten_batch(as_full_rank("mask", mask, full).astype(bool), batch)
     if bias is not None:
-        check_float("bias", bias)
+        check_float("bias", bias, allow_complex=True)
         bias = _flatten_batch(as_full_rank("bias", bias, full), batch)
     window = masks_lib.normalize_window(local_window_size)
     q_lengths = _lengths("query_seq_lengths", query_seq_lengths, batch)
     kv_lengths = _lengths("key_value_seq_lengths", key_value_seq_lengths, batch)
+    if not isinstance(dropout_rate, jax.core.Tracer) and not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate should be in [0, 1), but got {dropout_rate}")  # and NaN
     dropping = not deterministic and dropout_rate > 0.0
     if dropping:
-        if not 0.0 <= dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate should be in [0, 1), but got {dropout_rate}")
         if dropout_rng is None:
             raise ValueError("dropout_rng should be a PRNG key when dropout is active, got None")
 
@@ -325,6 +328,7 @@ def dot_product_attention(
         q_lengths=q_lengths is not None,
         kv_lengths=kv_lengths is not None,
         x64=bool(jax.config.jax_enable_x64),
+        complex=jnp.issubdtype(dtype, jnp.complexfloating),
     )
     automatic = implementation is None
     implementation = choose_implementation(request, implementation)
