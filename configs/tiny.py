@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from flax_mha.default_config import get_config as _default
+from flax_mha.train.default_config import get_config as _default
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -1,13 +1,40 @@
-"""Plots of attention weights (matplotlib, written to PNG files)."""
+"""Plots (matplotlib, written to PNG files): attention weights, and a training run's.
+
+* `plot_attention`: one heatmap per head; `plot_attention_layers`: a grid of layers x heads.
+* `attention_weights`: every attention layer's weights of a `Transformer` pass.
+* `plot_example_attention`, `plot_curves`, `write_run_plots`: what `flax-mha train` writes
+  at the end of a run (``attention/*.png``, ``curves.png``).
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util as flax_traverse
+from jax import Array
 
-__all__ = ["plot_attention", "plot_attention_layers"]
+from flax_mha.attention import MultiHeadAttention
+from flax_mha.data import DIGIT_OFFSET
+from flax_mha.generation import generate
+from flax_mha.models import EOS_ID, PAD_ID, Transformer
+
+__all__ = [
+    "attention_weights",
+    "plot_attention",
+    "plot_attention_layers",
+    "plot_curves",
+    "plot_example_attention",
+    "write_run_plots",
+]
+
+# Greedy decoding compiled once per (model, length); Flax modules are hashable.
+_greedy = jax.jit(generate, static_argnums=(0, 3))
 
 
 def plot_attention(
@@ -111,15 +138,151 @@ def plot_attention_layers(
             ax = axes[row, n]
             im = ax.imshow(w[n], vmin=0.0, vmax=1.0, cmap="viridis")
             ax.set_title(f"{name} · head {n}", fontsize=7)
-            ax.set_xticks([] if key_tokens is None else range(S),
-                          labels=[] if key_tokens is None else list(key_tokens), fontsize=6,
-                          rotation=90)  # fmt: skip
-            ax.set_yticks([] if query_tokens is None or n else range(T),
-                          labels=[] if query_tokens is None or n else list(query_tokens),
-                          fontsize=6)  # fmt: skip
+            if key_tokens is None:
+                ax.set_xticks([])
+            else:
+                ax.set_xticks(range(S), labels=list(key_tokens), fontsize=6, rotation=90)
+            if query_tokens is None or n:
+                ax.set_yticks([])
+            else:
+                ax.set_yticks(range(T), labels=list(query_tokens), fontsize=6)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6)
     fig.suptitle(title)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     return path
+
+
+def attention_weights(
+    model: Transformer, params: Any, inputs: Array, targets: Array
+) -> dict[str, np.ndarray]:
+    """Every attention layer's weights for a teacher-forced pass.
+
+    The models do not ask their `MultiHeadAttention` layers to sow; an interceptor turns
+    ``sow_weights=True`` on for each of their calls, so the models stay untouched.
+
+    Args:
+      model: the `Transformer`.
+      params: its parameters.
+      inputs: [B, L] input ids.
+      targets: [B, T] target ids (the decoder reads ``shift_right(targets)``).
+
+    Returns:
+      {layer path, e.g. ``"decoder_blocks_0/cross_attention"``: [B, N, T_q, T_k] weights}.
+    """
+
+    def sow_weights(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        if isinstance(context.module, MultiHeadAttention) and context.method_name == "__call__":
+            kwargs = {**kwargs, "sow_weights": True}
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(sow_weights):
+        _, variables = model.apply({"params": params}, inputs, targets, mutable=["intermediates"])
+    flat = flax_traverse.flatten_dict(variables["intermediates"], sep="/")
+    suffix = "/attention_weights"
+    return {k.removesuffix(suffix): np.asarray(v[0]) for k, v in flat.items() if k.endswith(suffix)}
+
+
+def _token_label(t: int) -> str:
+    return {PAD_ID: "<s>", EOS_ID: "EOS"}.get(t, str(t - DIGIT_OFFSET))
+
+
+def plot_example_attention(
+    out_dir: str | os.PathLike, model: Transformer, params: Any, inputs: np.ndarray
+) -> list[str]:
+    """Decodes one [L] input greedily and plots every layer's attention heads as PNGs.
+
+    Args:
+      out_dir: folder for the PNGs (created if missing).
+      model: the `Transformer`.
+      params: its parameters.
+      inputs: [L] input ids of one example, padded with ``PAD_ID``.
+
+    Returns:
+      The paths written: ``encoder_<i>_self_attention.png``, ``decoder_<i>_self_attention.png``
+      and ``decoder_<i>_cross_attention.png`` for each layer ``i``.
+    """
+    n = int(np.sum(inputs != PAD_ID))
+    x = jnp.asarray(inputs[None, :n])
+    out = np.asarray(_greedy(model, params, x, min(n + 1, model.config.max_len)))[0]
+    m = int(np.argmax(out == EOS_ID)) + 1 if np.any(out == EOS_ID) else len(out)
+    y = jnp.asarray(out[None, :m])
+    weights = attention_weights(model, params, x, y)
+    src = [_token_label(t) for t in inputs[:n].tolist()]
+    produced = [_token_label(t) for t in out[:m].tolist()]  # row t is the query predicting it
+    fed = ["<s>", *produced[:-1]]  # what the decoder reads at each position
+    paths = []
+    for path, w in sorted(weights.items()):
+        block, kind = path.split("/")
+        side, index = block.split("_blocks_")
+        keys = src if side == "encoder" or kind == "cross_attention" else fed
+        rows = (
+            src if side == "encoder" else [f"{a}→{b}" for a, b in zip(fed, produced, strict=True)]
+        )
+        name = f"{side}_{index}_{kind}"
+        example = f"{' '.join(src)} → {' '.join(produced)}"
+        title = f"{side} layer {index} {kind.replace('_', ' ')}: {example}"
+        png = os.path.join(out_dir, f"{name}.png")
+        paths.append(plot_attention(w[0], png, query_tokens=rows, key_tokens=keys, title=title))
+    return paths
+
+
+def plot_curves(records: list[dict[str, float]], path: str) -> str:
+    """Loss and accuracy (training, held-out) against the step, as one PNG.
+
+    Args:
+      records: metric records (`flax_mha.train.read_metrics`), each with a ``step``.
+      path: PNG file to write.
+
+    Returns:
+      The path written.
+    """
+    from matplotlib.figure import Figure  # no pyplot: leaves the backend alone, as above
+
+    fig = Figure(figsize=(10, 3.8))
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    curves = {
+        ax_loss: ("loss", "eval_loss"),
+        ax_acc: ("accuracy", "eval_accuracy", "eval_exact_match"),
+    }
+    for ax, keys in curves.items():
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in records if key in r]
+            if pts:
+                ax.plot(
+                    *zip(*pts, strict=True),
+                    marker="o" if key.startswith("eval") else None,
+                    label=key,
+                )
+        ax.set_xlabel("step")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    ax_loss.set_yscale("log")
+    ax_acc.set_ylim(0, 1.02)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def write_run_plots(
+    workdir: str | os.PathLike,
+    records: list[dict[str, float]],
+    model: Transformer,
+    params: Any,
+    examples: dict[str, np.ndarray],
+) -> list[str]:
+    """A run's ``curves.png`` (from its metric records) and ``attention/*.png`` (from the
+    longest held-out input of ``examples``, which shows the most structure).
+
+    Returns:
+      The paths written.
+    """
+    workdir = os.fspath(workdir)
+    curves = plot_curves(records, os.path.join(workdir, "curves.png"))
+    longest = int(np.argmax(np.sum(examples["inputs"] != PAD_ID, axis=1)))
+    inputs = examples["inputs"][longest]
+    return [
+        curves,
+        *plot_example_attention(os.path.join(workdir, "attention"), model, params, inputs),
+    ]

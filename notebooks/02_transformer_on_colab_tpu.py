@@ -57,13 +57,13 @@ import matplotlib
 import numpy as np
 
 import flax_mha
-from flax_mha import data
+from flax_mha import data, viz
 from flax_mha import train as train_lib
 from flax_mha.apps.timing import compiled_temp_bytes, jit_fwd_and_grad, median_ms
-from flax_mha.default_config import get_config
 from flax_mha.generation import generate
 from flax_mha.kernels.dispatch import Request, choose_implementation
 from flax_mha.models import Transformer
+from flax_mha.train.default_config import get_config
 
 try:
     from IPython import get_ipython
@@ -142,7 +142,7 @@ print(f"the same, attention weights requested: {choose_implementation(sowing)}")
 # %% [markdown]
 # ## The model and its training config
 #
-# The config is the library's default (`flax_mha.default_config.get_config()`, what
+# The config is the library's default (`flax_mha.train.default_config.get_config()`, what
 # `flax-mha train` uses): reverse 1 to 10 digits with a 2+2-layer Transformer, `d_model`
 # 64, 4 heads, AdamW with warm-up and cosine decay, 3000 steps of 64 sequences. At small
 # size the model and the run shrink to a few seconds (and learn little).
@@ -221,9 +221,9 @@ print(f"\n{len(examples['inputs'])} held-out sequences: " + ", ".join(
 # %% [markdown]
 # ## What the heads look at
 #
-# `train.plot_example_attention` decodes one example and writes every layer's attention
-# weights per head (captured with `sow_weights=True`, see `train.attention_weights`) as PNGs
-# via `flax_mha.viz.plot_attention`. Below: the encoder's self-attention and the decoder's
+# `viz.plot_example_attention` decodes one example and writes every layer's attention
+# weights per head (captured with `sow_weights=True`, see `viz.attention_weights`) as PNGs
+# via `viz.plot_attention`. Below: the encoder's self-attention and the decoder's
 # cross-attention (its queries are the decoder positions, its keys the input digits). To
 # reverse, the trained decoder looks at the input digits from last to first: an anti-diagonal,
 # sharpest in its last layer.
@@ -231,7 +231,7 @@ print(f"\n{len(examples['inputs'])} held-out sequences: " + ", ".join(
 # %%
 longest = int(np.argmax(np.sum(examples["inputs"] != data.PAD_ID, axis=1)))
 out_dir = tempfile.mkdtemp(prefix="flax_mha_notebook_")
-pngs = train_lib.plot_example_attention(out_dir, model, state.params, examples["inputs"][longest])
+pngs = viz.plot_example_attention(out_dir, model, state.params, examples["inputs"][longest])
 for png in sorted(pngs, key=lambda p: ("decoder" in os.path.basename(p), p)):  # encoder first
     if os.path.basename(png).startswith("encoder") or png.endswith("cross_attention.png"):
         show_png(png)

@@ -64,11 +64,11 @@ def main(process_id: int, num_processes: int, port: int, out: str, workdir: str)
         # The metrics are replicated on every device, so each process can read them.
         losses.append(float(metrics["loss_sum"]) / float(metrics["tokens"]))
 
-    manager = train._checkpoint_manager(workdir, config)
-    manager.save(STEPS, args=ocp.args.StandardSave(train._checkpoint_tree(state)))
+    manager = train.checkpoints.checkpoint_manager(workdir, config)
+    manager.save(STEPS, args=ocp.args.StandardSave(train.checkpoints.checkpoint_tree(state)))
     manager.wait_until_finished()
     fresh = train.create_train_state(config, jax.random.key(7), mesh)
-    restored = train._restore(manager, fresh, STEPS)
+    restored = train.checkpoints.restore(manager, fresh, STEPS)
     manager.close()
     same = True
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):

@@ -207,8 +207,8 @@ def check_cli(spec: str = "data=2,model=4") -> None:
         mesh = train.make_train_mesh(config)
         want_type = "Explicit" if ":explicit" in spec else "Auto"
         assert {t.name for t in mesh.axis_types} == {want_type}, mesh
-        manager = train._checkpoint_manager(str(tmp / "mesh"), config)
-        restored = train._start_state(config, str(tmp / "mesh"), manager, mesh)
+        manager = train.checkpoints.checkpoint_manager(tmp / "mesh", config)
+        restored = train.checkpoints.start_state(config, str(tmp / "mesh"), manager, mesh)
         manager.close()
         assert int(restored.step) == 10
         q = restored.params["encoder_blocks_0"]["self_attention"]["query"]["kernel"]

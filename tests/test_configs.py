@@ -212,3 +212,29 @@ def test_other_commands_reject_overrides(capsys):
         main(["demo", "--config.model.num_heads=2"])
     assert e.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        (
+            "num_kv_heads",
+            3,
+            "config.model.num_kv_heads (3) should be a positive divisor of num_heads (4)",
+        ),
+        ("sliding_window", 0, "config.model.sliding_window should be >= 1, but got 0"),
+        (
+            "positional_encoding",
+            "rope",
+            "config.model.positional_encoding should be 'sinusoidal' or 'none', but got 'rope'",
+        ),
+    ],
+)
+def test_transformer_config_checks_run_at_the_door(field, value, message):
+    # Fields only TransformerConfig checks: validate_config reports them, named by path,
+    # before a state is created (they used to surface from create_train_state).
+    config = load_config(None)
+    config.model[field] = value
+    with pytest.raises(ValueError) as e:
+        train.validate_config(config)
+    assert message in str(e.value)

@@ -16,7 +16,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from flax_mha import data, train
+from flax_mha import data, train, viz
 from flax_mha.apps.cli import load_config, main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ def test_attention_weights_are_captured_per_layer_and_head(tiny_run):
     config, model, params, step = train.restore_params(workdir)
     x = jnp.asarray(data.encode_digits("3 1 4 1", 4)[None])
     y = jnp.array([[3, 6, 3, 5, 1]])
-    weights = train.attention_weights(model, params, x, y)
+    weights = viz.attention_weights(model, params, x, y)
     assert set(weights) == {"encoder_blocks_0/self_attention", "decoder_blocks_0/self_attention",
                             "decoder_blocks_0/cross_attention"}  # fmt: skip
     assert weights["encoder_blocks_0/self_attention"].shape == (1, 2, 4, 4)
@@ -147,7 +147,7 @@ def test_restored_params_are_the_final_params(tiny_run):
 KILL_AT = 27
 KILLER = """
 import os, signal, sys
-import flax_mha.train as T
+import flax_mha.train.loop as T
 from flax_mha.apps.cli import main
 step_fn = T.train_step
 def train_step(state, batch, rng):
@@ -260,8 +260,8 @@ def _rewrite_checkpoint(workdir, step, fn):
     to other values, as flipped bytes in its data file do)."""
     config = train.load_workdir_config(workdir)
     like = train.create_train_state(config, jax.random.key(0))
-    manager = train._checkpoint_manager(str(workdir), config)
-    tree = train._checkpoint_tree(train._restore(manager, like, step))
+    manager = train.checkpoints.checkpoint_manager(workdir, config)
+    tree = train.checkpoints.checkpoint_tree(train.checkpoints.restore(manager, like, step))
     manager.delete(step)
     manager.save(step, args=ocp.args.StandardSave(jax.tree.map(fn, tree)))
     manager.wait_until_finished()

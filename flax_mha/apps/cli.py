@@ -1,9 +1,9 @@
 """The `flax-mha` command line: ``flax-mha demo | train | predict | bench``.
 
 ``flax-mha train [--config FILE] [--workdir DIR] [--config.group.field=VALUE ...]``
-loads an ml_collections ``get_config()`` file (default: `flax_mha.default_config`, the
-same as ``configs/default.py``) and applies the overrides, cast to the type of the field
-they replace, the way ``ml_collections.config_flags`` does without absl.
+loads an ml_collections ``get_config()`` file (default: `flax_mha.train.default_config`,
+which ``configs/default.py`` re-exports) and applies the overrides, cast to the type of
+the field they replace, the way ``ml_collections.config_flags`` does without absl.
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def load_config(path: str | os.PathLike | None = None) -> ml_collections.ConfigDict:
-    """Calls ``get_config()`` of a config file (default: `flax_mha.default_config`).
+    """Calls ``get_config()`` of a config file (default: `flax_mha.train.default_config`).
 
     Raises:
       ValueError: if the file does not exist or has no ``get_config``.
     """
     if path is None:
-        from flax_mha.default_config import get_config
+        from flax_mha.train.default_config import get_config
 
         return get_config()
     path = os.fspath(path)
@@ -194,14 +194,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-heads", type=int, default=2)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    _add_train_parser(sub)
+    predict = sub.add_parser("predict", help="decode digit sequences with a trained run")
+    predict.add_argument("digits", nargs="*", help="one input sequence, e.g. 3 1 4 1 5")
+    predict.add_argument("--input", action="append", help='a sequence, e.g. "3 1 4" (repeatable)')
+    predict.add_argument("--workdir", default="runs/default")
+    predict.set_defaults(func=_predict)
+    _add_bench_parser(sub)
+    return parser
 
+
+def _add_train_parser(sub: Any) -> None:
     train = sub.add_parser(
         "train",
         help="train a Transformer on the built-in task (resumes from the workdir)",
         description="Overrides: --config.group.field=VALUE, e.g. --config.model.num_heads=2.",
     )
     train.add_argument(
-        "--config", default=None, help="config file with get_config() (default: configs/default.py)"
+        "--config",
+        default=None,
+        help="config file with get_config() (default: flax_mha/train/default_config.py, "
+        "the same as configs/default.py)",
     )
     train.add_argument("--workdir", default="runs/default")
     train.add_argument(
@@ -226,12 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(func=_train)
 
-    predict = sub.add_parser("predict", help="decode digit sequences with a trained run")
-    predict.add_argument("digits", nargs="*", help="one input sequence, e.g. 3 1 4 1 5")
-    predict.add_argument("--input", action="append", help='a sequence, e.g. "3 1 4" (repeatable)')
-    predict.add_argument("--workdir", default="runs/default")
-    predict.set_defaults(func=_predict)
 
+def _add_bench_parser(sub: Any) -> None:
     bench = sub.add_parser(
         "bench", help="time and size our kernels and module against jax.nn, Flax and torch"
     )
@@ -260,7 +269,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     bench.set_defaults(func=_bench)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

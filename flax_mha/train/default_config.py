@@ -1,7 +1,8 @@
 """The default training config: reverse digit sequences with a small Transformer.
 
-`flax-mha train` uses it when no ``--config`` is given; ``configs/default.py`` re-exports
-it. It lives in the package so that the command works from any directory and from an
+The one home of the default: `flax-mha train` uses it when no ``--config`` is given,
+``configs/default.py`` re-exports it, and the other files in ``configs/`` start from it.
+It lives in the package so that the command works from any directory and from an
 installed wheel (``configs/`` is a top-level folder of the repository, not packaged).
 """
 
