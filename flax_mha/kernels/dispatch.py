@@ -344,15 +344,17 @@ def dot_product_attention(
     )
 
     if implementation == "blockwise":
-        out = blockwise_attention(
-            q, k, v, **common, local_window=window,
+        out = _on_auto_axes(
+            blockwise_attention, q, k, v, **common, local_window=window,
             dropout_rate=dropout_rate if dropping else 0.0,
             dropout_rng=dropout_rng if dropping else None,
         )  # fmt: skip
     elif implementation == "decode":
-        out = decode_attention(q, k, v, scale=scale, key_value_seq_lengths=kv_lengths)
+        out = _on_auto_axes(
+            decode_attention, q, k, v, scale=scale, key_value_seq_lengths=kv_lengths
+        )
     elif implementation == "pallas_tpu":
-        out = pallas_tpu_attention(q, k, v, **common)
+        out = _on_auto_axes(pallas_tpu_attention, q, k, v, **common)
     elif implementation == "cudnn":
         if isinstance(scale, jax.core.Tracer):
             # cuDNN takes a static scale: fold a traced one into q (in q's dtype, as the
@@ -387,6 +389,37 @@ def dot_product_attention(
         if module is not None:
             module.sow("intermediates", "attention_weights", weights.reshape(*batch, N, T, S))
     return out.reshape(*batch, T, N, out.shape[-1]).astype(dtype)
+
+
+def _on_auto_axes(kernel: Callable[..., Array], q: Array, k: Array, v: Array, **kwargs: Any):
+    """``kernel(q, k, v, **kwargs)``, with the Explicit axes of the current mesh made Auto.
+
+    Under `jax.sharding.AxisType.Explicit` mesh axes every intermediate carries its
+    sharding in its type, and a kernel's loops over tiles (zero-initialised carries
+    updated with sharded tiles) would have to spell out each one. Inside
+    `jax.sharding.auto_axes` the compiler propagates them as it does on Auto meshes; the
+    output keeps the sharding of the queries (batch and heads), as the reference's does.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:  # outside jax.set_mesh the arrays' types still name their mesh
+        mesh = getattr(jax.typeof(q).sharding, "mesh", mesh)
+    explicit = () if mesh.empty else tuple(
+        n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if t == jax.sharding.AxisType.Explicit
+    )  # fmt: skip
+    if not explicit:
+        return kernel(q, k, v, **kwargs)
+    mesh = getattr(mesh, "abstract_mesh", mesh)
+    arrays = {n: a for n, a in kwargs.items() if isinstance(a, jax.Array)}
+    static = {n: a for n, a in kwargs.items() if n not in arrays}
+    spec = tuple(jax.typeof(q).sharding.spec) + (None,) * q.ndim
+    out_spec = jax.sharding.PartitionSpec(*spec[: q.ndim - 1], None)
+
+    def call(q: Array, k: Array, v: Array, arrays: dict[str, Array]) -> Array:
+        return kernel(q, k, v, **arrays, **static)
+
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.sharding.auto_axes(call, out_sharding=out_spec)(q, k, v, arrays)
 
 
 def _out_and_weights(attend: Callable[..., Any], module: Any) -> Callable[..., Any]:
