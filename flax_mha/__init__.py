@@ -18,7 +18,7 @@ from flax_mha import jitted as jitted
 from flax_mha.attention import MultiHeadAttention as MultiHeadAttention
 from flax_mha.attention import MultiHeadDotProductAttention as MultiHeadDotProductAttention
 from flax_mha.attention import SelfAttention as SelfAttention
-from flax_mha.attention import cache_overflow as cache_overflow
+from flax_mha.cache import cache_overflow as cache_overflow
 from flax_mha.functional import attention_scores as attention_scores
 from flax_mha.functional import concat_heads as concat_heads
 from flax_mha.functional import layer_norm as layer_norm

@@ -9,19 +9,19 @@ Same constructor fields and defaults, same ``__call__``, same parameter tree
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 from flax.linen.module import merge_param
 from jax import Array
 
-from flax_mha.checks import as_full_rank, check_float
+from flax_mha.cache import KVCache, Mode
+from flax_mha.checks import as_full_rank, check_attention_fields, check_triple
 from flax_mha.kernels.dispatch import dot_product_attention
 from flax_mha.layers import (
     HEADS,
@@ -36,52 +36,30 @@ from flax_mha.layers import (
 from flax_mha.masks import combine_masks, normalize_window
 from flax_mha.variants import DEFAULT_ROPE_BASE, alibi_bias, alibi_slopes, apply_rope
 
-__all__ = ["MultiHeadAttention", "MultiHeadDotProductAttention", "SelfAttention", "cache_overflow"]
+__all__ = ["MultiHeadAttention", "MultiHeadDotProductAttention", "SelfAttention"]
 
 _INPUT_NAMES = {"query": "inputs_q", "key": "inputs_k", "value": "inputs_v"}
-
-
-def _check_inputs(inputs_q: Array, inputs_k: Array, inputs_v: Array) -> None:
-    for name, x in (("inputs_q", inputs_q), ("inputs_k", inputs_k), ("inputs_v", inputs_v)):
-        check_float(name, x, allow_complex=True)  # complex inputs run, as in Flax
-        if x.ndim < 2:
-            raise ValueError(
-                f"{name} should have shape [batch..., length, features] (rank >= 2), "
-                f"but got {x.shape}"
-            )
-    if not inputs_q.ndim == inputs_k.ndim == inputs_v.ndim:
-        raise ValueError(
-            f"inputs_q, inputs_k and inputs_v should have the same rank, but got shapes "
-            f"{inputs_q.shape}, {inputs_k.shape} and {inputs_v.shape}"
-        )
-    if not inputs_q.shape[:-2] == inputs_k.shape[:-2] == inputs_v.shape[:-2]:
-        raise ValueError(
-            f"inputs_q, inputs_k and inputs_v should have the same batch dimensions, but got "
-            f"shapes {inputs_q.shape}, {inputs_k.shape} and {inputs_v.shape}"
-        )
-    if inputs_k.shape[-2] != inputs_v.shape[-2]:
-        raise ValueError(
-            f"inputs_k and inputs_v should have the same length, but got shapes "
-            f"{inputs_k.shape} and {inputs_v.shape}"
-        )
 
 
 def _accepted_kwargs(fn: Callable[..., Any]) -> Callable[[str], bool]:
     """Which keyword arguments ``fn`` takes (all of them if it has ``**kwargs``)."""
     try:
+        names = _keyword_names(fn)
+    except TypeError:  # an unhashable callable: read its signature each time
+        names = _keyword_names.__wrapped__(fn)
+    return (lambda name: True) if names is None else names.__contains__
+
+
+@functools.lru_cache(maxsize=256)
+def _keyword_names(fn: Callable[..., Any]) -> frozenset[str] | None:
+    """The parameter names of ``fn``, or None if it takes any keyword (or has no signature)."""
+    try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):  # no signature to read (a builtin): pass everything
-        return lambda name: True
+        return None
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return lambda name: True
-    return lambda name: name in params
-
-
-def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} should be a positive int, but got {value!r}")
+        return None
+    return frozenset(params)
 
 
 class MultiHeadAttention(nn.Module):
@@ -212,9 +190,31 @@ class MultiHeadAttention(nn.Module):
             does not broadcast.
         """
         inputs_k, inputs_v = self._resolve_inputs(inputs_q, inputs_k, inputs_v, inputs_kv)
-        _check_inputs(inputs_q, inputs_k, inputs_v)
-        self._check_config()
-        features = self.out_features or inputs_q.shape[-1]
+        check_triple(
+            ("inputs_q", "inputs_k", "inputs_v"),
+            (inputs_q, inputs_k, inputs_v),
+            "[batch..., length, features]",
+            allow_complex=True,  # complex inputs run, as in Flax
+            whole_shapes=True,
+        )
+        check_attention_fields(self)
+        if prompt_lengths is not None and not self.decode:
+            raise ValueError("prompt_lengths is only used with decode=True")
+        query, key, value = self._project_qkv(inputs_q, inputs_k, inputs_v)
+        query, key = self._normalize_and_scale(query, key)
+        cache = KVCache.open(self, key, value, prompt_lengths) if self.decode else None
+        q_pos, k_pos = self._positions(query, key, cache)
+        query, key = self._rope(query, key, q_pos, k_pos)
+        self._check_mask(mask, query, key, cache)
+        key, value, options = self._cached(cache, key, value, q_pos, mask, prompt_lengths)
+        options |= self._variants(q_pos, k_pos, decoding=cache is not None)
+        heads = self._attend(query, key, value, options, deterministic, dropout_rng, sow_weights)
+        return self._output(heads, self.out_features or inputs_q.shape[-1])
+
+    # --- the steps of the pipeline, in order ---------------------------------------------
+
+    def _project_qkv(self, inputs_q: Array, inputs_k: Array, inputs_v: Array):
+        """Inputs -> query [..., T, N, H], key and value [..., S, K, H]."""
         qkv_features = self.qkv_features or inputs_q.shape[-1]
         if qkv_features % self.num_heads:
             raise ValueError(
@@ -222,10 +222,14 @@ class MultiHeadAttention(nn.Module):
             )
         head_dim = qkv_features // self.num_heads
         kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-        accepted = _accepted_kwargs(self.attention_fn)
-        query = self._project("query", inputs_q, self.num_heads, head_dim)
-        key = self._project("key", inputs_k, kv_heads, head_dim)
-        value = self._project("value", inputs_v, kv_heads, head_dim)
+        return (
+            self._project("query", inputs_q, self.num_heads, head_dim),
+            self._project("key", inputs_k, kv_heads, head_dim),
+            self._project("value", inputs_v, kv_heads, head_dim),
+        )
+
+    def _normalize_and_scale(self, query: Array, key: Array) -> tuple[Array, Array]:
+        """QK layer norm (Flax's ``normalize_qk``), then the learned per-head scale."""
         if self.normalize_qk:
             ln = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                       partition_params=self.partition_params, feature_axis=KV)  # fmt: skip
@@ -241,67 +245,109 @@ class MultiHeadAttention(nn.Module):
             query = query * per_head.astype(query.dtype).reshape(
                 (1,) * (query.ndim - 2) + (self.num_heads, 1)
             )
+        return query, key
 
+    @staticmethod
+    def _positions(query: Array, key: Array, cache: KVCache | None) -> tuple[Array, Array]:
+        """Absolute positions of the queries ([T], or [batch..., T] when ragged) and keys."""
+        if cache is None or cache.mode is Mode.INIT:
+            return jnp.arange(query.shape[-3]), jnp.arange(key.shape[-3])
+        return cache.query_positions(query.shape[-3]), cache.key_positions()
+
+    def _rope(self, query: Array, key: Array, q_pos: Array, k_pos: Array) -> tuple[Array, Array]:
+        """Rotary embeddings; a decoding layer's new keys sit at its queries' positions."""
+        if not self.use_rope:
+            return query, key
+        new_keys_pos = q_pos if self.decode else k_pos
+        return apply_rope(query, q_pos, self.rope_base), apply_rope(
+            key, new_keys_pos, self.rope_base
+        )
+
+    def _check_mask(
+        self, mask: Array | None, query: Array, key: Array, cache: KVCache | None
+    ) -> None:
+        """The mask must broadcast to [batch..., N, T, S]; S is the cache's when decoding."""
+        if mask is None:
+            return
+        decoding = cache is not None and cache.mode is not Mode.INIT
+        S = cache.max_length if decoding else key.shape[-3]
+        as_full_rank("mask", mask, (*query.shape[:-3], self.num_heads, query.shape[-3], S))
+
+    def _accepts(self, name: str) -> bool:
+        """Whether ``attention_fn`` takes the keyword ``name`` (its signature is read once)."""
+        return _accepted_kwargs(self.attention_fn)(name)
+
+    def _cached(
+        self,
+        cache: KVCache | None,
+        key: Array,
+        value: Array,
+        q_pos: Array,
+        mask: Array | None,
+        prompt_lengths: Array | None,
+    ) -> tuple[Array, Array, dict[str, Any]]:
+        """Keys/values to attend to, and the options that say which ones each query sees.
+
+        Without a cache: the call's own keys (causal by flag). With one: the call's keys
+        are written into it, and query ``t`` sees the cached keys up to its own position,
+        as ``key_value_seq_lengths`` for one-query steps (the decode kernel then reads
+        only the filled blocks) or else as a mask.
+        """
+        options: dict[str, Any] = {} if mask is None else {"mask": mask}
+        if cache is None:
+            return key, value, options | ({"is_causal": True} if self.is_causal else {})
+        if cache.mode is Mode.INIT:
+            return key, value, options
+        key, value = cache.write(key, value, q_pos)
+        lengths = cache.set_lengths(self, prompt_lengths, q_pos)
+        if q_pos.shape[-1] == 1 and self._accepts("key_value_seq_lengths"):
+            return key, value, options | {"key_value_seq_lengths": cache.visible_lengths(q_pos)}
+        visible = cache.visible_mask(q_pos, lengths)
         if mask is not None:
-            batch = inputs_q.shape[:-2]
-            S = key.shape[-3]
-            if self.decode and self.has_variable("cache", "cached_key"):
-                S = self.get_variable("cache", "cached_key").shape[-3]
-            as_full_rank("mask", mask, (*batch, self.num_heads, query.shape[-3], S))
-        T, S = query.shape[-3], key.shape[-3]
-        batch = query.shape[:-3]
-        q_pos, k_pos = jnp.arange(T), jnp.arange(S)  # positions; per sequence when ragged
-        extra: dict[str, Any] = {}
-        if self.decode and self.has_variable("cache", "cached_key"):
-            k_pos = jnp.arange(self.get_variable("cache", "cached_key").shape[-3])
-            if self.has_variable("cache", "cache_lengths") and prompt_lengths is None:
-                lengths = self.get_variable("cache", "cache_lengths")
-                q_pos = lengths[..., None] + q_pos.reshape((1,) * lengths.ndim + (T,))
-            else:
-                q_pos = self.get_variable("cache", "cache_index") + q_pos
-        if self.use_rope:
-            query = apply_rope(query, q_pos, self.rope_base)
-            key = apply_rope(key, q_pos if self.decode else jnp.arange(S), self.rope_base)
-        if self.decode:
-            key, value, mask, kv_length = self._update_cache(
-                query, key, value, mask, prompt_lengths, accepted("key_value_seq_lengths")
-            )
-            if kv_length is not None:
-                extra["key_value_seq_lengths"] = kv_length
-        elif prompt_lengths is not None:
-            raise ValueError("prompt_lengths is only used with decode=True")
-        elif self.is_causal:
-            extra["is_causal"] = True
-        if self.local_window_size is not None:
-            window = normalize_window(self.local_window_size)
-            if self.decode:  # positions are absolute in the cache: window as a mask
-                t = q_pos[..., :, None]
-                s_ = k_pos.reshape((1,) * (t.ndim - 1) + k_pos.shape)
-                in_window = (s_ >= t - window[0]) & (s_ <= t + window[1])  # [(batch...,) T, S]
-                in_window = jnp.broadcast_to(
-                    in_window[..., None, :, :], (*batch, 1, T, k_pos.shape[0])
-                )
-                mask = combine_masks(mask, in_window, dtype=jnp.bool_)
-            else:
-                extra["local_window_size"] = window
-        if self.use_alibi:
-            extra["bias"] = alibi_bias(alibi_slopes(self.num_heads), q_pos, k_pos)
-        if self.logit_softcap is not None:
-            extra["logit_cap"] = self.logit_softcap
+            mask = jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, visible.shape))
+        return key, value, options | {"mask": combine_masks(mask, visible)}
 
+    def _variants(self, q_pos: Array, k_pos: Array, decoding: bool) -> dict[str, Any]:
+        """Options of the attention variants: window, ALiBi bias, soft-capping."""
+        options: dict[str, Any] = {}
+        if self.use_alibi:
+            options["bias"] = alibi_bias(alibi_slopes(self.num_heads), q_pos, k_pos)
+        if self.logit_softcap is not None:
+            options["logit_cap"] = self.logit_softcap
+        window = normalize_window(self.local_window_size)
+        if window is not None and not decoding:
+            options["local_window_size"] = window
+        elif window is not None:  # absolute positions in the cache: the window as a mask
+            t = q_pos[..., :, None]
+            s = k_pos.reshape((1,) * (t.ndim - 1) + k_pos.shape)
+            in_window = (s >= t - window[0]) & (s <= t + window[1])  # [(batch...,) T, S]
+            options["window_mask"] = in_window[..., None, :, :]
+        return options
+
+    def _attend(
+        self,
+        query: Array,
+        key: Array,
+        value: Array,
+        options: dict[str, Any],
+        deterministic: bool | None,
+        dropout_rng: Array | None,
+        sow_weights: bool,
+    ) -> Array:
+        """Runs ``attention_fn`` with every option it needs; one it cannot take is an error."""
         if self.dropout_rate > 0.0:  # `deterministic` is only needed with dropout.
             m_deterministic = merge_param("deterministic", self.deterministic, deterministic)
             if not m_deterministic and dropout_rng is None:
                 dropout_rng = self.make_rng("dropout")
         else:
             m_deterministic = True
-        dropping = not m_deterministic
-
-        # Options that change the result: an attention_fn that cannot take one is an error.
-        required: dict[str, Any] = dict(extra)
-        if mask is not None:
-            required["mask"] = mask
-        if dropping:
+        required = dict(options)
+        if "window_mask" in required:
+            window = required.pop("window_mask")
+            batch = query.shape[:-3]
+            window = jnp.broadcast_to(window, (*batch, *window.shape[-3:]))
+            required["mask"] = combine_masks(required.get("mask"), window, dtype=jnp.bool_)
+        if not m_deterministic:
             required |= dict(dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
                              deterministic=False)  # fmt: skip
         if self.precision is not None:
@@ -315,23 +361,21 @@ class MultiHeadAttention(nn.Module):
         if sow_weights:
             required["module"] = self
         # Options that match the function's own defaults when not taken.
-        optional = dict(
-            dropout_rng=dropout_rng,
-            dropout_rate=self.dropout_rate,
-            broadcast_dropout=self.broadcast_dropout,
-            deterministic=m_deterministic,
-            dtype=self.dtype,
-        )
-        missing = [k for k in required if not accepted(k)]
+        optional = dict(dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
+                        broadcast_dropout=self.broadcast_dropout, deterministic=m_deterministic,
+                        dtype=self.dtype)  # fmt: skip
+        missing = [k for k in required if not self._accepts(k)]
         if missing:
             raise ValueError(
                 f"attention_fn {getattr(self.attention_fn, '__name__', self.attention_fn)} does "
                 f"not accept {missing}, which the configured options need; use "
                 f"flax_mha.dot_product_attention"
             )
-        kwargs = {k: v for k, v in optional.items() if accepted(k)} | required
-        heads = self.attention_fn(query, key, value, **kwargs)
+        kwargs = {k: v for k, v in optional.items() if self._accepts(k)} | required
+        return self.attention_fn(query, key, value, **kwargs)
 
+    def _output(self, heads: Array, features: int) -> Array:
+        """Concatenates the heads and projects them: [..., T, N, H] -> [..., T, features]."""
         return OutputProjection(
             features=features,
             use_bias=self.use_bias,
@@ -345,36 +389,6 @@ class MultiHeadAttention(nn.Module):
             partition_params=self.partition_params,
             name="out",
         )(heads)
-
-    def _check_config(self) -> None:
-        """Checks the fields that no input shape can catch; runs once, at trace time."""
-        _check_positive_int("num_heads", self.num_heads)
-        _check_positive_int("qkv_features", self.qkv_features, allow_none=True)
-        _check_positive_int("out_features", self.out_features, allow_none=True)
-        _check_positive_int("num_kv_heads", self.num_kv_heads, allow_none=True)
-        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_kv_heads ({self.num_kv_heads}) should be a positive divisor of "
-                f"num_heads ({self.num_heads})"
-            )
-        rate = self.dropout_rate
-        if isinstance(rate, bool) or not isinstance(rate, (int, float, np.number)):
-            raise TypeError(f"dropout_rate should be a float in [0, 1), but got {rate!r}")
-        if not 0.0 <= rate < 1.0:  # also rejects NaN
-            raise ValueError(f"dropout_rate should be in [0, 1), but got {rate!r}")
-        for name in ("dtype", "param_dtype"):
-            dtype = getattr(self, name)
-            if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.inexact):
-                raise TypeError(
-                    f"{name} should be a floating-point dtype, but got {jnp.dtype(dtype)}"
-                )
-        cap = self.logit_softcap
-        if cap is not None and not (isinstance(cap, (int, float, np.number)) and 0 < cap < np.inf):
-            raise ValueError(f"logit_softcap should be a positive finite number, but got {cap!r}")
-        if self.use_rope and not (isinstance(self.rope_base, (int, float, np.number))
-                                  and 1 < self.rope_base < np.inf):  # fmt: skip
-            raise ValueError(f"rope_base should be a finite number > 1, but got {self.rope_base!r}")
-        normalize_window(self.local_window_size)
 
     @staticmethod
     def _resolve_inputs(
@@ -444,155 +458,6 @@ class MultiHeadAttention(nn.Module):
             heads_axis=HEADS if num_heads == self.num_heads else KV_HEADS,
             name=name,
         )(x)
-
-    def _update_cache(
-        self,
-        query: Array,
-        key: Array,
-        value: Array,
-        mask: Array | None,
-        prompt_lengths: Array | None = None,
-        accepts_lengths: bool = False,
-    ) -> tuple[Array, Array, Array | None, Array | None]:
-        """Writes this call's keys/values into the cache and hides unwritten slots.
-
-        Flax's cache layout: ``cached_key``/``cached_value`` [batch..., max_length, K, H]
-        and a scalar ``cache_index``. The first call (initialisation) only creates
-        the cache, sized by its inputs. Later calls write ``T >= 1`` new positions at
-        ``cache_index`` (``T = 1`` is Flax's one-token step; ``T > 1`` prefills a
-        prompt) and let query ``t`` attend to cache slots ``s <= cache_index + t``.
-        A prefill with ``prompt_lengths`` adds ``cache_lengths`` [batch...]: from then
-        on each one-token call writes sequence ``b`` at ``cache_lengths[b]``.
-
-        The cache never overwrites a slot it holds: positions at or past
-        ``max_length`` are not written, their queries attend to nothing (zero rows),
-        and the counters keep counting, so `cache_overflow` reports it.
-
-        Returns:
-          ``(keys, values, mask, kv_length)``. For a one-token step with an
-          attention_fn that takes ``key_value_seq_lengths``, the unwritten slots are
-          hidden by ``kv_length`` [batch...] (no mask array, and the decode kernel
-          reads only the filled blocks); otherwise by ``mask``.
-        """
-        initialized = self.has_variable("cache", "cached_key")
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
-        cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
-        if not initialized:
-            return key, value, mask, None
-        *batch, max_length, kv_heads, head_dim = cached_key.value.shape
-        batch = tuple(batch)
-        T = query.shape[-3]
-        if key.shape != (*batch, T, kv_heads, head_dim) or T > max_length:
-            raise ValueError(
-                f"query should have shape [batch..., T <= {max_length}, {self.num_heads}, "
-                f"{head_dim}] to match the autoregressive cache {tuple(cached_key.value.shape)}, "
-                f"but got {query.shape}"
-            )
-        index = cache_index.value
-        ragged = self.has_variable("cache", "cache_lengths") and prompt_lengths is None
-        if ragged:
-            if T != 1:
-                raise ValueError(
-                    f"after a prefill with prompt_lengths, decode one token per call; got "
-                    f"query of shape {query.shape}"
-                )
-            lengths = self.get_variable("cache", "cache_lengths")
-            positions = jnp.broadcast_to(lengths, batch)[..., None]  # [batch..., T=1]
-            self.put_variable("cache", "cache_lengths", lengths + 1)
-        else:
-            positions = index + jnp.arange(T, dtype=index.dtype)  # [T]
-        key, value = (
-            _write(c.value, new, positions) for c, new in ((cached_key, key), (cached_value, value))
-        )
-        cached_key.value, cached_value.value = key, value
-        cache_index.value = index + T
-        # A query past the end of the cache has lost keys it should see: it attends to nothing.
-        visible_until = jnp.where(positions < max_length, positions, -1)
-        if T == 1 and accepts_lengths:
-            return key, value, mask, jnp.broadcast_to(visible_until[..., 0] + 1, batch)
-        s = jnp.arange(max_length)
-        visible = s.reshape((1,) * visible_until.ndim + s.shape) <= visible_until[..., None]
-        if prompt_lengths is not None:
-            lengths = _prompt_lengths(prompt_lengths, batch, T)
-            self.put_variable("cache", "cache_lengths", index + lengths)
-            ends = (index + lengths)[..., None]
-            real = s.reshape((1,) * (ends.ndim - 1) + s.shape) < ends  # padding is never a key
-            visible = visible.reshape((1,) * (real.ndim + 1 - visible.ndim) + visible.shape)
-            visible = visible & real[..., None, :]
-        visible = jnp.broadcast_to(visible[..., None, :, :], (*batch, 1, T, max_length))
-        if mask is not None:
-            mask = jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, visible.shape))
-        return key, value, combine_masks(mask, visible), None
-
-
-def _prompt_lengths(prompt_lengths: Any, batch: tuple[int, ...], T: int) -> Array:
-    """Checks concrete prompt lengths (ints in [0, T], shape [batch...]); clips traced ones."""
-    lengths = jnp.asarray(prompt_lengths)
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise TypeError(f"prompt_lengths should be an integer array, but got dtype {lengths.dtype}")
-    try:
-        lengths = jnp.broadcast_to(lengths, batch)
-    except ValueError:
-        raise ValueError(
-            f"prompt_lengths should have shape {batch}, but got {lengths.shape}"
-        ) from None
-    if not isinstance(lengths, jax.core.Tracer):
-        bad = np.asarray(lengths)
-        if bad.size and (bad.min() < 0 or bad.max() > T):
-            raise ValueError(
-                f"prompt_lengths should be in [0, {T}] (the prompt length), but got {bad.tolist()}"
-            )
-    return jnp.clip(lengths, 0, T).astype(jnp.int32)
-
-
-def _write(cache: Array, new: Array, positions: Array) -> Array:
-    """Writes ``new`` [batch..., T, K, H] into ``cache`` [batch..., L, K, H] at ``positions``.
-
-    ``positions`` is [T] (the same for every sequence) or [batch..., T] (per sequence).
-    Positions at or past ``L`` are dropped, never clamped onto the last slots.
-    """
-    new = new.astype(cache.dtype)
-    if positions.ndim == 1:
-        return cache.at[..., positions, :, :].set(new, mode="drop")
-    batch = cache.shape[:-3]
-    flat = cache.reshape(-1, *cache.shape[-3:])
-    rows = new.reshape(-1, *new.shape[-3:])
-    pos = jnp.broadcast_to(positions, (*batch, new.shape[-3])).reshape(flat.shape[0], -1)
-    out = jax.vmap(lambda c, r, p: c.at[p].set(r, mode="drop"))(flat, rows, pos)
-    return out.reshape(cache.shape)
-
-
-def cache_overflow(cache: Any) -> Array:
-    """Whether any `MultiHeadAttention` cache in ``cache`` was asked to hold too much.
-
-    Decoding past ``max_length`` never overwrites a cached position: the extra keys
-    and values are dropped and those queries attend to nothing (zero output rows).
-    Because positions are traced under `jax.jit`, this is reported as data; check
-    it after a generation loop.
-
-    Args:
-      cache: a ``cache`` collection (of one module or of a whole model).
-
-    Returns:
-      A bool scalar: True if a cache index or a ragged cache length ran past its
-      ``max_length``.
-    """
-    flags = [jnp.zeros((), bool)]
-
-    def visit(node: Any) -> None:
-        if not hasattr(node, "items"):
-            return
-        if "cached_key" in node and "cache_index" in node:
-            max_length = node["cached_key"].shape[-3]
-            flags.append(jnp.asarray(node["cache_index"]) > max_length)
-            if "cache_lengths" in node:
-                flags.append(jnp.any(jnp.asarray(node["cache_lengths"]) > max_length))
-        for child in node.values():
-            visit(child)
-
-    visit(cache)
-    return jnp.any(jnp.stack(flags))
 
 
 class MultiHeadDotProductAttention(MultiHeadAttention):

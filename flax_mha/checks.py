@@ -9,7 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
+
+from flax_mha.masks import normalize_window
 
 
 def check_float(name: str, x: Any, allow_complex: bool = False) -> None:
@@ -20,31 +23,54 @@ def check_float(name: str, x: Any, allow_complex: bool = False) -> None:
         raise TypeError(f"{name} should be a floating-point array, but got dtype {dtype}")
 
 
+def check_triple(
+    names: tuple[str, str, str],
+    arrays: tuple[Array, Array, Array],
+    layout: str,
+    *,
+    allow_complex: bool = False,
+    whole_shapes: bool = False,
+) -> None:
+    """Checks a (query, key, value)-like triple: float dtypes, ranks, batch dims, k/v lengths.
+
+    Args:
+      names: the arguments' names, in messages.
+      arrays: the arrays, laid out as ``layout``.
+      layout: e.g. ``"[batch..., length, features]"``: its entries after ``batch...``
+        are the trailing axes; the length is the first of them.
+      allow_complex: accept complex dtypes too.
+      whole_shapes: a batch mismatch shows the whole shapes rather than the batch dims.
+    """
+    trailing = layout.count(",")
+    for name, x in zip(names, arrays, strict=True):
+        check_float(name, x, allow_complex)
+        if x.ndim < trailing:
+            raise ValueError(
+                f"{name} should have shape {layout} (rank >= {trailing}), but got {x.shape}"
+            )
+    q, k, v = (x.shape for x in arrays)
+    listed = f"{names[0]}, {names[1]} and {names[2]}"
+    if not len(q) == len(k) == len(v):
+        raise ValueError(f"{listed} should have the same rank, but got shapes {q}, {k} and {v}")
+    qb, kb, vb = (x[:-trailing] for x in (q, k, v))
+    if not qb == kb == vb:
+        got = (f"shapes {q}, {k} and {v}" if whole_shapes
+               else f"{qb}, {kb} and {vb} (shapes {q}, {k}, {v})")  # fmt: skip
+        raise ValueError(f"{listed} should have the same batch dimensions, but got {got}")
+    if k[-trailing] != v[-trailing]:
+        raise ValueError(
+            f"{names[1]} and {names[2]} should have the same length, but got shapes {k} and {v}"
+        )
+
+
 def check_qkv(query: Array, key: Array, value: Array, allow_complex: bool = False) -> None:
     """Checks dtypes and shapes of [batch..., T, N, H] / [batch..., S, K, H(v)] inputs."""
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        check_float(name, x, allow_complex)
-        if x.ndim < 3:
-            raise ValueError(
-                f"{name} should have shape [batch..., length, num_heads, head_dim] "
-                f"(rank >= 3), but got {x.shape}"
-            )
-    if not query.ndim == key.ndim == value.ndim:
-        raise ValueError(
-            f"query, key and value should have the same rank, but got shapes "
-            f"{query.shape}, {key.shape} and {value.shape}"
-        )
-    if not query.shape[:-3] == key.shape[:-3] == value.shape[:-3]:
-        raise ValueError(
-            f"query, key and value should have the same batch dimensions, but got "
-            f"{query.shape[:-3]}, {key.shape[:-3]} and {value.shape[:-3]} "
-            f"(shapes {query.shape}, {key.shape}, {value.shape})"
-        )
-    if key.shape[-3] != value.shape[-3]:
-        raise ValueError(
-            f"key and value should have the same length, but got shapes {key.shape} and "
-            f"{value.shape}"
-        )
+    check_triple(
+        ("query", "key", "value"),
+        (query, key, value),
+        "[batch..., length, num_heads, head_dim]",
+        allow_complex=allow_complex,
+    )
     if key.shape[-2] != value.shape[-2]:
         raise ValueError(
             f"key and value should have the same number of heads, but got shapes "
@@ -76,3 +102,43 @@ def as_full_rank(name: str, x: Any, target: tuple[int, ...]) -> Array:
     if x.ndim > len(target) or any(a not in (1, b) for a, b in zip(padded, target, strict=True)):
         raise ValueError(f"{name} should broadcast to {target}, but got {x.shape}")
     return x.reshape(padded)
+
+
+def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    """Raises ValueError unless ``value`` is a positive int (or None, if allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} should be a positive int, but got {value!r}")
+
+
+def check_attention_fields(m: Any) -> None:
+    """Checks the fields of an attention module that no input shape can catch.
+
+    Runs once, at trace time. ``m`` has the fields of `flax_mha.MultiHeadAttention`.
+    """
+    check_positive_int("num_heads", m.num_heads)
+    check_positive_int("qkv_features", m.qkv_features, allow_none=True)
+    check_positive_int("out_features", m.out_features, allow_none=True)
+    check_positive_int("num_kv_heads", m.num_kv_heads, allow_none=True)
+    if m.num_kv_heads is not None and m.num_heads % m.num_kv_heads:
+        raise ValueError(
+            f"num_kv_heads ({m.num_kv_heads}) should be a positive divisor of "
+            f"num_heads ({m.num_heads})"
+        )
+    rate = m.dropout_rate
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.number)):
+        raise TypeError(f"dropout_rate should be a float in [0, 1), but got {rate!r}")
+    if not 0.0 <= rate < 1.0:  # also rejects NaN
+        raise ValueError(f"dropout_rate should be in [0, 1), but got {rate!r}")
+    for name in ("dtype", "param_dtype"):
+        dtype = getattr(m, name)
+        if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.inexact):
+            raise TypeError(f"{name} should be a floating-point dtype, but got {jnp.dtype(dtype)}")
+    cap = m.logit_softcap
+    if cap is not None and not (isinstance(cap, (int, float, np.number)) and 0 < cap < np.inf):
+        raise ValueError(f"logit_softcap should be a positive finite number, but got {cap!r}")
+    base = m.rope_base
+    if m.use_rope and not (isinstance(base, (int, float, np.number)) and 1 < base < np.inf):
+        raise ValueError(f"rope_base should be a finite number > 1, but got {base!r}")
+    normalize_window(m.local_window_size)
