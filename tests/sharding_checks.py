@@ -115,6 +115,39 @@ def check_mha(explicit: bool = False) -> None:
     if explicit:  # the same, jitted inside jax.set_mesh of the mesh's Auto view
         with jax.set_mesh(sharding.auto_mesh(mesh)):
             check_mha_case(mesh, "mha in jax.set_mesh(auto_mesh(mesh))", *cases[0][1:])
+        for name, layer, T, S in cases[:2]:  # the reference and the blockwise kernel
+            check_mha_on_explicit_types(mesh, name, layer, T, S)
+
+
+def check_mha_on_explicit_types(mesh, name: str, layer: MultiHeadAttention, T: int, S: int):
+    """Params and inputs whose types carry Explicit shardings (not the Auto view), jitted
+    inside jax.set_mesh and without: the layer names the sharding of the sum over split
+    heads, and the kernels run on Auto axes inside."""
+    B, D = 4, 24
+    kq, kk, kp = jax.random.split(jax.random.key(0), 3)
+    xq, xk = jax.random.normal(kq, (B, T, D)), jax.random.normal(kk, (B, S, D))
+    params = layer.init(kp, xq, xk)["params"]
+
+    def loss(p, q, k):
+        return jnp.sum(jnp.sin(layer.apply({"params": p}, q, k)))
+
+    fwd = jax.jit(lambda p, q, k: layer.apply({"params": p}, q, k))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    want_y, want_g = fwd(params, xq, xk), grad(params, xq, xk)  # one device
+    specs = jax.tree.map(lambda s: s.spec, sharding.param_shardings(params, mesh))
+    place = lambda x, spec: jax.device_put(x, jax.NamedSharding(mesh, spec))  # noqa: E731
+    sp = jax.tree.map(place, params, specs)
+    q, k = (place(x, P("data")) for x in (xq, xk))
+    assert jax.typeof(sp["query"]["kernel"]).sharding.mesh.axis_types[0].name == "Explicit"
+    with jax.set_mesh(mesh):
+        inside = fwd(sp, q, k), grad(sp, q, k)
+    outside = fwd(sp, q, k), grad(sp, q, k)
+    for where, (y, g) in (("in jax.set_mesh", inside), ("without a mesh context", outside)):
+        what = f"{name} {where}"
+        close(y, want_y, f"{what}: output")
+        jax.tree.map(functools.partial(close, what=f"{what}: gradient"), g, want_g)
+        assert jax.typeof(y).sharding.spec[0] == "data", (name, jax.typeof(y))
+    print(f"ok mha {name} on Explicit types (T={T}): in and out of jax.set_mesh, to {TOL}")
 
 
 def tiny_config():
