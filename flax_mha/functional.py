@@ -39,6 +39,7 @@ __all__ = [
     "residual",
     "scale_scores",
     "single_head_attention",
+    "softcap",
     "softmax",
     "weighted_sum",
 ]
@@ -210,6 +211,11 @@ def scale_scores(
     return scores * jnp.asarray(s, dtype=scores.dtype)
 
 
+def softcap(scores: Float[Array, "*S"], cap: float) -> Float[Array, "*S"]:
+    """Logit soft-capping (Gemma 2): ``cap * tanh(scores / cap)``, smooth, within (-cap, cap)."""
+    return cap * jnp.tanh(scores / cap)
+
+
 def softmax(
     scores: Float[Array, "*B S"],
     mask: Bool[Array, "*B S"] | None = None,
@@ -338,7 +344,7 @@ def single_head_attention(
         attention_scores(q, k, precision=precision, einsum=qk_einsum), q.shape[-1], scale
     )
     if logit_cap is not None:
-        scores = logit_cap * jnp.tanh(scores / logit_cap)
+        scores = softcap(scores, logit_cap)
     if bias is not None:
         scores = scores + bias.astype(scores.dtype)
     weights_dtype = weights_dtype or jnp.result_type(q, k)

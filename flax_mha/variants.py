@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from flax_mha.functional import softcap as softcap  # the step lives with the others
+
 __all__ = ["alibi_bias", "alibi_slopes", "apply_rope", "rope_frequencies", "softcap"]
 
 #: RoPE's base wavelength in RoFormer (Su et al., 2021) and most LLMs.
@@ -94,8 +96,3 @@ def alibi_bias(
     dist = jnp.abs(t - s).astype(jnp.float32)[..., None, :, :]  # [*B, 1, T, S]
     slopes = jnp.asarray(slopes, jnp.float32)
     return -slopes.reshape((1,) * (dist.ndim - 3) + (-1, 1, 1)) * dist
-
-
-def softcap(scores: Float[Array, "*S"], cap: float) -> Float[Array, "*S"]:
-    """Logit soft-capping (Gemma 2): ``cap * tanh(scores / cap)``, smooth, within (-cap, cap)."""
-    return cap * jnp.tanh(scores / cap)
