@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
+from flax_mha.checks import check_lengths
+
 __all__ = ["KVCache", "Mode", "cache_overflow"]
 
 
@@ -169,15 +171,7 @@ class KVCache:
 
 def _prompt_lengths(prompt_lengths: Any, batch: tuple[int, ...], T: int) -> Array:
     """Checks concrete prompt lengths (ints in [0, T], shape [batch...]); clips traced ones."""
-    lengths = jnp.asarray(prompt_lengths)
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise TypeError(f"prompt_lengths should be an integer array, but got dtype {lengths.dtype}")
-    try:
-        lengths = jnp.broadcast_to(lengths, batch)
-    except ValueError:
-        raise ValueError(
-            f"prompt_lengths should have shape {batch}, but got {lengths.shape}"
-        ) from None
+    lengths = check_lengths("prompt_lengths", prompt_lengths, batch)
     if not isinstance(lengths, jax.core.Tracer):
         values = np.asarray(lengths)
         if values.size and (values.min() < 0 or values.max() > T):

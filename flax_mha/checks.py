@@ -142,3 +142,14 @@ def check_attention_fields(m: Any) -> None:
     if m.use_rope and not (isinstance(base, (int, float, np.number)) and 1 < base < np.inf):
         raise ValueError(f"rope_base should be a finite number > 1, but got {base!r}")
     normalize_window(m.local_window_size)
+
+
+def check_lengths(name: str, lengths: Any, batch: tuple[int, ...]) -> Array:
+    """Sequence lengths as an integer array of shape ``batch`` (broadcast); checks dtype."""
+    lengths = jnp.asarray(lengths)
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"{name} should be an integer array, but got dtype {lengths.dtype}")
+    try:
+        return jnp.broadcast_to(lengths, batch)
+    except ValueError:
+        raise ValueError(f"{name} should have shape {batch}, but got {lengths.shape}") from None

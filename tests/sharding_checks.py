@@ -51,11 +51,11 @@ def collectives(compiled_text: str) -> list[tuple[str, str]]:
     return COLLECTIVE.findall(compiled_text)
 
 
-def check_mha_case(mesh, name: str, layer: MultiHeadAttention, T: int, S: int) -> None:
+def one_device_run(layer: MultiHeadAttention, T: int, S: int):
+    """Params, inputs, the jitted forward and gradient, and their one-device results."""
     B, D = 4, 24
     kq, kk, kp = jax.random.split(jax.random.key(0), 3)
-    xq = jax.random.normal(kq, (B, T, D))
-    xk = jax.random.normal(kk, (B, S, D))
+    xq, xk = jax.random.normal(kq, (B, T, D)), jax.random.normal(kk, (B, S, D))
     params = layer.init(kp, xq, xk)["params"]
 
     def loss(p, q, k):
@@ -63,7 +63,11 @@ def check_mha_case(mesh, name: str, layer: MultiHeadAttention, T: int, S: int) -
 
     fwd = jax.jit(lambda p, q, k: layer.apply({"params": p}, q, k))
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    want_y, want_g = fwd(params, xq, xk), grad(params, xq, xk)  # one device
+    return params, xq, xk, fwd, grad, fwd(params, xq, xk), grad(params, xq, xk)
+
+
+def check_mha_case(mesh, name: str, layer: MultiHeadAttention, T: int, S: int) -> None:
+    params, xq, xk, fwd, grad, want_y, want_g = one_device_run(layer, T, S)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -123,17 +127,7 @@ def check_mha_on_explicit_types(mesh, name: str, layer: MultiHeadAttention, T: i
     """Params and inputs whose types carry Explicit shardings (not the Auto view), jitted
     inside jax.set_mesh and without: the layer names the sharding of the sum over split
     heads, and the kernels run on Auto axes inside."""
-    B, D = 4, 24
-    kq, kk, kp = jax.random.split(jax.random.key(0), 3)
-    xq, xk = jax.random.normal(kq, (B, T, D)), jax.random.normal(kk, (B, S, D))
-    params = layer.init(kp, xq, xk)["params"]
-
-    def loss(p, q, k):
-        return jnp.sum(jnp.sin(layer.apply({"params": p}, q, k)))
-
-    fwd = jax.jit(lambda p, q, k: layer.apply({"params": p}, q, k))
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    want_y, want_g = fwd(params, xq, xk), grad(params, xq, xk)  # one device
+    params, xq, xk, fwd, grad, want_y, want_g = one_device_run(layer, T, S)
     specs = jax.tree.map(lambda s: s.spec, sharding.param_shardings(params, mesh))
     place = lambda x, spec: jax.device_put(x, jax.NamedSharding(mesh, spec))  # noqa: E731
     sp = jax.tree.map(place, params, specs)
