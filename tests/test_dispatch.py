@@ -5,8 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from np_reference import FP32_TOL, np_attention
-from test_decode import np_attention_vjp
+from np_reference import FP32_TOL, np_attention, np_attention_vjp
 
 import flax_mha
 

@@ -23,21 +23,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flax_mha.kernels import blockwise as blockwise_lib
 from flax_mha.kernels import blockwise_tiles
-from flax_mha.kernels.blockwise import (
-    blockwise_attention,
-    blockwise_attention_with_lse,
-    default_block_sizes,
-    dropout_keep_mask,
-    visited_tiles,
-)
+from flax_mha.kernels import config as kernel_config
+from flax_mha.kernels.blockwise import blockwise_attention, blockwise_attention_with_lse
+from flax_mha.kernels.config import BlockSizes
+from flax_mha.kernels.testing import dropout_keep_mask, visited_tiles
 
 # The project's conftest sets this too; the kernel must be rank-promotion clean.
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 ATOL = RTOL = 1e-5  # float32 vs float64 reference
 BF16_TOL = 2e-2
+
+
+def default_block_sizes(*args, **kwargs) -> tuple[int, int]:
+    """`BlockSizes.get_default` as a ``(block_q, block_k)`` tuple."""
+    sizes = BlockSizes.get_default(*args, **kwargs)
+    return sizes.block_q, sizes.block_k
 
 
 # --- dense float64 reference ---------------------------------------------------------
@@ -312,7 +314,7 @@ def test_x64_mode_matches_reference(name, dtype):
 
 @pytest.mark.parametrize("tile", [1, 1024])
 def test_x64_mode_with_chunked_tiles(tile, monkeypatch):
-    monkeypatch.setattr(blockwise_tiles, "TILE_ELEMENTS", tile)
+    monkeypatch.setattr(kernel_config, "TILE_ELEMENTS", tile)
     with jax.enable_x64(True):
         check_case(**{**GRID["everything"], "jit": False})
 
@@ -449,7 +451,7 @@ def test_bfloat16_close_to_reference():
      "kv_lengths", "q_lengths", "mha_K4"],
 )  # fmt: skip
 def test_chunked_tiles_match_reference(name, tile, monkeypatch):
-    monkeypatch.setattr(blockwise_tiles, "TILE_ELEMENTS", tile)
+    monkeypatch.setattr(kernel_config, "TILE_ELEMENTS", tile)
     check_case(**{**GRID[name], "jit": False})
 
 
@@ -457,12 +459,12 @@ def test_chunked_tiles_match_reference(name, tile, monkeypatch):
 # no loop slices a batch- or head-sharded axis, and the default blocks shrink instead.
 @pytest.mark.parametrize("name", ["everything", "bias_full", "triangle_mqa_r4", "kv_lengths"])
 def test_all_pairs_in_one_tile_off_cpu(name, monkeypatch):
-    monkeypatch.setattr(blockwise_lib, "_chunk_pairs", lambda: False)
+    monkeypatch.setattr(kernel_config, "chunk_pairs", lambda: False)
     assert default_block_sizes(4, 8) == (256, 512)
     assert default_block_sizes(1, 8, is_causal=True) == (256, 512)
     assert default_block_sizes(16, 16) == (64, 128)
-    assert blockwise_lib._chunks(4, 8, 1024, 2048) == (4, 8, 1, 1)
-    monkeypatch.setattr(blockwise_tiles, "TILE_ELEMENTS", 1)  # would split the pairs on CPU
+    assert blockwise_tiles.chunks(4, 8, 1024, 2048) == (4, 8, 1, 1)
+    monkeypatch.setattr(kernel_config, "TILE_ELEMENTS", 1)  # would split the pairs on CPU
     check_case(**{**GRID[name], "jit": False})
 
 
@@ -472,7 +474,7 @@ def test_all_pairs_in_one_tile_off_cpu(name, monkeypatch):
 @pytest.mark.parametrize("tile", [None, 1])
 def test_dropout_matches_reference_with_same_keep_mask(tile, monkeypatch):
     if tile is not None:  # one (batch, head) pair per tile: the same keep mask
-        monkeypatch.setattr(blockwise_tiles, "TILE_ELEMENTS", tile)
+        monkeypatch.setattr(kernel_config, "TILE_ELEMENTS", tile)
     rng = np.random.default_rng(0)
     B, T, S, N, K, H = 2, 40, 50, 4, 2, 8
     rate, bq, bk = 0.3, 16, 16

@@ -17,12 +17,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import np_reference
 import numpy as np
 import pytest
 from jax.sharding import Mesh
 from np_reference import FP32_TOL, np_attention
 
-from flax_mha.kernels import ring as ring_lib
+from flax_mha.kernels import ring_layout
 from flax_mha.kernels.ring import from_zigzag, ring_attention, to_zigzag, zigzag_order
 
 CHECKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ring_checks.py")
@@ -86,8 +87,8 @@ def test_zigzag_order_and_round_trip():
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
 def test_sharded_reordering_matches_to_zigzag(n):
-    """The two ppermutes of `_reorder_local` realise exactly `to_zigzag` (simulated here)."""
-    even_perm, odd_perm = ring_lib._zigzag_sends(n)
+    """The two ppermutes of `ring_layout.reorder` realise exactly `to_zigzag` (simulated here)."""
+    even_perm, odd_perm = ring_layout.zigzag_sends(n)
     for perm in (even_perm, odd_perm):
         assert sorted(d for _, d in perm) == list(range(n))  # a permutation of devices
     natural = [(2 * d, 2 * d + 1) for d in range(n)]  # chunks per device, natural order
@@ -105,15 +106,15 @@ def test_zigzag_balances_causal_work(n):
     """Per device, the causal work over all ring steps (diagonal pairs count half) is equal."""
 
     def work(zigzag: bool) -> list[float]:
-        r = ring_lib._Ring(None, "seq", None, n, zigzag, True, 1.0, 8, 8, False)
-        cost = {ring_lib._FULL: 1.0, ring_lib._DIAG: 0.5, ring_lib._NONE: 0.0}
+        r = ring_layout.RingLayout(None, "seq", None, n, zigzag)
+        cost = {ring_layout.FULL: 1.0, ring_layout.DIAGONAL: 0.5, ring_layout.EMPTY: 0.0}
         per_device = []
         for d in range(n):
             total = 0.0
             for s in range(n):
                 for qa in r.chunk_ids(d):
                     for kb in r.chunk_ids((d - s) % n):
-                        total += cost[int(ring_lib._kind(qa, kb))] / r.m**2
+                        total += cost[int(ring_layout.pair_kind(qa, kb))] / r.m**2
             per_device.append(total)
         return per_device
 
@@ -163,18 +164,8 @@ def test_one_device_ring_matches_float64(layout):
 
 def np_attention_vjp(q, k, v, ct, mask, scale):
     """float64 NumPy (dq, dk, dv, dscale) of ``sum(attention(q, k, v) * ct)``, with GQA."""
-    q, k, v, ct = (np.asarray(a, np.float64) for a in (q, k, v, ct))
-    B, S, K, H = k.shape
-    G = q.shape[2] // K
-    kr, vr = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)
-    logits = np.einsum("btnh,bsnh->bnts", q, kr)
-    _, p = np_attention(q, k, v, mask=mask, scale=scale)
-    dp = np.einsum("btnh,bsnh->bnts", ct, vr)
-    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
-    dq = scale * np.einsum("bnts,bsnh->btnh", ds, kr)
-    dk = scale * np.einsum("bnts,btnh->bsnh", ds, q).reshape(B, S, K, G, H).sum(3)
-    dv = np.einsum("bnts,btnh->bsnh", p, ct).reshape(B, S, K, G, -1).sum(3)
-    return dq, dk, dv, float((ds * logits).sum())
+    _, (dq, dk, dv, dscale) = np_reference.np_attention_vjp(q, k, v, mask, scale, ct)
+    return dq, dk, dv, float(dscale)
 
 
 def test_traced_scale_gets_its_gradient(maybe_jit):

@@ -12,10 +12,11 @@ and their ``put`` / ``add`` inverses). A tile holds a *chunk* of the
 * key / value tile ``[C, bk, H]`` (or ``[C, H, bk]`` transposed);
 * row data (lse, D) ``[C, M]``, sliced from ``[B, N, T]``.
 
-`chunks` picks ``bc`` and ``kc`` so that one logits tile ``C * M * bk`` holds
-about `TILE_ELEMENTS` float32 values (16 MiB, half the machine's L3). Few
-pairs with large per-head tiles beat many pairs with small ones on XLA:CPU:
-the GEMMs run faster per flop (benchmarks/RESULTS.md).
+On CPU `chunks` picks ``bc`` and ``kc`` so that one logits tile ``C * M * bk``
+holds about `config.TILE_ELEMENTS` float32 values (16 MiB, half the machine's
+L3). Few pairs with large per-head tiles beat many pairs with small ones on
+XLA:CPU: the GEMMs run faster per flop (benchmarks/RESULTS.md). On GPU/TPU a
+tile holds every pair (`config.chunk_pairs`).
 
 Bias and mask arrays are the exception: they are O(T * S) anyway and are
 blocked once, ``[Bb, Nb, Tb, Sb]`` with size-1 dims allowed ->
@@ -32,22 +33,11 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
-from flax_mha.masks import position_mask
-
-
-class Config(NamedTuple):
-    """Static (hashable) kernel options."""
-
-    scale: float
-    is_causal: bool
-    local_window: tuple[int, int] | None
-    dropout_rate: float
-    block_q: int
-    block_k: int
+from flax_mha.kernels import config
+from flax_mha.kernels.common import accumulation_dtype, pad_axis
 
 
 class Geometry(NamedTuple):
@@ -92,18 +82,6 @@ def geometry(T: int, S: int, block_q: int, block_k: int) -> Geometry:
 # --- layouts -----------------------------------------------------------------
 
 
-def pad_axis(x: Array, axis: int, size: int) -> Array:
-    """Zero-pads ``axis`` of ``x`` up to ``size`` (no copy when it already has that size)."""
-    if x.shape[axis] == size:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths)
-
-
-TILE_ELEMENTS = 2**22
-
-
 class Chunks(NamedTuple):
     """How the (batch, kv head) pairs are grouped into the leading axes of a tile.
 
@@ -138,8 +116,14 @@ def _largest_divisor(n: int, at_most: int) -> int:
 
 
 def chunks(batch: int, num_kv_heads: int, rows: int, cols: int) -> Chunks:
-    """Groups (batch, kv head) pairs so that a ``[bc, kc, rows, cols]`` tile is ~`TILE_ELEMENTS`."""
-    target = max(1, TILE_ELEMENTS // (rows * cols))
+    """Groups (batch, kv head) pairs into tiles of ``[bc, kc, rows, cols]``.
+
+    On CPU a tile holds ~`config.TILE_ELEMENTS` values; elsewhere every pair
+    (`config.chunk_pairs`).
+    """
+    if not config.chunk_pairs():
+        return Chunks(batch, num_kv_heads, 1, 1)
+    target = max(1, config.TILE_ELEMENTS // (rows * cols))
     kc = _largest_divisor(num_kv_heads, target)
     bc = _largest_divisor(batch, target // kc)
     return Chunks(bc, kc, batch // bc, num_kv_heads // kc)
@@ -274,231 +258,7 @@ def pair_index(x: Array, i: Array, j: Array) -> tuple[Array, Array]:
     return ii, jj
 
 
-# --- which blocks are visited --------------------------------------------------
-
-
-def _cdiv(a: Any, b: int) -> Any:
-    return -((-a) // b)
-
-
-def _static(cfg: Config, q_max: Array | None, kv_max: Array | None) -> bool:
-    return not (
-        cfg.is_causal or cfg.local_window is not None or q_max is not None or kv_max is not None
-    )
-
-
-def key_block_range(
-    cfg: Config, geo: Geometry, i: Array, q_max: Array | None, kv_max: Array | None
-) -> tuple[Any, Any]:
-    """Range ``[lo, hi)`` of key blocks that query block ``i`` can see.
-
-    Blocks entirely above the causal diagonal, outside the local window, past
-    the longest key length, or for query blocks past the longest query length,
-    are excluded so that they are never computed.
-    """
-    if _static(cfg, q_max, kv_max):
-        return 0, geo.nk  # static bounds: the loop becomes a scan
-    first = i * geo.bq
-    last = first + geo.bq - 1
-    lo = jnp.int32(0)
-    hi = jnp.int32(geo.nk)
-    if cfg.is_causal:
-        hi = jnp.minimum(hi, last // geo.bk + 1)
-    if cfg.local_window is not None:
-        left, right = cfg.local_window
-        lo = jnp.maximum(lo, (first - left) // geo.bk)
-        hi = jnp.minimum(hi, (last + right) // geo.bk + 1)
-    if kv_max is not None:
-        hi = jnp.minimum(hi, _cdiv(kv_max, geo.bk))
-    if q_max is not None:
-        hi = jnp.where(first >= q_max, lo, hi)
-    return lo, jnp.maximum(hi, lo)
-
-
-def query_block_range(
-    cfg: Config, geo: Geometry, j: Array, q_max: Array | None, kv_max: Array | None
-) -> tuple[Any, Any]:
-    """Range ``[lo, hi)`` of query blocks that can see key block ``j`` (see `key_block_range`)."""
-    if _static(cfg, q_max, kv_max):
-        return 0, geo.nq
-    first = j * geo.bk
-    last = first + geo.bk - 1
-    lo = jnp.int32(0)
-    hi = jnp.int32(geo.nq)
-    if cfg.is_causal:  # t >= s
-        lo = jnp.maximum(lo, first // geo.bq)
-    if cfg.local_window is not None:  # s - right <= t <= s + left
-        left, right = cfg.local_window
-        lo = jnp.maximum(lo, (first - right) // geo.bq)
-        hi = jnp.minimum(hi, (last + left) // geo.bq + 1)
-    if q_max is not None:
-        hi = jnp.minimum(hi, _cdiv(q_max, geo.bq))
-    if kv_max is not None:
-        hi = jnp.where(first >= kv_max, lo, hi)
-    return lo, jnp.maximum(hi, lo)
-
-
-# --- per-tile masks, bias and dropout ---------------------------------------------
-
-
-class Tiles(NamedTuple):
-    """Everything needed to turn a raw logits tile into masked, biased logits.
-
-    A forward tile is [C, M, bk] (viewed as [bc, kc, G, bq, bk]); a backward
-    (``transposed``) tile is [C, bk, M] (viewed as [bc, kc, bk, G, bq]).
-
-    Attributes:
-      cfg: static options.
-      geo: block geometry.
-      ch: how (batch, kv head) pairs are grouped into tiles.
-      S: unpadded key length (keys at ``>= S`` are padding).
-      num_heads: N.
-      transposed: orientation of the tiles (and of ``bias`` / ``mask``).
-      bias: blocked bias (`block_pair`) or None.
-      mask: blocked bool mask (`block_pair`) or None.
-      q_len: [B] int query lengths or None.
-      kv_len: [B] int key lengths (already clamped to S) or None.
-      rng: dropout PRNG key or None.
-    """
-
-    cfg: Config
-    geo: Geometry
-    ch: Chunks
-    S: int
-    num_heads: int
-    transposed: bool
-    bias: Array | None
-    mask: Array | None
-    q_len: Array | None
-    kv_len: Array | None
-    rng: Array | None
-
-    def view(self, s: Array) -> Array:
-        """Splits M = G * bq of a [bc, kc, M, bk] (or [bc, kc, bk, M]) tile into (G, bq)."""
-        bc, kc, bq = self.ch.bc, self.ch.kc, self.geo.bq
-        if self.transposed:
-            return s.reshape(bc, kc, s.shape[2], -1, bq)
-        return s.reshape(bc, kc, -1, bq, s.shape[3])
-
-    def _lengths(self, lengths: Array | None, c: Any) -> Array | None:
-        if lengths is None:
-            return None
-        cb, _ = self.ch.index(c)
-        return lax.dynamic_index_in_dim(lengths.reshape(self.ch.bc, self.ch.nb), cb, 1, False)
-
-    def position_tile(self, c: Any, i: Any, j: Any) -> Array | None:
-        """Bool mask from positions (causal, window, lengths, padding), 5-D like `view`."""
-        geo, cfg = self.geo, self.cfg
-        q_pos = i * geo.bq + jnp.arange(geo.bq, dtype=jnp.int32)
-        k_pos = j * geo.bk + jnp.arange(geo.bk, dtype=jnp.int32)
-        # Padded keys need masking only when no kv lengths already exclude them.
-        static_kv = self.S if self.kv_len is None and geo.nk * geo.bk > self.S else None
-
-        def one(q_length: Any, kv_length: Any) -> Array | None:
-            m = position_mask(
-                q_pos,
-                k_pos,
-                is_causal=cfg.is_causal,
-                local_window=cfg.local_window,
-                q_length=q_length,
-                kv_length=kv_length,
-            )
-            return m if m is None or not self.transposed else m.T
-
-        q_len, kv_len = self._lengths(self.q_len, c), self._lengths(self.kv_len, c)
-        if q_len is None and kv_len is None:
-            m = one(None, static_kv)
-            if m is None:
-                return None
-            m = m[None]
-        elif q_len is not None and kv_len is not None:
-            m = jax.vmap(one)(q_len, kv_len)
-        elif q_len is not None:
-            m = jax.vmap(lambda ql: one(ql, static_kv))(q_len)
-        else:
-            m = jax.vmap(lambda kl: one(None, kl))(kv_len)
-        # [bc|1, bq, bk] -> [bc|1, 1, 1, bq, bk];  [bc|1, bk, bq] -> [bc|1, 1, bk, 1, bq]
-        return m[:, None, :, None, :] if self.transposed else m[:, None, None]
-
-    def _pair_tile(self, x: Array, c: Any, i: Any, j: Any) -> Array:
-        """The chunk's part of block (i, j) of a `block_pair` array, 5-D like `view`."""
-        ii, jj = pair_index(x, i, j)
-        t = x[ii, jj]  # [Bb, K|1, ...]
-        ch = self.ch
-        cb, ck = ch.index(c)
-        if t.shape[0] > 1:
-            t = t.reshape((ch.bc, ch.nb) + t.shape[1:])
-            t = lax.dynamic_index_in_dim(t, cb, 1, False)
-        if t.shape[1] > 1:
-            t = t.reshape(t.shape[:1] + (ch.kc, ch.nkc) + t.shape[2:])
-            t = lax.dynamic_index_in_dim(t, ck, 2, False)
-        return t
-
-    def logits(self, s: Array, c: Any, i: Any, j: Any) -> Array:
-        """Adds the bias to a flat tile and sets its masked entries to -inf."""
-        pos = self.position_tile(c, i, j)
-        if self.bias is None and self.mask is None and pos is None:
-            return s
-        flat_shape = s.shape
-        s = self.view(s)
-        if self.bias is not None:
-            s = s + self._pair_tile(self.bias, c, i, j).astype(s.dtype)
-        keep = pos
-        if self.mask is not None:
-            user = self._pair_tile(self.mask, c, i, j)
-            keep = user if keep is None else jnp.logical_and(keep, user)
-        if keep is not None:
-            s = jnp.where(keep, s, -jnp.inf)
-        return s.reshape(flat_shape)
-
-    def dropout_keep(self, c: Any, i: Any, j: Any) -> Array:
-        """Bool dropout keep mask of tile (c, i, j), flat like the logits tile."""
-        geo, ch = self.geo, self.ch
-        G = self.num_heads // (ch.nkc * ch.kc)
-        cb, ck = ch.index(c)
-        u32 = jnp.uint32
-        b = jnp.arange(ch.bc, dtype=u32)[:, None, None] * ch.nb + jnp.asarray(cb, u32)
-        kv = jnp.arange(ch.kc, dtype=u32)[:, None] * ch.nkc + jnp.asarray(ck, u32)
-        n = kv * G + jnp.arange(G, dtype=u32)[None, :]
-        ids = (b * self.num_heads + n[None]).reshape(-1)
-        keep = keep_tile(self.rng, i, j, geo, self.cfg.dropout_rate, ids)
-        keep = keep.reshape(ch.bc, ch.kc, G, geo.bq, geo.bk)
-        if self.transposed:
-            return keep.transpose(0, 1, 4, 2, 3).reshape(ch.bc, ch.kc, geo.bk, -1)
-        return keep.reshape(ch.bc, ch.kc, -1, geo.bk)
-
-    def accumulate_dbias(self, dbias: Array, ds: Array, c: Any, i: Any, j: Any) -> Array:
-        """Adds the flat (transposed) tile ``ds``, summed over the bias's broadcast dims."""
-        ds = self.view(ds)  # [bc, kc, bk, G, bq]
-        shape = dbias.shape[2:]  # [Bb, K|1, bk|1, G|1, bq|1]
-        axes = tuple(a for a in range(5) if shape[a] == 1 and ds.shape[a] != 1)
-        red = jnp.sum(ds, axis=axes, keepdims=True) if axes else ds
-        ii, jj = pair_index(dbias, i, j)
-        ch = self.ch
-        cb, ck = ch.index(c)
-        # View the Bb and K|1 axes as [bc, nb] and [kc, nkc] where they are full size.
-        nb, nk_ = (ch.nb if shape[0] > 1 else 1), (ch.nkc if shape[1] > 1 else 1)
-        view = dbias.shape[:2] + (shape[0] // nb, nb, shape[1] // nk_, nk_) + shape[2:]
-        red = red.reshape((1, 1, red.shape[0], 1, red.shape[1], 1) + red.shape[2:])
-        start = at(ii, jj, 0, cb if nb > 1 else 0, 0, ck if nk_ > 1 else 0, 0, 0, 0)
-        d = dbias.reshape(view)
-        d = lax.dynamic_update_slice(d, lax.dynamic_slice(d, start, red.shape) + red, start)
-        return d.reshape(dbias.shape)
-
-
-def keep_threshold(rate: float) -> int:
-    """uint32 threshold: a uniformly random uint32 ``u`` is kept iff ``u < threshold``."""
-    return min(int(round((1.0 - rate) * 2.0**32)), 2**32 - 1)
-
-
-def keep_tile(rng: Array, i: Any, j: Any, geo: Geometry, rate: float, ids: Array) -> Array:
-    """Bool [len(ids), bq, bk] dropout keep mask of block (i, j) for heads ``ids = b * N + n``.
-
-    Each (batch, head, q-block, k-block) gets its own key, ``fold_in(fold_in(rng,
-    i * nk + j), b * N + n)``, so the backward pass regenerates exactly the same
-    mask without storing it, whatever chunk of heads a tile holds.
-    """
-    block_key = jax.random.fold_in(rng, i * geo.nk + j)
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(block_key, ids)
-    bits = jax.vmap(lambda kk: jax.random.bits(kk, (geo.bq, geo.bk), jnp.uint32))(keys)
-    return bits < jnp.uint32(keep_threshold(rate))
+def dot(a: Array, b: Array, contract: tuple[tuple[int, ...], tuple[int, ...]]) -> Array:
+    """Tile product, batched over the (batch, kv head) axes of a chunk, in at least float32."""
+    acc = accumulation_dtype(a, b)
+    return lax.dot_general(a, b, (contract, ((0, 1), (0, 1))), preferred_element_type=acc)

@@ -5,7 +5,8 @@ slots of which only the first ``kv_length[b]`` are filled. This kernel reads the
 in blocks of ``block_k`` slots straight from its [B, S, K, H] layout and stops after
 the last filled block, so a step costs time proportional to the filled length, not
 to ``max_length`` (Flax's decode attends over every slot and masks). Blocks are
-combined with the online-softmax recurrence, in float32 (float64 for float64 inputs).
+combined with the online-softmax recurrence (`online_softmax`), in float32
+(float64 for float64 inputs).
 
 It has a custom VJP, so that it can be differentiated where the dispatcher picks it
 (a one-query step under ``jax.grad``): the backward pass walks the same filled blocks
@@ -22,10 +23,11 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
+from flax_mha.kernels import online_softmax
+from flax_mha.kernels.common import accumulation_dtype
+
 #: Cache slots read per loop iteration (a [B, 512, K, H] block; measured on CPU).
 DEFAULT_BLOCK_K = 512
-
-_F32 = jnp.float32
 
 
 def decode_attention(
@@ -58,7 +60,7 @@ def decode_attention(
     lengths = jnp.minimum(key_value_seq_lengths.astype(jnp.int32), S)
     # The scale is applied outside the custom VJP: autodiff then gives the gradient
     # of a traced scale (a jit argument, a learned parameter) for free.
-    acc = jnp.promote_types(jnp.result_type(query, key, value), _F32)  # float64 stays float64
+    acc = accumulation_dtype(query, key, value)  # float64 stays float64
     q = (query[:, 0].astype(acc) * jnp.asarray(scale, acc)).reshape(B, K, N // K, H)
     out = _decode(bk, q, key, value, lengths)
     return out.reshape(B, 1, N, Hv).astype(query.dtype)
@@ -84,29 +86,14 @@ def _block(key: Array, value: Array, lengths: Array, j: Array, bk: int, dtype: A
 def _forward(bk: int, q: Array, key: Array, value: Array, lengths: Array):
     """(out [B, K, G, Hv], lse [B, K, G]) in the dtype of q; lse = -inf for empty sequences."""
     B, K, G, _ = q.shape
-    Hv = value.shape[-1]
 
-    def body(j, carry):
-        m, l, acc = carry
+    def body(j, state):
         _, k, v, valid = _block(key, value, lengths, j, bk, q.dtype)
         s = jnp.where(valid, jnp.einsum("bkgh,bskh->bkgs", q, k), -jnp.inf)  # [B, K, G, bk]
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(s - m_safe[..., None])
-        correction = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
-        l = l * correction + jnp.sum(p, axis=-1)
-        acc = acc * correction[..., None] + jnp.einsum("bkgs,bskh->bkgh", p, v)
-        return m_new, l, acc
+        return online_softmax.update(state, s, lambda p: jnp.einsum("bkgs,bskh->bkgh", p, v))
 
-    init = (
-        jnp.full((B, K, G), -jnp.inf, q.dtype),
-        jnp.zeros((B, K, G), q.dtype),
-        jnp.zeros((B, K, G, Hv), q.dtype),
-    )
-    m, l, acc = lax.fori_loop(0, _num_blocks(lengths, bk), body, init)
-    filled = l > 0
-    l_safe = jnp.where(filled, l, 1.0)
-    return acc / l_safe[..., None], jnp.where(filled, m + jnp.log(l_safe), -jnp.inf)
+    init = online_softmax.init((B, K, G), value.shape[-1], q.dtype)
+    return online_softmax.finish(lax.fori_loop(0, _num_blocks(lengths, bk), body, init))
 
 
 def _backward(bk, q, key, value, lengths, out, lse, dout):

@@ -6,8 +6,13 @@ The signature is a superset of both `jax.nn.dot_product_attention` (``scale``,
 sowing, einsum overrides), so it can replace either, and it is the default
 ``attention_fn`` of `flax_mha.MultiHeadAttention`.
 
-All checks look only at shapes and dtypes, so they run once at trace time and
-cost nothing under `jax.jit`.
+A call runs in three steps: the arguments are checked and normalised into one
+`Call` (one batch axis, the scale resolved, inactive options off), the backend
+is chosen from what the call needs (`backend_choice.choose_implementation`),
+and the `Call` is handed to that backend through the table `BACKENDS`, where
+every backend has the same convention: a function of one `Call`. All checks
+look only at shapes and dtypes, so they run once at trace time and cost nothing
+under `jax.jit`.
 """
 
 from __future__ import annotations
@@ -25,128 +30,24 @@ from jax import Array
 from flax_mha import masks as masks_lib
 from flax_mha.checks import as_full_rank, check_float, check_qkv
 from flax_mha.functional import default_scale, dropout_multiplier
+from flax_mha.kernels.backend_choice import BLOCKWISE_MIN_CPU_ELEMENTS as BLOCKWISE_MIN_CPU_ELEMENTS
+from flax_mha.kernels.backend_choice import DECODE_MIN_LENGTH as DECODE_MIN_LENGTH
+from flax_mha.kernels.backend_choice import IMPLEMENTATIONS as IMPLEMENTATIONS
+from flax_mha.kernels.backend_choice import Request as Request
+from flax_mha.kernels.backend_choice import choose_implementation as choose_implementation
 from flax_mha.kernels.blockwise import blockwise_attention
 from flax_mha.kernels.decode import decode_attention
 from flax_mha.kernels.pallas_tpu import pallas_tpu_attention
 from flax_mha.kernels.reference import reference_attention, reverse_mode_only
 
-__all__ = ["IMPLEMENTATIONS", "Request", "choose_implementation", "dot_product_attention"]
-
-#: Backends `dot_product_attention` can run. ``"xla"`` is jax.nn's name for the
-#: materialising implementation and is an alias of ``"reference"`` here.
-IMPLEMENTATIONS = ("reference", "xla", "blockwise", "decode", "cudnn", "pallas_tpu")
-
-#: On CPU the blockwise kernel is chosen when T * S is at least this: below it the
-#: materialising reference is as fast or faster (forward+backward at T = S = 256: 8.5 vs
-#: 12.2 ms; at 320 level; at 384 the kernel is 1.2-3.2x faster; benchmarks/RESULTS.md).
-BLOCKWISE_MIN_CPU_ELEMENTS = 320 * 320
-
-
-#: The decode kernel is chosen for one-query steps over caches at least this long
-#: (shorter caches are read whole as fast; see benchmarks/RESULTS.md).
-DECODE_MIN_LENGTH = 1024
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """What an attention call needs, as the backend choice sees it (shapes, no arrays)."""
-
-    platform: str
-    T: int
-    S: int
-    N: int
-    K: int
-    H: int
-    Hv: int
-    dtype: Any
-    weights: bool = False  # the caller wants the [T, S] weights (sowing)
-    dropout: bool = False
-    window: bool = False
-    custom_matmuls: bool = False  # precision or einsum/dot_general overrides
-    softcap: bool = False
-    mask: bool = False  # a mask or bias array is given
-    causal: bool = False
-    q_lengths: bool = False
-    kv_lengths: bool = False
-    x64: bool = False  # jax_enable_x64 is on
-    complex: bool = False  # complex inputs (as Flax accepts them)
-
-
-def _ineligible(name: str, r: Request) -> str | None:
-    """Why backend ``name`` cannot serve ``r``, or None."""
-    if name in ("reference", "xla"):
-        return None
-    if r.complex:
-        return "it has no complex inputs (only the reference has)"
-    if r.weights:
-        return "the attention weights are requested (sow_weights / module)"
-    if r.custom_matmuls:
-        return "precision or einsum/dot_general overrides are given"
-    if r.softcap:
-        return "it has no logit soft-capping"
-    if name == "blockwise":
-        return None
-    if name == "decode":
-        if r.T != 1 or not r.kv_lengths:
-            return "it serves one query per sequence (T = 1) with key_value_seq_lengths"
-        if r.mask or r.causal or r.q_lengths or r.window or r.dropout:
-            return "it takes no mask, bias, causal flag, query lengths, window or dropout"
-        return None
-    if name == "cudnn":
-        if r.platform != "gpu":
-            return f"it needs a GPU (platform is {r.platform})"
-        if r.dropout:
-            return "it has no attention dropout"
-        if jnp.dtype(r.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-            return f"it needs bf16 or fp16 inputs, got {jnp.dtype(r.dtype)}"
-        if r.H != r.Hv or r.H > 128 or r.H % 8:
-            return f"it needs head_dim <= 128, a multiple of 8, equal for q and v ({r.H}, {r.Hv})"
-        return None
-    if name == "pallas_tpu":
-        if r.x64:
-            # Its index maps mix int64 and int32 under x64 and fail to trace (jax 0.10.2).
-            return "JAX's Pallas flash attention does not trace under jax_enable_x64"
-        if r.dropout:
-            return "it has no attention dropout"
-        if r.window:
-            return "it has no local window"
-        if r.K != r.N:
-            return "it has no grouped-query attention (k and v would be repeated)"
-        if r.Hv != r.H:
-            return "it needs value head_dim == query head_dim"
-        return None
-    raise ValueError(f"unknown implementation {name!r}")
-
-
-def choose_implementation(r: Request, implementation: str | None = None) -> str:
-    """The backend that runs ``r``: ``implementation`` if given (checked), else automatic.
-
-    Automatic choice: the reference when the weights are wanted, precision/einsum overrides
-    or soft-capping are given, the inputs are complex, or dropout is active (it reproduces
-    Flax's dropout stream exactly; pass ``implementation="blockwise"`` for dropout in O(L)
-    memory); the decode kernel for one-query steps over a long cache given by its lengths;
-    on TPU the Pallas kernel, on GPU cuDNN, when eligible; otherwise the blockwise kernel,
-    except on CPU for small T * S where the reference is as fast.
-
-    Raises:
-      ValueError: if the requested backend cannot serve the request (with the reason).
-    """
-    if implementation is not None:
-        why = _ineligible(implementation, r)
-        if why is not None:
-            raise ValueError(f"implementation={implementation!r} cannot be used here: {why}")
-        return implementation
-    if r.weights or r.custom_matmuls or r.dropout or r.softcap or r.complex:
-        return "reference"
-    if r.platform == "tpu" and _ineligible("pallas_tpu", r) is None:
-        return "pallas_tpu"
-    if r.platform == "gpu" and _ineligible("cudnn", r) is None:
-        return "cudnn"
-    if r.S >= DECODE_MIN_LENGTH and _ineligible("decode", r) is None:
-        return "decode"
-    if r.platform == "cpu" and r.T * r.S < BLOCKWISE_MIN_CPU_ELEMENTS:
-        return "reference"
-    return "blockwise"
+__all__ = [
+    "BACKENDS",
+    "IMPLEMENTATIONS",
+    "Call",
+    "Request",
+    "choose_implementation",
+    "dot_product_attention",
+]
 
 
 def _flatten_batch(x: Array | None, batch: tuple[int, ...]) -> Array | None:
@@ -276,6 +177,118 @@ def dot_product_attention(
     function``. Pass ``implementation="reference"`` (or ``"xla"``) for forward mode; it
     materialises the [T, S] weights of every head.
     """
+    call = _normalise(
+        query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
+        deterministic, dtype, precision, module, force_fp32_for_softmax, einsum_dot_general,
+        qk_attn_weights_einsum, attn_weights_value_einsum, scale=scale, is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size, logit_cap=logit_cap, implementation=implementation,
+    )  # fmt: skip
+    name = choose_implementation(call.request(), implementation)
+    out = BACKENDS[name](call)
+    return out.reshape(*call.batch, call.T, call.N, out.shape[-1]).astype(call.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One attention call, checked and normalised: what every backend is handed.
+
+    Arrays have one batch axis (the caller's batch axes flattened), the scale is
+    resolved and the options that do not apply are off (no dropout when
+    deterministic). Backends take this one value and read what they serve.
+
+    Attributes:
+      q: [B, T, N, H] queries, in the computation dtype.
+      k: [B, S, K, H] keys.
+      v: [B, S, K, Hv] values.
+      batch: the caller's batch shape (``B = prod(batch)``).
+      dtype: the computation dtype.
+      scale: a Python float or a scalar array.
+      bias: [B or 1, N or 1, T or 1, S or 1] additive bias, or None.
+      mask: bool, same shape rules, True = attend, or None.
+      is_causal: causal mask.
+      q_lengths: int [B] query lengths, or None.
+      kv_lengths: int [B] key lengths, or None.
+      window: ``(left, right)`` local window, or None.
+      dropout_rate: 0.0 unless dropout is active.
+      dropout_rng: PRNG key when dropout is active, else None.
+      broadcast_dropout: one dropout mask across batch and heads (reference only).
+      logit_cap: soft-cap of the scaled scores (reference only), or None.
+      precision: matmul precision (reference only).
+      qk_einsum: einsum override of the scores (reference only), or None.
+      wv_einsum: einsum override of the weighted sum (reference only), or None.
+      force_fp32_for_softmax: keep the weights in float32 (reference only).
+      module: a Flax module the weights are sown into (reference only), or None.
+      automatic: the backend is chosen automatically (not named by the caller).
+    """
+
+    q: Array
+    k: Array
+    v: Array
+    batch: tuple[int, ...]
+    dtype: Any
+    scale: float | Array
+    bias: Array | None = None
+    mask: Array | None = None
+    is_causal: bool = False
+    q_lengths: Array | None = None
+    kv_lengths: Array | None = None
+    window: tuple[int, int] | None = None
+    dropout_rate: float = 0.0
+    dropout_rng: Array | None = None
+    broadcast_dropout: bool = True
+    logit_cap: float | None = None
+    precision: Any = None
+    qk_einsum: Callable[..., Array] | None = None
+    wv_einsum: Callable[..., Array] | None = None
+    force_fp32_for_softmax: bool = False
+    module: Any = None
+    automatic: bool = True
+
+    @property
+    def T(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def S(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def N(self) -> int:
+        return self.q.shape[2]
+
+    def request(self) -> Request:
+        """What the backend choice sees of this call (shapes and flags, no arrays)."""
+        return Request(
+            platform=jax.default_backend(),
+            T=self.T,
+            S=self.S,
+            N=self.N,
+            K=self.k.shape[2],
+            H=self.q.shape[3],
+            Hv=self.v.shape[3],
+            dtype=self.dtype,
+            weights=self.module is not None,
+            dropout=self.dropout_rate > 0.0,
+            window=self.window is not None,
+            custom_matmuls=self.qk_einsum is not None or self.precision is not None,
+            softcap=self.logit_cap is not None,
+            mask=self.mask is not None or self.bias is not None,
+            causal=self.is_causal,
+            q_lengths=self.q_lengths is not None,
+            kv_lengths=self.kv_lengths is not None,
+            x64=bool(jax.config.jax_enable_x64),
+            complex=jnp.issubdtype(self.dtype, jnp.complexfloating),
+        )
+
+
+def _normalise(
+    query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate, deterministic,
+    dtype, precision, module, force_fp32_for_softmax, einsum_dot_general,
+    qk_attn_weights_einsum, attn_weights_value_einsum, *, scale, is_causal, query_seq_lengths,
+    key_value_seq_lengths, local_window_size, logit_cap, implementation,
+) -> Call:  # fmt: skip
+    """Checks the arguments of `dot_product_attention` and normalises them to a `Call`."""
     check_qkv(query, key, value, allow_complex=True)
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(
@@ -287,13 +300,9 @@ def dot_product_attention(
         precision, einsum_dot_general, qk_attn_weights_einsum, attn_weights_value_einsum
     )
     dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(query, key, value)
-    query, key, value = (x.astype(dtype) for x in (query, key, value))
-
     batch = query.shape[:-3]
     T, N, H = query.shape[-3:]
-    S = key.shape[-3]
-    B = math.prod(batch)
-    full = (*batch, N, T, S)
+    full = (*batch, N, T, key.shape[-3])
     if mask is not None:
         mask = _flatten_batch(as_full_rank("mask", mask, full).astype(bool), batch)
     if bias is not None:
@@ -305,90 +314,94 @@ def dot_product_attention(
     if not isinstance(dropout_rate, jax.core.Tracer) and not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate should be in [0, 1), but got {dropout_rate}")  # and NaN
     dropping = not deterministic and dropout_rate > 0.0
-    if dropping:
-        if dropout_rng is None:
-            raise ValueError("dropout_rng should be a PRNG key when dropout is active, got None")
+    if dropping and dropout_rng is None:
+        raise ValueError("dropout_rng should be a PRNG key when dropout is active, got None")
+    B = math.prod(batch)
+    q, k, v = (x.astype(dtype).reshape(B, *x.shape[-3:]) for x in (query, key, value))
+    return Call(
+        q, k, v, batch, dtype, default_scale(H) if scale is None else scale, bias, mask,
+        is_causal, q_lengths, kv_lengths, window, dropout_rate if dropping else 0.0,
+        dropout_rng if dropping else None, broadcast_dropout, logit_cap, precision, qk_einsum,
+        wv_einsum, force_fp32_for_softmax, module, automatic=implementation is None,
+    )  # fmt: skip
 
-    request = Request(
-        platform=jax.default_backend(),
-        T=T,
-        S=S,
-        N=N,
-        K=key.shape[-2],
-        H=H,
-        Hv=value.shape[-1],
-        dtype=dtype,
-        weights=module is not None,
-        dropout=dropping,
-        window=window is not None,
-        custom_matmuls=qk_einsum is not None or precision is not None,
-        softcap=logit_cap is not None,
-        mask=mask is not None or bias is not None,
-        causal=is_causal,
-        q_lengths=q_lengths is not None,
-        kv_lengths=kv_lengths is not None,
-        x64=bool(jax.config.jax_enable_x64),
-        complex=jnp.issubdtype(dtype, jnp.complexfloating),
-    )
-    automatic = implementation is None
-    implementation = choose_implementation(request, implementation)
-    scale = default_scale(H) if scale is None else scale
-    q, k, v = (x.reshape(B, *x.shape[-3:]) for x in (query, key, value))
-    common = dict(
-        scale=scale,
-        bias=bias,
-        mask=mask,
-        is_causal=is_causal,
-        query_seq_lengths=q_lengths,
-        key_value_seq_lengths=kv_lengths,
+
+# --- the backends, each served one `Call` ---------------------------------------------
+
+
+def _blockwise(c: Call) -> Array:
+    return _on_auto_axes(
+        blockwise_attention, c.q, c.k, c.v, scale=c.scale, bias=c.bias, mask=c.mask,
+        is_causal=c.is_causal, query_seq_lengths=c.q_lengths, key_value_seq_lengths=c.kv_lengths,
+        local_window=c.window, dropout_rate=c.dropout_rate, dropout_rng=c.dropout_rng,
+    )  # fmt: skip
+
+
+def _decode(c: Call) -> Array:
+    return _on_auto_axes(
+        decode_attention, c.q, c.k, c.v, scale=c.scale, key_value_seq_lengths=c.kv_lengths
     )
 
-    if implementation == "blockwise":
-        out = _on_auto_axes(
-            blockwise_attention, q, k, v, **common, local_window=window,
-            dropout_rate=dropout_rate if dropping else 0.0,
-            dropout_rng=dropout_rng if dropping else None,
-        )  # fmt: skip
-    elif implementation == "decode":
-        out = _on_auto_axes(
-            decode_attention, q, k, v, scale=scale, key_value_seq_lengths=kv_lengths
-        )
-    elif implementation == "pallas_tpu":
-        out = _on_auto_axes(pallas_tpu_attention, q, k, v, **common)
-    elif implementation == "cudnn":
-        if isinstance(scale, jax.core.Tracer):
-            # cuDNN takes a static scale: fold a traced one into q (in q's dtype, as the
-            # Pallas wrapper does), so that autodiff gives its gradient.
-            q, scale = q * scale.astype(q.dtype), 1.0
-        out = jax.nn.dot_product_attention(
-            q, k, v, bias, mask, scale=scale, is_causal=is_causal,
-            query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths,
-            local_window_size=window, implementation="cudnn",
-        )  # fmt: skip
-    else:
-        dropout = None
-        if dropping:
-            shape = (1,) * (len(batch) + 1) + (T, S) if broadcast_dropout else full
-            dropout = _flatten_batch(dropout_multiplier(dropout_rng, dropout_rate, shape, dtype),
-                                     batch)  # fmt: skip
-        pos_mask = _positional_mask(T, S, B, is_causal, window, q_lengths, kv_lengths)
-        if pos_mask is not None:
-            mask = pos_mask if mask is None else jnp.logical_and(mask, pos_mask)
-        attend = functools.partial(
-            reference_attention, logit_cap=logit_cap, precision=precision, qk_einsum=qk_einsum,
-            wv_einsum=wv_einsum, weights_dtype=jnp.float32 if force_fp32_for_softmax else None,
-        )  # fmt: skip
-        if automatic:
-            # The kernels the automatic choice runs above the CPU threshold are custom_vjp
-            # functions, which JAX cannot forward-differentiate; so is this one, so that
-            # jax.jvp behaves the same at every size (see the docstring). Unless sown, the
-            # weights are left out: a custom_vjp's backward gets a zero cotangent for every
-            # output, and one for the weights would cost a [B, N, T, S] product.
-            attend = functools.partial(reverse_mode_only, _out_and_weights(attend, module))
-        out, weights = attend(q, k, v, mask=mask, bias=bias, dropout=dropout, scale=scale)
-        if module is not None:
-            module.sow("intermediates", "attention_weights", weights.reshape(*batch, N, T, S))
-    return out.reshape(*batch, T, N, out.shape[-1]).astype(dtype)
+
+def _pallas_tpu(c: Call) -> Array:
+    return _on_auto_axes(
+        pallas_tpu_attention, c.q, c.k, c.v, scale=c.scale, bias=c.bias, mask=c.mask,
+        is_causal=c.is_causal, query_seq_lengths=c.q_lengths, key_value_seq_lengths=c.kv_lengths,
+    )  # fmt: skip
+
+
+def _cudnn(c: Call) -> Array:
+    q, scale = c.q, c.scale
+    if isinstance(scale, jax.core.Tracer):
+        # cuDNN takes a static scale: fold a traced one into q (in q's dtype, as the
+        # Pallas wrapper does), so that autodiff gives its gradient.
+        q, scale = q * scale.astype(q.dtype), 1.0
+    return jax.nn.dot_product_attention(
+        q, c.k, c.v, c.bias, c.mask, scale=scale, is_causal=c.is_causal,
+        query_seq_lengths=c.q_lengths, key_value_seq_lengths=c.kv_lengths,
+        local_window_size=c.window, implementation="cudnn",
+    )  # fmt: skip
+
+
+def _reference(c: Call) -> Array:
+    B, T, S, N = c.q.shape[0], c.T, c.S, c.N
+    dropout = None
+    if c.dropout_rate > 0.0:
+        full = (*c.batch, N, T, S)
+        shape = (1,) * (len(c.batch) + 1) + (T, S) if c.broadcast_dropout else full
+        multiplier = dropout_multiplier(c.dropout_rng, c.dropout_rate, shape, c.dtype)
+        dropout = _flatten_batch(multiplier, c.batch)
+    mask = c.mask
+    pos_mask = _positional_mask(T, S, B, c.is_causal, c.window, c.q_lengths, c.kv_lengths)
+    if pos_mask is not None:
+        mask = pos_mask if mask is None else jnp.logical_and(mask, pos_mask)
+    attend = functools.partial(
+        reference_attention, logit_cap=c.logit_cap, precision=c.precision,
+        qk_einsum=c.qk_einsum, wv_einsum=c.wv_einsum,
+        weights_dtype=jnp.float32 if c.force_fp32_for_softmax else None,
+    )  # fmt: skip
+    if c.automatic:
+        # The kernels the automatic choice runs above the CPU threshold are custom_vjp
+        # functions, which JAX cannot forward-differentiate; so is this one, so that
+        # jax.jvp behaves the same at every size (see the docstring). Unless sown, the
+        # weights are left out: a custom_vjp's backward gets a zero cotangent for every
+        # output, and one for the weights would cost a [B, N, T, S] product.
+        attend = functools.partial(reverse_mode_only, _out_and_weights(attend, c.module))
+    out, weights = attend(c.q, c.k, c.v, mask=mask, bias=c.bias, dropout=dropout, scale=c.scale)
+    if c.module is not None:
+        c.module.sow("intermediates", "attention_weights", weights.reshape(*c.batch, N, T, S))
+    return out
+
+
+#: The backend of each name in `IMPLEMENTATIONS`: a function of one `Call`.
+BACKENDS: dict[str, Callable[[Call], Array]] = {
+    "reference": _reference,
+    "xla": _reference,
+    "blockwise": _blockwise,
+    "decode": _decode,
+    "cudnn": _cudnn,
+    "pallas_tpu": _pallas_tpu,
+}
 
 
 def _on_auto_axes(kernel: Callable[..., Array], q: Array, k: Array, v: Array, **kwargs: Any):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import Array
 
-from flax_mha.kernels.blockwise_tiles import pad_axis
+from flax_mha.kernels.common import pad_axis
 
 #: Block size of the Pallas kernel along T and S (its default; TPU lanes are 128 wide).
 BLOCK = 128

@@ -1,0 +1,325 @@
+"""Which blocks the blockwise kernel visits, and how a tile is masked, biased and dropped.
+
+The two seams where attention's structure meets the tiles: `key_block_range` /
+`query_block_range` decide which (query block, key block) tiles are computed at
+all (causal, window and length constraints skip whole blocks), and `Tiles`
+turns a raw logits tile into masked, biased logits (`Tiles.logits`), draws its
+dropout keep mask and accumulates the bias gradient. Programmable masks and
+scores (a block mask listing the non-empty blocks, mask and score functions of
+positions) plug in here, leaving the loops of the forward and backward passes
+untouched.
+
+Letters: see `blockwise_tiles`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array, lax
+
+from flax_mha.kernels.blockwise_tiles import Chunks, Geometry, at, block_pair, pair_index
+from flax_mha.kernels.config import Config
+from flax_mha.masks import position_mask
+
+__all__ = [
+    "Operands",
+    "Tiles",
+    "keep_threshold",
+    "keep_tile",
+    "key_block_range",
+    "make_tiles",
+    "max_length",
+    "plain_causal",
+    "query_block_range",
+]
+
+
+def _cdiv(a: Any, b: int) -> Any:
+    return -((-a) // b)
+
+
+def _static(cfg: Config, q_max: Array | None, kv_max: Array | None) -> bool:
+    return not (
+        cfg.is_causal or cfg.local_window is not None or q_max is not None or kv_max is not None
+    )
+
+
+def key_block_range(
+    cfg: Config, geo: Geometry, i: Array, q_max: Array | None, kv_max: Array | None
+) -> tuple[Any, Any]:
+    """Range ``[lo, hi)`` of key blocks that query block ``i`` can see.
+
+    Blocks entirely above the causal diagonal, outside the local window, past
+    the longest key length, or for query blocks past the longest query length,
+    are excluded so that they are never computed.
+    """
+    if _static(cfg, q_max, kv_max):
+        return 0, geo.nk  # static bounds: the loop becomes a scan
+    first = i * geo.bq
+    last = first + geo.bq - 1
+    lo = jnp.int32(0)
+    hi = jnp.int32(geo.nk)
+    if cfg.is_causal:
+        hi = jnp.minimum(hi, last // geo.bk + 1)
+    if cfg.local_window is not None:
+        left, right = cfg.local_window
+        lo = jnp.maximum(lo, (first - left) // geo.bk)
+        hi = jnp.minimum(hi, (last + right) // geo.bk + 1)
+    if kv_max is not None:
+        hi = jnp.minimum(hi, _cdiv(kv_max, geo.bk))
+    if q_max is not None:
+        hi = jnp.where(first >= q_max, lo, hi)
+    return lo, jnp.maximum(hi, lo)
+
+
+def query_block_range(
+    cfg: Config, geo: Geometry, j: Array, q_max: Array | None, kv_max: Array | None
+) -> tuple[Any, Any]:
+    """Range ``[lo, hi)`` of query blocks that can see key block ``j`` (see `key_block_range`)."""
+    if _static(cfg, q_max, kv_max):
+        return 0, geo.nq
+    first = j * geo.bk
+    last = first + geo.bk - 1
+    lo = jnp.int32(0)
+    hi = jnp.int32(geo.nq)
+    if cfg.is_causal:  # t >= s
+        lo = jnp.maximum(lo, first // geo.bq)
+    if cfg.local_window is not None:  # s - right <= t <= s + left
+        left, right = cfg.local_window
+        lo = jnp.maximum(lo, (first - right) // geo.bq)
+        hi = jnp.minimum(hi, (last + left) // geo.bq + 1)
+    if q_max is not None:
+        hi = jnp.minimum(hi, _cdiv(q_max, geo.bq))
+    if kv_max is not None:
+        hi = jnp.where(first >= kv_max, lo, hi)
+    return lo, jnp.maximum(hi, lo)
+
+
+# --- per-tile masks, bias and dropout ---------------------------------------------
+
+
+class Tiles(NamedTuple):
+    """Everything needed to turn a raw logits tile into masked, biased logits.
+
+    A forward tile is [C, M, bk] (viewed as [bc, kc, G, bq, bk]); a backward
+    (``transposed``) tile is [C, bk, M] (viewed as [bc, kc, bk, G, bq]).
+
+    Attributes:
+      cfg: static options.
+      geo: block geometry.
+      ch: how (batch, kv head) pairs are grouped into tiles.
+      S: unpadded key length (keys at ``>= S`` are padding).
+      num_heads: N.
+      transposed: orientation of the tiles (and of ``bias`` / ``mask``).
+      bias: blocked bias (`block_pair`) or None.
+      mask: blocked bool mask (`block_pair`) or None.
+      q_len: [B] int query lengths or None.
+      kv_len: [B] int key lengths (already clamped to S) or None.
+      rng: dropout PRNG key or None.
+    """
+
+    cfg: Config
+    geo: Geometry
+    ch: Chunks
+    S: int
+    num_heads: int
+    transposed: bool
+    bias: Array | None
+    mask: Array | None
+    q_len: Array | None
+    kv_len: Array | None
+    rng: Array | None
+
+    def view(self, s: Array) -> Array:
+        """Splits M = G * bq of a [bc, kc, M, bk] (or [bc, kc, bk, M]) tile into (G, bq)."""
+        bc, kc, bq = self.ch.bc, self.ch.kc, self.geo.bq
+        if self.transposed:
+            return s.reshape(bc, kc, s.shape[2], -1, bq)
+        return s.reshape(bc, kc, -1, bq, s.shape[3])
+
+    def _lengths(self, lengths: Array | None, c: Any) -> Array | None:
+        if lengths is None:
+            return None
+        cb, _ = self.ch.index(c)
+        return lax.dynamic_index_in_dim(lengths.reshape(self.ch.bc, self.ch.nb), cb, 1, False)
+
+    def position_tile(self, c: Any, i: Any, j: Any) -> Array | None:
+        """Bool mask from positions (causal, window, lengths, padding), 5-D like `view`."""
+        geo, cfg = self.geo, self.cfg
+        q_pos = i * geo.bq + jnp.arange(geo.bq, dtype=jnp.int32)
+        k_pos = j * geo.bk + jnp.arange(geo.bk, dtype=jnp.int32)
+        # Padded keys need masking only when no kv lengths already exclude them.
+        static_kv = self.S if self.kv_len is None and geo.nk * geo.bk > self.S else None
+
+        def one(q_length: Any, kv_length: Any) -> Array | None:
+            m = position_mask(
+                q_pos,
+                k_pos,
+                is_causal=cfg.is_causal,
+                local_window=cfg.local_window,
+                q_length=q_length,
+                kv_length=kv_length,
+            )
+            return m if m is None or not self.transposed else m.T
+
+        q_len, kv_len = self._lengths(self.q_len, c), self._lengths(self.kv_len, c)
+        if q_len is None and kv_len is None:
+            m = one(None, static_kv)
+            if m is None:
+                return None
+            m = m[None]
+        elif q_len is not None and kv_len is not None:
+            m = jax.vmap(one)(q_len, kv_len)
+        elif q_len is not None:
+            m = jax.vmap(lambda ql: one(ql, static_kv))(q_len)
+        else:
+            m = jax.vmap(lambda kl: one(None, kl))(kv_len)
+        # [bc|1, bq, bk] -> [bc|1, 1, 1, bq, bk];  [bc|1, bk, bq] -> [bc|1, 1, bk, 1, bq]
+        return m[:, None, :, None, :] if self.transposed else m[:, None, None]
+
+    def _pair_tile(self, x: Array, c: Any, i: Any, j: Any) -> Array:
+        """The chunk's part of block (i, j) of a `block_pair` array, 5-D like `view`."""
+        ii, jj = pair_index(x, i, j)
+        t = x[ii, jj]  # [Bb, K|1, ...]
+        ch = self.ch
+        cb, ck = ch.index(c)
+        if t.shape[0] > 1:
+            t = t.reshape((ch.bc, ch.nb) + t.shape[1:])
+            t = lax.dynamic_index_in_dim(t, cb, 1, False)
+        if t.shape[1] > 1:
+            t = t.reshape(t.shape[:1] + (ch.kc, ch.nkc) + t.shape[2:])
+            t = lax.dynamic_index_in_dim(t, ck, 2, False)
+        return t
+
+    def logits(self, s: Array, c: Any, i: Any, j: Any) -> Array:
+        """Adds the bias to a flat tile and sets its masked entries to -inf."""
+        pos = self.position_tile(c, i, j)
+        if self.bias is None and self.mask is None and pos is None:
+            return s
+        flat_shape = s.shape
+        s = self.view(s)
+        if self.bias is not None:
+            s = s + self._pair_tile(self.bias, c, i, j).astype(s.dtype)
+        keep = pos
+        if self.mask is not None:
+            user = self._pair_tile(self.mask, c, i, j)
+            keep = user if keep is None else jnp.logical_and(keep, user)
+        if keep is not None:
+            s = jnp.where(keep, s, -jnp.inf)
+        return s.reshape(flat_shape)
+
+    def dropout_keep(self, c: Any, i: Any, j: Any) -> Array:
+        """Bool dropout keep mask of tile (c, i, j), flat like the logits tile."""
+        geo, ch = self.geo, self.ch
+        G = self.num_heads // (ch.nkc * ch.kc)
+        cb, ck = ch.index(c)
+        u32 = jnp.uint32
+        b = jnp.arange(ch.bc, dtype=u32)[:, None, None] * ch.nb + jnp.asarray(cb, u32)
+        kv = jnp.arange(ch.kc, dtype=u32)[:, None] * ch.nkc + jnp.asarray(ck, u32)
+        n = kv * G + jnp.arange(G, dtype=u32)[None, :]
+        ids = (b * self.num_heads + n[None]).reshape(-1)
+        keep = keep_tile(self.rng, i, j, geo, self.cfg.dropout_rate, ids)
+        keep = keep.reshape(ch.bc, ch.kc, G, geo.bq, geo.bk)
+        if self.transposed:
+            return keep.transpose(0, 1, 4, 2, 3).reshape(ch.bc, ch.kc, geo.bk, -1)
+        return keep.reshape(ch.bc, ch.kc, -1, geo.bk)
+
+    def accumulate_dbias(self, dbias: Array, ds: Array, c: Any, i: Any, j: Any) -> Array:
+        """Adds the flat (transposed) tile ``ds``, summed over the bias's broadcast dims."""
+        ds = self.view(ds)  # [bc, kc, bk, G, bq]
+        shape = dbias.shape[2:]  # [Bb, K|1, bk|1, G|1, bq|1]
+        axes = tuple(a for a in range(5) if shape[a] == 1 and ds.shape[a] != 1)
+        red = jnp.sum(ds, axis=axes, keepdims=True) if axes else ds
+        ii, jj = pair_index(dbias, i, j)
+        ch = self.ch
+        cb, ck = ch.index(c)
+        # View the Bb and K|1 axes as [bc, nb] and [kc, nkc] where they are full size.
+        nb, nk_ = (ch.nb if shape[0] > 1 else 1), (ch.nkc if shape[1] > 1 else 1)
+        view = dbias.shape[:2] + (shape[0] // nb, nb, shape[1] // nk_, nk_) + shape[2:]
+        red = red.reshape((1, 1, red.shape[0], 1, red.shape[1], 1) + red.shape[2:])
+        start = at(ii, jj, 0, cb if nb > 1 else 0, 0, ck if nk_ > 1 else 0, 0, 0, 0)
+        d = dbias.reshape(view)
+        d = lax.dynamic_update_slice(d, lax.dynamic_slice(d, start, red.shape) + red, start)
+        return d.reshape(dbias.shape)
+
+
+def keep_threshold(rate: float) -> int:
+    """uint32 threshold: a uniformly random uint32 ``u`` is kept iff ``u < threshold``."""
+    return min(int(round((1.0 - rate) * 2.0**32)), 2**32 - 1)
+
+
+def keep_tile(rng: Array, i: Any, j: Any, geo: Geometry, rate: float, ids: Array) -> Array:
+    """Bool [len(ids), bq, bk] dropout keep mask of block (i, j) for heads ``ids = b * N + n``.
+
+    Each (batch, head, q-block, k-block) gets its own key, ``fold_in(fold_in(rng,
+    i * nk + j), b * N + n)``, so the backward pass regenerates exactly the same
+    mask without storing it, whatever chunk of heads a tile holds.
+    """
+    block_key = jax.random.fold_in(rng, i * geo.nk + j)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(block_key, ids)
+    bits = jax.vmap(lambda kk: jax.random.bits(kk, (geo.bq, geo.bk), jnp.uint32))(keys)
+    return bits < jnp.uint32(keep_threshold(rate))
+
+
+class Operands(NamedTuple):
+    """The optional arrays of one kernel call (a pytree; None = absent).
+
+    Attributes:
+      bias: additive float, 4-D, broadcastable to [B, N, T, S] (differentiable).
+      mask: bool, True = attend, 4-D, broadcastable to [B, N, T, S].
+      q_lengths: int [B]; queries ``t >= len`` give zero rows.
+      kv_lengths: int [B]; keys ``s >= len`` are never attended.
+      rng: dropout PRNG key (when the config's ``dropout_rate > 0``).
+    """
+
+    bias: Array | None = None
+    mask: Array | None = None
+    q_lengths: Array | None = None
+    kv_lengths: Array | None = None
+    rng: Array | None = None
+
+    def positional_only(self) -> bool:
+        """No bias, mask or lengths: only the config's causal mask / window can mask."""
+        return all(x is None for x in (self.bias, self.mask, self.q_lengths, self.kv_lengths))
+
+
+def make_tiles(
+    cfg: Config, geo: Geometry, ch: Chunks, q: Array, k: Array, ops: Operands, transposed: bool
+) -> Tiles:
+    """The `Tiles` of one pass: bias and mask blocked once, lengths as int32 (kv clamped to S)."""
+    S, K = k.shape[1], k.shape[2]
+    bias, mask, q_lengths, kv_lengths = ops.bias, ops.mask, ops.q_lengths, ops.kv_lengths
+    return Tiles(
+        cfg=cfg,
+        geo=geo,
+        ch=ch,
+        S=S,
+        num_heads=q.shape[2],
+        transposed=transposed,
+        bias=None if bias is None else block_pair(bias, geo, K, transposed),
+        mask=None if mask is None else block_pair(mask.astype(bool), geo, K, transposed),
+        q_len=None if q_lengths is None else q_lengths.astype(jnp.int32),
+        kv_len=None if kv_lengths is None else jnp.minimum(kv_lengths.astype(jnp.int32), S),
+        rng=ops.rng,
+    )
+
+
+def plain_causal(tiles: Tiles) -> bool:
+    """Causal and nothing else: off-diagonal visible tiles need no mask at all."""
+    cfg = tiles.cfg
+    return (
+        cfg.is_causal
+        and cfg.local_window is None
+        and tiles.bias is None
+        and tiles.mask is None
+        and tiles.q_len is None
+        and tiles.kv_len is None
+    )
+
+
+def max_length(lengths: Array | None) -> Array | None:
+    """The longest of the lengths (the loop bounds' key), or None."""
+    return None if lengths is None else jnp.max(lengths)
