@@ -299,24 +299,26 @@ def _ring_main() -> None:
     from jax.sharding import Mesh
 
     devices = np.array(jax.devices()[:4])
-    for mesh in (Mesh(devices, ("sp",)), jax.make_mesh((4,), ("sp",), devices=list(devices))):
-        for c in ring_cases():
-            x = inputs(c)
-            expected = oracle(c, x)
-            dtype = jnp.dtype(c.dtype)
+    auto, explicit = Mesh(devices, ("sp",)), jax.make_mesh((4,), ("sp",), devices=list(devices))
+    cases = ring_cases()
+    # Every case on one mesh type or the other (tests/test_ring.py checks both types in depth).
+    for mesh, c in zip([auto, explicit] * len(cases), cases, strict=False):
+        x = inputs(c)
+        expected = oracle(c, x)
+        dtype = jnp.dtype(c.dtype)
 
-            def attend(q, k, v, c=c, x=x, mesh=mesh):
-                lengths = None if x["kv_lengths"] is None else jnp.asarray(x["kv_lengths"])
-                return flax_mha.ring_attention(q, k, v, mesh=mesh, axis_name="sp",
-                                               is_causal=c.causal, key_value_seq_lengths=lengths)  # fmt: skip
+        def attend(q, k, v, c=c, x=x, mesh=mesh):
+            lengths = None if x["kv_lengths"] is None else jnp.asarray(x["kv_lengths"])
+            return flax_mha.ring_attention(q, k, v, mesh=mesh, axis_name="sp",
+                                           is_causal=c.causal, key_value_seq_lengths=lengths)  # fmt: skip
 
-            q, k, v, dout = (jnp.asarray(x[n], dtype) for n in ("q", "k", "v", "dout"))
-            out, vjp = jax.vjp(attend, q, k, v)
-            dq, dk, dv = vjp(dout)
-            tol = TOL[c.dtype]
-            for name, got in dict(out=out, dq=dq, dk=dk, dv=dv).items():
-                np.testing.assert_allclose(np.asarray(got, np.float64), expected[name], **tol,
-                                           err_msg=f"ring {mesh.axis_types} {c}: {name}")  # fmt: skip
+        q, k, v, dout = (jnp.asarray(x[n], dtype) for n in ("q", "k", "v", "dout"))
+        out, vjp = jax.vjp(attend, q, k, v)
+        dq, dk, dv = vjp(dout)
+        tol = TOL[c.dtype]
+        for name, got in dict(out=out, dq=dq, dk=dk, dv=dv).items():
+            np.testing.assert_allclose(np.asarray(got, np.float64), expected[name], **tol,
+                                       err_msg=f"ring {mesh.axis_types} {c}: {name}")  # fmt: skip
     print("ring conformance ok")
 
 
