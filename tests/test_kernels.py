@@ -661,3 +661,48 @@ def test_memory_is_linear_in_length():
     assert large / small < 6  # 4x longer; quadratic would be 16x
     # One [L, L] fp32 score matrix per head at L=16384 would be 8 GiB.
     assert large < 512 * 2**20
+
+
+# --- the kernel's public seams: BlockSizes, the online softmax ----------------------
+
+
+def test_block_sizes_check_themselves_and_fill_defaults():
+    with pytest.raises(ValueError, match="block sizes should be positive, but got block_q=0"):
+        BlockSizes(0, 8)
+    with pytest.raises(ValueError, match="block sizes should be positive"):
+        BlockSizes(8, 2.5)
+    sizes = BlockSizes.resolve(None, 64, batch=4, num_heads=8, is_causal=True)
+    assert (sizes.block_q, sizes.block_k) == (default_block_sizes(4, 8, is_causal=True)[0], 64)
+    assert BlockSizes(8, 16).transposed() == BlockSizes(16, 8)
+    with pytest.raises(AttributeError):
+        sizes.block_q = 1  # frozen: a value, not loose knobs
+
+
+def test_online_softmax_tiles_and_merge_match_numpy():
+    """Two tiles folded in, and two halves merged by lse, both equal a float64 softmax."""
+    from flax_mha.kernels import online_softmax
+
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(3, 10)).astype(np.float32)
+    s[1, :] = -np.inf  # a row that sees nothing
+    s[2, :6] = -np.inf  # a row that sees nothing in the first tile
+    v = rng.normal(size=(10, 4)).astype(np.float32)
+    p = np.exp(s.astype(np.float64) - np.where(np.isinf(s.max(-1)), 0, s.max(-1))[:, None])
+    want = np.where(
+        p.sum(-1, keepdims=True) > 0, p @ v / np.maximum(p.sum(-1, keepdims=True), 1e-300), 0
+    )
+    state = online_softmax.init((3,), 4, jnp.float32)
+    halves = []
+    for sl in (slice(0, 6), slice(6, 10)):
+        s_t, v_t = jnp.asarray(s[:, sl]), jnp.asarray(v[sl])
+        state = online_softmax.update(state, s_t, lambda w, v_t=v_t: w @ v_t)
+        one = online_softmax.update(
+            online_softmax.init((3,), 4, jnp.float32), s_t, lambda w, v_t=v_t: w @ v_t
+        )
+        halves.append(online_softmax.finish(one))
+    out, lse = online_softmax.finish(state)
+    merged, merged_lse = online_softmax.merge(*halves[0], *halves[1])
+    np.testing.assert_allclose(out, want, atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(merged, want, atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(merged_lse, lse, atol=ATOL, rtol=RTOL)
+    assert np.isneginf(lse[1]) and not np.any(np.isnan(out))

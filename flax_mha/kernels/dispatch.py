@@ -177,12 +177,44 @@ def dot_product_attention(
     function``. Pass ``implementation="reference"`` (or ``"xla"``) for forward mode; it
     materialises the [T, S] weights of every head.
     """
-    call = _normalise(
-        query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
-        deterministic, dtype, precision, module, force_fp32_for_softmax, einsum_dot_general,
-        qk_attn_weights_einsum, attn_weights_value_einsum, scale=scale, is_causal=is_causal,
-        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=local_window_size, logit_cap=logit_cap, implementation=implementation,
+    check_qkv(query, key, value, allow_complex=True)
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation should be one of {IMPLEMENTATIONS} or None, but got {implementation!r}"
+        )
+    if scale is not None and jnp.ndim(scale) != 0:
+        raise ValueError(f"scale should be a scalar, but got shape {jnp.shape(scale)}")
+    qk_einsum, wv_einsum = _einsums(
+        precision, einsum_dot_general, qk_attn_weights_einsum, attn_weights_value_einsum
+    )
+    dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(query, key, value)
+    batch = query.shape[:-3]
+    T, N, H = query.shape[-3:]
+    full = (*batch, N, T, key.shape[-3])
+    if mask is not None:
+        mask = _flatten_batch(as_full_rank("mask", mask, full).astype(bool), batch)
+    if bias is not None:
+        check_float("bias", bias, allow_complex=True)
+        bias = _flatten_batch(as_full_rank("bias", bias, full), batch)
+    window = masks_lib.normalize_window(local_window_size)
+    q_lengths = _lengths("query_seq_lengths", query_seq_lengths, batch)
+    kv_lengths = _lengths("key_value_seq_lengths", key_value_seq_lengths, batch)
+    if not isinstance(dropout_rate, jax.core.Tracer) and not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate should be in [0, 1), but got {dropout_rate}")  # and NaN
+    dropping = not deterministic and dropout_rate > 0.0
+    if dropping and dropout_rng is None:
+        raise ValueError("dropout_rng should be a PRNG key when dropout is active, got None")
+    B = math.prod(batch)
+    q, k, v = (x.astype(dtype).reshape(B, *x.shape[-3:]) for x in (query, key, value))
+    call = Call(
+        q=q, k=k, v=v, batch=batch, dtype=dtype,
+        scale=default_scale(H) if scale is None else scale, bias=bias, mask=mask,
+        is_causal=is_causal, q_lengths=q_lengths, kv_lengths=kv_lengths, window=window,
+        dropout_rate=dropout_rate if dropping else 0.0,
+        dropout_rng=dropout_rng if dropping else None, broadcast_dropout=broadcast_dropout,
+        logit_cap=logit_cap, precision=precision, qk_einsum=qk_einsum, wv_einsum=wv_einsum,
+        force_fp32_for_softmax=force_fp32_for_softmax, module=module,
+        automatic=implementation is None,
     )  # fmt: skip
     name = choose_implementation(call.request(), implementation)
     out = BACKENDS[name](call)
@@ -280,50 +312,6 @@ class Call:
             x64=bool(jax.config.jax_enable_x64),
             complex=jnp.issubdtype(self.dtype, jnp.complexfloating),
         )
-
-
-def _normalise(
-    query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate, deterministic,
-    dtype, precision, module, force_fp32_for_softmax, einsum_dot_general,
-    qk_attn_weights_einsum, attn_weights_value_einsum, *, scale, is_causal, query_seq_lengths,
-    key_value_seq_lengths, local_window_size, logit_cap, implementation,
-) -> Call:  # fmt: skip
-    """Checks the arguments of `dot_product_attention` and normalises them to a `Call`."""
-    check_qkv(query, key, value, allow_complex=True)
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"implementation should be one of {IMPLEMENTATIONS} or None, but got {implementation!r}"
-        )
-    if scale is not None and jnp.ndim(scale) != 0:
-        raise ValueError(f"scale should be a scalar, but got shape {jnp.shape(scale)}")
-    qk_einsum, wv_einsum = _einsums(
-        precision, einsum_dot_general, qk_attn_weights_einsum, attn_weights_value_einsum
-    )
-    dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(query, key, value)
-    batch = query.shape[:-3]
-    T, N, H = query.shape[-3:]
-    full = (*batch, N, T, key.shape[-3])
-    if mask is not None:
-        mask = _flatten_batch(as_full_rank("mask", mask, full).astype(bool), batch)
-    if bias is not None:
-        check_float("bias", bias, allow_complex=True)
-        bias = _flatten_batch(as_full_rank("bias", bias, full), batch)
-    window = masks_lib.normalize_window(local_window_size)
-    q_lengths = _lengths("query_seq_lengths", query_seq_lengths, batch)
-    kv_lengths = _lengths("key_value_seq_lengths", key_value_seq_lengths, batch)
-    if not isinstance(dropout_rate, jax.core.Tracer) and not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"dropout_rate should be in [0, 1), but got {dropout_rate}")  # and NaN
-    dropping = not deterministic and dropout_rate > 0.0
-    if dropping and dropout_rng is None:
-        raise ValueError("dropout_rng should be a PRNG key when dropout is active, got None")
-    B = math.prod(batch)
-    q, k, v = (x.astype(dtype).reshape(B, *x.shape[-3:]) for x in (query, key, value))
-    return Call(
-        q, k, v, batch, dtype, default_scale(H) if scale is None else scale, bias, mask,
-        is_causal, q_lengths, kv_lengths, window, dropout_rate if dropping else 0.0,
-        dropout_rng if dropping else None, broadcast_dropout, logit_cap, precision, qk_einsum,
-        wv_einsum, force_fp32_for_softmax, module, automatic=implementation is None,
-    )  # fmt: skip
 
 
 # --- the backends, each served one `Call` ---------------------------------------------
