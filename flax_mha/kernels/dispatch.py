@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from flax_mha import masks as masks_lib
-from flax_mha.checks import as_full_rank, check_float, check_qkv
+from flax_mha.checks import as_full_rank, check_float, check_lengths, check_qkv
 from flax_mha.functional import default_scale, dropout_multiplier
 from flax_mha.kernels.backend_choice import BLOCKWISE_MIN_CPU_ELEMENTS as BLOCKWISE_MIN_CPU_ELEMENTS
 from flax_mha.kernels.backend_choice import DECODE_MIN_LENGTH as DECODE_MIN_LENGTH
@@ -62,16 +62,8 @@ def _flatten_batch(x: Array | None, batch: tuple[int, ...]) -> Array | None:
 
 
 def _lengths(name: str, lengths: Any, batch: tuple[int, ...]) -> Array | None:
-    if lengths is None:
-        return None
-    lengths = jnp.asarray(lengths)
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise TypeError(f"{name} should be an integer array, but got dtype {lengths.dtype}")
-    try:
-        lengths = jnp.broadcast_to(lengths, batch)
-    except ValueError:
-        raise ValueError(f"{name} should have shape {batch}, but got {lengths.shape}") from None
-    return lengths.reshape(-1)
+    """Checked [batch...] lengths, flattened to [B] (None stays None)."""
+    return None if lengths is None else check_lengths(name, lengths, batch).reshape(-1)
 
 
 def _einsums(
