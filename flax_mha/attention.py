@@ -207,7 +207,7 @@ class MultiHeadAttention(nn.Module):
         query, key = self._rope(query, key, q_pos, k_pos)
         self._check_mask(mask, query, key, cache)
         key, value, options = self._cached(cache, key, value, q_pos, mask, prompt_lengths)
-        options |= self._variants(q_pos, k_pos, decoding=cache is not None)
+        options |= self._variants(q_pos, k_pos, "key_value_seq_starts" in options)
         heads = self._attend(query, key, value, options, deterministic, dropout_rng, sow_weights)
         return self._output(heads, self.out_features or inputs_q.shape[-1])
 
@@ -301,21 +301,28 @@ class MultiHeadAttention(nn.Module):
         key, value = cache.write(key, value, q_pos)
         lengths = cache.set_lengths(self, prompt_lengths, q_pos)
         if q_pos.shape[-1] == 1 and self._accepts("key_value_seq_lengths"):
-            return key, value, options | {"key_value_seq_lengths": cache.visible_lengths(q_pos)}
+            options["key_value_seq_lengths"] = cache.visible_lengths(q_pos)
+            window = normalize_window(self.local_window_size)
+            if window is not None and self._accepts("key_value_seq_starts"):
+                # The window as a key range: keys from p - left up to p (later keys are
+                # not cached yet), so the decode kernel reads only the window's blocks.
+                first = jnp.maximum(q_pos[..., 0] - window[0], 0)
+                options["key_value_seq_starts"] = jnp.broadcast_to(first, cache.batch)
+            return key, value, options
         visible = cache.visible_mask(q_pos, lengths)
         if mask is not None:
             mask = jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, visible.shape))
         return key, value, options | {"mask": combine_masks(mask, visible)}
 
-    def _variants(self, q_pos: Array, k_pos: Array, decoding: bool) -> dict[str, Any]:
-        """Options of the attention variants: window, ALiBi bias, soft-capping."""
+    def _variants(self, q_pos: Array, k_pos: Array, window_done: bool = False) -> dict[str, Any]:
+        """Options of the attention variants: window (unless done), ALiBi bias, soft-capping."""
         options: dict[str, Any] = {}
         if self.use_alibi:
             options["bias"] = alibi_bias(alibi_slopes(self.num_heads), q_pos, k_pos)
         if self.logit_softcap is not None:
             options["logit_cap"] = self.logit_softcap
-        window = normalize_window(self.local_window_size)
-        if window is not None and not decoding:
+        window = None if window_done else normalize_window(self.local_window_size)
+        if window is not None and not self.decode:
             options["local_window_size"] = window
         elif window is not None:  # absolute positions in the cache: the window as a mask
             t = q_pos[..., :, None]

@@ -189,3 +189,42 @@ def test_bfloat16_close_to_reference():
     for g, rg in zip(grads, ref_grads, strict=False):
         assert g.dtype == bf
         np.testing.assert_allclose(g.astype(jnp.float32), rg, atol=2e-2 * np.abs(rg).max(), rtol=0)
+
+
+@pytest.mark.parametrize("block_k", [64, 512])
+def test_key_range_start_and_length_match_numpy_with_gradients(block_k):
+    """A sliding window over the cache as a key range [start, length): outputs and grads."""
+    B, S, N, K, H = 3, 700, 4, 2, 8
+    rng = np.random.default_rng(0)
+    q, dout = rng.normal(size=(B, 1, N, H)), rng.normal(size=(B, 1, N, H))
+    k, v = rng.normal(size=(B, S, K, H)), rng.normal(size=(B, S, K, H))
+    lengths, starts = np.array([650, 64, 0]), np.array([600, 0, 0])
+    s = np.arange(S)
+    mask = ((s >= starts[:, None]) & (s < lengths[:, None]))[:, None, None, :]
+    out, (dq, dk, dv, _) = np_attention_vjp(q, k, v, mask, 1 / np.sqrt(H), dout)
+
+    def f(q, k, v):
+        return decode_attention(q, k, v, scale=1 / np.sqrt(H), block_k=block_k,
+                                key_value_seq_lengths=jnp.asarray(lengths),
+                                key_value_seq_starts=jnp.asarray(starts))  # fmt: skip
+
+    args = tuple(jnp.asarray(x, jnp.float32) for x in (q, k, v))
+    got, vjp = jax.vjp(jax.jit(f), *args)
+    np.testing.assert_allclose(got, out, atol=FP32_TOL, rtol=FP32_TOL)
+    for g, want in zip(vjp(jnp.asarray(dout, jnp.float32)), (dq, dk, dv), strict=True):
+        np.testing.assert_allclose(g, want, atol=FP32_TOL, rtol=FP32_TOL)
+
+
+def test_key_value_seq_starts_on_the_reference_and_an_error_where_unserved():
+    q = jnp.ones((2, 1, 2, 4))
+    k = v = jax.random.normal(jax.random.key(0), (2, 40, 2, 4))
+    kw = dict(key_value_seq_lengths=jnp.array([30, 40]), key_value_seq_starts=jnp.array([20, 0]))
+    ref = flax_mha.dot_product_attention(q, k, v, **kw, implementation="reference")
+    np.testing.assert_allclose(flax_mha.dot_product_attention(q, k, v, **kw, implementation="decode"),
+                               ref, atol=FP32_TOL, rtol=FP32_TOL)  # fmt: skip
+    only = flax_mha.dot_product_attention(q[:1], k[:1, 20:30], v[:1, 20:30])
+    np.testing.assert_allclose(ref[:1], only, atol=FP32_TOL, rtol=FP32_TOL)
+    with pytest.raises(
+        ValueError, match="blockwise' cannot be used here: it takes no key_value_seq_starts"
+    ):
+        flax_mha.dot_product_attention(q, k, v, **kw, implementation="blockwise")

@@ -248,3 +248,27 @@ def test_learned_scale_is_not_normalised_away_by_qk_norm():
     out10 = module.apply({"params": dict(params, per_head_scale=params["per_head_scale"] * 10)}, x)
     assert float(jnp.max(jnp.abs(out10 - out1))) > 1e-2
     assert float(jnp.max(jnp.abs(jax.grad(loss)(params["per_head_scale"])))) > 1e-2
+
+
+def test_windowed_decode_over_a_long_cache_uses_a_key_range_not_a_mask():
+    """The sliding window of a one-token step goes to the kernel as a key range."""
+    seen = []
+
+    def attn(q, k, v, **kw):
+        seen.append(sorted(kw))
+        return flax_mha.dot_product_attention(q, k, v, **kw)
+
+    kw = dict(num_heads=4, num_kv_heads=2, local_window_size=(3, 0), use_rope=True)
+    decoder = flax_mha.MultiHeadAttention(decode=True, attention_fn=attn, **kw)
+    full = flax_mha.MultiHeadAttention(is_causal=True, **kw)
+    x = rand(0, (2, 9, 16))
+    params = full.init(jax.random.key(1), x)["params"]
+    cache = decoder.init(jax.random.key(1), jnp.zeros((2, 1100, 16)))["cache"]
+    outs, state = [], {"cache": jax.tree.map(jnp.zeros_like, cache)}
+    for t in range(9):
+        out, state = decoder.apply({"params": params, "cache": state["cache"]}, x[:, t : t + 1],
+                                   mutable=["cache"])  # fmt: skip
+        outs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full.apply({"params": params}, x), **TOL)
+    steps = seen[1:]  # after init
+    assert all("key_value_seq_starts" in s and "mask" not in s for s in steps), steps

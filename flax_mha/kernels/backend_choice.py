@@ -56,6 +56,7 @@ class Request:
     causal: bool = False
     q_lengths: bool = False
     kv_lengths: bool = False
+    kv_starts: bool = False  # a key range's start per sequence (a window in decode)
     x64: bool = False  # jax_enable_x64 is on
     complex: bool = False  # complex inputs (as Flax accepts them)
 
@@ -72,6 +73,8 @@ def _ineligible(name: str, r: Request) -> str | None:
         return "precision or einsum/dot_general overrides are given"
     if r.softcap:
         return "it has no logit soft-capping"
+    if r.kv_starts and name != "decode":
+        return "it takes no key_value_seq_starts (the reference and the decode kernel do)"
     if name == "blockwise":
         return None
     if name == "decode":

@@ -114,6 +114,7 @@ def dot_product_attention(
     local_window_size: int | tuple[int, int] | None = None,
     logit_cap: float | None = None,
     implementation: str | None = None,
+    key_value_seq_starts: Array | None = None,
 ) -> Array:
     """Scaled dot-product attention: ``softmax(q k^T * scale + bias, mask) v`` per head.
 
@@ -150,6 +151,10 @@ def dot_product_attention(
       local_window_size: ``w`` or ``(left, right)``: attend to ``t - left <= s <= t + right``.
       logit_cap: soft-cap the scaled scores to ``cap * tanh(scores / cap)``.
       implementation: one of `IMPLEMENTATIONS`, or None to choose automatically.
+      key_value_seq_starts: int [batch...]; keys before the start are ignored, so with
+        ``key_value_seq_lengths`` each sequence sees the key range ``[start, length)``
+        (a sliding window over a decode cache, without a mask array). Served by the
+        reference and the decode kernel.
 
     Returns:
       [batch..., T, N, Hv] attention output.
@@ -191,6 +196,7 @@ def dot_product_attention(
     window = masks_lib.normalize_window(local_window_size)
     q_lengths = _lengths("query_seq_lengths", query_seq_lengths, batch)
     kv_lengths = _lengths("key_value_seq_lengths", key_value_seq_lengths, batch)
+    kv_starts = _lengths("key_value_seq_starts", key_value_seq_starts, batch)
     if not isinstance(dropout_rate, jax.core.Tracer) and not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate should be in [0, 1), but got {dropout_rate}")  # and NaN
     dropping = not deterministic and dropout_rate > 0.0
@@ -201,7 +207,8 @@ def dot_product_attention(
     call = Call(
         q=q, k=k, v=v, batch=batch, dtype=dtype,
         scale=default_scale(H) if scale is None else scale, bias=bias, mask=mask,
-        is_causal=is_causal, q_lengths=q_lengths, kv_lengths=kv_lengths, window=window,
+        is_causal=is_causal, q_lengths=q_lengths, kv_lengths=kv_lengths, kv_starts=kv_starts,
+        window=window,
         dropout_rate=dropout_rate if dropping else 0.0,
         dropout_rng=dropout_rng if dropping else None, broadcast_dropout=broadcast_dropout,
         logit_cap=logit_cap, precision=precision, qk_einsum=qk_einsum, wv_einsum=wv_einsum,
@@ -233,6 +240,7 @@ class Call:
       is_causal: causal mask.
       q_lengths: int [B] query lengths, or None.
       kv_lengths: int [B] key lengths, or None.
+      kv_starts: int [B] first visible key per sequence, or None.
       window: ``(left, right)`` local window, or None.
       dropout_rate: 0.0 unless dropout is active.
       dropout_rng: PRNG key when dropout is active, else None.
@@ -257,6 +265,7 @@ class Call:
     is_causal: bool = False
     q_lengths: Array | None = None
     kv_lengths: Array | None = None
+    kv_starts: Array | None = None
     window: tuple[int, int] | None = None
     dropout_rate: float = 0.0
     dropout_rng: Array | None = None
@@ -301,6 +310,7 @@ class Call:
             causal=self.is_causal,
             q_lengths=self.q_lengths is not None,
             kv_lengths=self.kv_lengths is not None,
+            kv_starts=self.kv_starts is not None,
             x64=bool(jax.config.jax_enable_x64),
             complex=jnp.issubdtype(self.dtype, jnp.complexfloating),
         )
@@ -319,8 +329,9 @@ def _blockwise(c: Call) -> Array:
 
 def _decode(c: Call) -> Array:
     return _on_auto_axes(
-        decode_attention, c.q, c.k, c.v, scale=c.scale, key_value_seq_lengths=c.kv_lengths
-    )
+        decode_attention, c.q, c.k, c.v, scale=c.scale, key_value_seq_lengths=c.kv_lengths,
+        key_value_seq_starts=c.kv_starts,
+    )  # fmt: skip
 
 
 def _pallas_tpu(c: Call) -> Array:
@@ -353,6 +364,9 @@ def _reference(c: Call) -> Array:
         dropout = _flatten_batch(multiplier, c.batch)
     mask = c.mask
     pos_mask = _positional_mask(T, S, B, c.is_causal, c.window, c.q_lengths, c.kv_lengths)
+    if c.kv_starts is not None:  # [B, 1, 1, S]: keys from each sequence's start on
+        after = (jnp.arange(S)[None, :] >= c.kv_starts[:, None])[:, None, None, :]
+        pos_mask = after if pos_mask is None else jnp.logical_and(pos_mask, after)
     if pos_mask is not None:
         mask = pos_mask if mask is None else jnp.logical_and(mask, pos_mask)
     attend = functools.partial(
