@@ -29,6 +29,7 @@ G = N // K query heads per kv head, H head dim (Hv for values).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,7 @@ __all__ = [
     "blockwise_attention",
     "blockwise_attention_with_lse",
     "blockwise_backward",
+    "blockwise_mods_with_lse",
     "blockwise_forward",
     "kernel_config",
 ]
@@ -77,7 +79,7 @@ def blockwise_forward(
     """
     T, S = query.shape[1], key.shape[1]
     operands = Operands() if operands is None else operands
-    geo = geometry(T, S, config.block_q, config.block_k)
+    geo = geometry(T, S, config.block_q, config.block_k, config.exact_blocks)
     if causal_triangle.applies(config, geo, T, S, operands):
         return causal_triangle.forward(config, geo, query, key, value)
     return forward_pass.forward(config, query, key, value, operands)
@@ -109,17 +111,34 @@ def blockwise_backward(
       dlse: [B, N, T] cotangent of ``lse``; None is zero.
 
     Returns:
-      ``((dq, dk, dv, dbias), visited)``: gradients in the dtypes of their inputs
-      (dbias None without a bias) and the int32 number of tiles computed.
+      ``((dq, dk, dv, doperands), visited)``: gradients in the dtypes of their inputs
+      and the int32 number of tiles computed. ``doperands`` is the cotangent of the
+      `Operands`: its ``bias`` (None without a bias) and ``score_consts`` (one per
+      array the score mod closes over; None for integer ones) are set, the rest None.
     """
     T, S = query.shape[1], key.shape[1]
     dlse = jnp.zeros_like(lse) if dlse is None else dlse
     operands = Operands() if operands is None else operands
-    geo = geometry(T, S, config.block_q, config.block_k)
+    geo = geometry(T, S, config.block_q, config.block_k, config.exact_blocks)
     grads = dict(out=out, lse=lse, dout=dout, dlse=dlse)
     if causal_triangle.applies(config, geo, T, S, operands):
-        return causal_triangle.backward(config, geo, query, key, value, **grads)
-    return backward_pass.backward(config, query, key, value, operands, **grads)
+        (dq, dk, dv, _), visited = causal_triangle.backward(config, geo, query, key, value, **grads)
+        return (dq, dk, dv, _operand_grads(operands, None, None)), visited
+    (dq, dk, dv, dbias, dconsts), visited = backward_pass.backward(
+        config, query, key, value, operands, **grads
+    )
+    return (dq, dk, dv, _operand_grads(operands, dbias, dconsts)), visited
+
+
+def _operand_grads(ops: Operands, dbias: Array | None, dconsts: tuple | None) -> Operands:
+    """The cotangent of ``ops``: the bias's and the score consts' gradients, None elsewhere.
+
+    Masks, lengths, the rng, the mask mod's arrays and the block classes are not
+    differentiable: None is a zero cotangent (for a whole field).
+    """
+    if dconsts is None:
+        dconsts = (None,) * len(ops.score_consts)
+    return Operands(bias=dbias, score_consts=tuple(dconsts), mask_consts=None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -135,11 +154,10 @@ def _attention_fwd(cfg, q, k, v, ops):
 def _attention_bwd(cfg, res, cotangents):
     q, k, v, ops, out, lse = res
     dout, dlse = cotangents
-    (dq, dk, dv, dbias), _ = blockwise_backward(
+    (dq, dk, dv, dops), _ = blockwise_backward(
         q, k, v, config=cfg, out=out, lse=lse, dout=dout, dlse=dlse, operands=ops
     )
-    # Masks, lengths and the rng are not differentiable: None is a zero cotangent.
-    return dq, dk, dv, Operands(bias=dbias)
+    return dq, dk, dv, dops
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -297,3 +315,59 @@ def blockwise_attention(
         block_k=block_k,
     )
     return out
+
+
+def blockwise_mods_with_lse(
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    scale: float | Array,
+    score_mod: Callable[..., Array] | None = None,
+    score_consts: tuple[Array, ...] = (),
+    mask_mod: Callable[..., Array] | None = None,
+    mask_consts: tuple[Array, ...] = (),
+    block_classes: Array | None = None,
+    block_size: tuple[int, int] | None = None,
+) -> tuple[Array, Array]:
+    """Attention shaped by a score mod, a mask mod and a block mask: ``(out, lse)``.
+
+    The mods are closure-converted (`jax.closure_convert`): the arrays they close over
+    are explicit arguments, ``score_mod(score, b, h, q_idx, kv_idx, *score_consts)`` and
+    ``mask_mod(b, h, q_idx, kv_idx, *mask_consts)``, so that the custom VJP returns the
+    gradients of the float ``score_consts``. Inputs are trusted (checked by
+    `flax_mha.flex_attention`).
+
+    Args:
+      query: [B, T, N, H].
+      key: [B, S, K, H].
+      value: [B, S, K, Hv].
+      scale: multiplies q.k before the score mod (a float, or a traced scalar).
+      score_mod: the converted score mod, or None.
+      score_consts: its arrays.
+      mask_mod: the converted mask mod, or None.
+      mask_consts: its arrays.
+      block_classes: int8 [Bb, Nb, nq, nk] classes of a block mask, or None (every block).
+      block_size: ``(block_q, block_k)`` of the block mask (the kernel's blocks), or None.
+
+    Returns:
+      ``(out [B, T, N, Hv], lse [B, N, T])`` as `blockwise_attention_with_lse`.
+    """
+    dtype = query.dtype
+    if isinstance(scale, jax.core.Tracer):
+        acc = accumulation_dtype(query)
+        query = query.astype(acc) * jnp.asarray(scale, acc)
+        scale = 1.0
+    if block_classes is not None:
+        sizes = BlockSizes(*block_size)
+    else:
+        sizes = BlockSizes.resolve(
+            None, None, batch=query.shape[0], num_heads=query.shape[2], num_kv_heads=key.shape[2]
+        )
+    cfg = Config(
+        sizes, scale, score_mod=score_mod, mask_mod=mask_mod, exact_blocks=block_classes is not None
+    )
+    consts = dict(score_consts=tuple(score_consts), mask_consts=tuple(mask_consts))
+    ops = Operands(**consts, block_classes=block_classes)
+    out, lse = _attention(cfg, query, key, value, ops)
+    return out.astype(dtype), lse

@@ -63,7 +63,7 @@ def forward(cfg: Config, q: Array, k: Array, v: Array, ops: Operands) -> tuple[A
     acc = accumulation_dtype(q, k, v)
     S, K = k.shape[1], k.shape[2]
     Hv = v.shape[-1]
-    geo = bt.geometry(T, S, cfg.block_q, cfg.block_k)
+    geo = bt.geometry(T, S, cfg.block_q, cfg.block_k, cfg.exact_blocks)
     bq, bk = geo.bq, geo.bk
     M = (N // K) * bq
     ch = bt.chunks(B, K, M, bk)
@@ -80,16 +80,31 @@ def forward(cfg: Config, q: Array, k: Array, v: Array, ops: Operands) -> tuple[A
         c, i = ci // geo.nq, ci % geo.nq
         q_i = bt.q_tile(qp, ch, c, i * bq, bq, K).astype(acc) * cfg.scale
 
-        def k_step(j, st, masked=True):
+        def k_step(j, st, masked=True, partial=True):
             k_t = bt.kv_tile(kp, ch, c, j * bk, bk).astype(acc)
             v_t = bt.kv_tile(vp, ch, c, j * bk, bk).astype(acc)
-            logits = functools.partial(tiles.logits, c=c, i=i, j=j) if masked else None
+            logits = (
+                functools.partial(tiles.logits, c=c, i=i, j=j, partial=partial) if masked else None
+            )
             keep = tiles.dropout_keep(c, i, j) if dropout else None
             return softmax_step(q_i, k_t, v_t, st, logits, keep)
 
         init = (online_softmax.init((ch.bc, ch.kc, M), Hv, acc), jnp.int32(0))
-        lo, hi = key_block_range(cfg, geo, i, q_max, kv_max)
-        if unmasked_below:
+        if tiles.lists is not None:
+            # A block mask lists the key blocks to visit: the full ones without the mask
+            # mod, then the partial ones with it.
+            n_part, part, n_full, full = tiles.lists.row(c, i)
+
+            def full_step(p, st):
+                return k_step(full[p], st, partial=False)
+
+            def part_step(p, st):
+                return k_step(part[p], st)
+
+            st = bounded_loop(0, n_full, full_step, init, geo.nk, whole=whole)
+            st = bounded_loop(0, n_part, part_step, st, geo.nk, whole=whole)
+        elif unmasked_below:
+            lo, hi = key_block_range(cfg, geo, i, q_max, kv_max)
             # Key blocks wholly at or below the first query of block i (and wholly
             # inside S) need no mask: run them without building one, then the
             # diagonal blocks with it.
@@ -98,6 +113,7 @@ def forward(cfg: Config, q: Array, k: Array, v: Array, ops: Operands) -> tuple[A
             st = bounded_loop(lo, mid, unmasked, init, geo.nk, whole=whole)
             st = bounded_loop(mid, hi, k_step, st, geo.nk, whole=whole)
         else:
+            lo, hi = key_block_range(cfg, geo, i, q_max, kv_max)
             st = bounded_loop(lo, hi, k_step, init, geo.nk, whole=whole)
         softmax, n = st
         o_i, lse_i = online_softmax.finish(softmax, 1.0 - cfg.dropout_rate)

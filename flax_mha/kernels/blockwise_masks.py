@@ -2,29 +2,32 @@
 
 The two seams where attention's structure meets the tiles: `key_block_range` /
 `query_block_range` decide which (query block, key block) tiles are computed at
-all (causal, window and length constraints skip whole blocks), and `Tiles`
-turns a raw logits tile into masked, biased logits (`Tiles.logits`), draws its
-dropout keep mask and accumulates the bias gradient. Programmable masks and
-scores (a block mask listing the non-empty blocks, mask and score functions of
-positions) plug in here, leaving the loops of the forward and backward passes
-untouched.
+all (causal, window and length constraints skip whole blocks), or a block mask
+lists them (`BlockLists`: per chunk of heads, the partial and the full blocks);
+and `Tiles` turns a raw logits tile into masked, biased logits (`Tiles.logits`:
+bias, score mod, positional masks, user mask, mask mod), draws its dropout keep
+mask and accumulates the bias gradient. The loops of the forward and backward
+passes only ask these two.
 
 Letters: see `blockwise_tiles`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
+from flax_mha.kernels import block_mask as bm
 from flax_mha.kernels.blockwise_tiles import Chunks, Geometry, at, block_pair, pair_index
 from flax_mha.kernels.config import Config
 from flax_mha.masks import position_mask
 
 __all__ = [
+    "BlockLists",
     "Operands",
     "Tiles",
     "keep_threshold",
@@ -119,6 +122,9 @@ class Tiles(NamedTuple):
       q_len: [B] int query lengths or None.
       kv_len: [B] int key lengths (already clamped to S) or None.
       rng: dropout PRNG key or None.
+      score_consts: the arrays ``cfg.score_mod`` takes after its indices.
+      mask_consts: the arrays ``cfg.mask_mod`` takes after its indices.
+      lists: the `BlockLists` of a block mask in this pass's orientation, or None.
     """
 
     cfg: Config
@@ -132,6 +138,9 @@ class Tiles(NamedTuple):
     q_len: Array | None
     kv_len: Array | None
     rng: Array | None
+    score_consts: tuple[Array, ...] = ()
+    mask_consts: tuple[Array, ...] = ()
+    lists: BlockLists | None = None
 
     def view(self, s: Array) -> Array:
         """Splits M = G * bq of a [bc, kc, M, bk] (or [bc, kc, bk, M]) tile into (G, bq)."""
@@ -194,19 +203,75 @@ class Tiles(NamedTuple):
             t = lax.dynamic_index_in_dim(t, ck, 2, False)
         return t
 
-    def logits(self, s: Array, c: Any, i: Any, j: Any) -> Array:
-        """Adds the bias to a flat tile and sets its masked entries to -inf."""
+    def indices(self, c: Any, i: Any, j: Any) -> tuple[Array, Array, Array, Array]:
+        """Batch [bc], head [kc, G], query [bq] and key [bk] indices of tile (c, i, j)."""
+        ch, geo = self.ch, self.geo
+        cb, ck = ch.index(c)
+        G = self.num_heads // (ch.kc * ch.nkc)
+        i32 = jnp.int32
+        b = jnp.arange(ch.bc, dtype=i32) * ch.nb + jnp.asarray(cb, i32)
+        kv_head = jnp.arange(ch.kc, dtype=i32) * ch.nkc + jnp.asarray(ck, i32)
+        h = kv_head[:, None] * G + jnp.arange(G, dtype=i32)[None, :]
+        q = jnp.asarray(i, i32) * geo.bq + jnp.arange(geo.bq, dtype=i32)
+        kv = jnp.asarray(j, i32) * geo.bk + jnp.arange(geo.bk, dtype=i32)
+        return b, h, q, kv
+
+    def _on_tile(self, fn: Callable[..., Array], score: Array | None, c, i, j, consts) -> Array:
+        """``fn`` of scalars, vmapped over tile (c, i, j): 5-D like `view`.
+
+        The tile's axes are (b, kv head, G, q, kv), or (b, kv head, kv, G, q) transposed;
+        ``fn`` takes ``(score, b, h, q_idx, kv_idx, *consts)`` (no score when None).
+        """
+        order = ("b", "kh", "kv", "g", "q") if self.transposed else ("b", "kh", "g", "q", "kv")
+        f = fn
+        for axis in reversed(order):
+            index_axes = (
+                0 if axis == "b" else None,
+                0 if axis in ("kh", "g") else None,
+                0 if axis == "q" else None,
+                0 if axis == "kv" else None,
+            )
+            lead = (0,) if score is not None else ()
+            f = jax.vmap(f, in_axes=(*lead, *index_axes, *(None,) * len(consts)))
+        args = (score,) if score is not None else ()
+        return f(*args, *self.indices(c, i, j), *consts)
+
+    def logits(
+        self,
+        s: Array,
+        c: Any,
+        i: Any,
+        j: Any,
+        partial: bool = True,
+        score_consts: tuple[Array, ...] | None = None,
+    ) -> Array:
+        """Biases, score-mods and masks a flat tile (masked entries -inf).
+
+        Args:
+          s: flat raw logits tile (``q . k * scale``).
+          c, i, j: the tile's chunk, query block and key block.
+          partial: evaluate the mask mod (False on blocks a block mask lists as full).
+          score_consts: the score mod's arrays, when differentiated; None: the tiles'.
+        """
+        cfg = self.cfg
         pos = self.position_tile(c, i, j)
-        if self.bias is None and self.mask is None and pos is None:
+        mods = cfg.score_mod is not None or (partial and cfg.mask_mod is not None)
+        if self.bias is None and self.mask is None and pos is None and not mods:
             return s
         flat_shape = s.shape
         s = self.view(s)
         if self.bias is not None:
             s = s + self._pair_tile(self.bias, c, i, j).astype(s.dtype)
+        if cfg.score_mod is not None:
+            consts = self.score_consts if score_consts is None else score_consts
+            s = self._on_tile(cfg.score_mod, s, c, i, j, consts).astype(s.dtype)
         keep = pos
         if self.mask is not None:
             user = self._pair_tile(self.mask, c, i, j)
             keep = user if keep is None else jnp.logical_and(keep, user)
+        if partial and cfg.mask_mod is not None:
+            mod = self._on_tile(cfg.mask_mod, None, c, i, j, self.mask_consts).astype(bool)
+            keep = mod if keep is None else jnp.logical_and(keep, mod)
         if keep is not None:
             s = jnp.where(keep, s, -jnp.inf)
         return s.reshape(flat_shape)
@@ -273,6 +338,11 @@ class Operands(NamedTuple):
       q_lengths: int [B]; queries ``t >= len`` give zero rows.
       kv_lengths: int [B]; keys ``s >= len`` are never attended.
       rng: dropout PRNG key (when the config's ``dropout_rate > 0``).
+      score_consts: the arrays the config's score mod closes over (float ones are
+        differentiable).
+      mask_consts: the arrays the config's mask mod closes over.
+      block_classes: int8 [Bb, Nb, nq, nk] classes of a block mask
+        (`flax_mha.kernels.block_mask`), on the config's exact blocks, or None.
     """
 
     bias: Array | None = None
@@ -280,10 +350,61 @@ class Operands(NamedTuple):
     q_lengths: Array | None = None
     kv_lengths: Array | None = None
     rng: Array | None = None
+    score_consts: tuple[Array, ...] = ()
+    mask_consts: tuple[Array, ...] = ()
+    block_classes: Array | None = None
 
     def positional_only(self) -> bool:
-        """No bias, mask or lengths: only the config's causal mask / window can mask."""
-        return all(x is None for x in (self.bias, self.mask, self.q_lengths, self.kv_lengths))
+        """No bias, mask, lengths or block mask: only the config's causal mask / window."""
+        return all(
+            x is None
+            for x in (self.bias, self.mask, self.q_lengths, self.kv_lengths, self.block_classes)
+        )
+
+
+class BlockLists(NamedTuple):
+    """A block mask's partial and full blocks per chunk of (batch, kv head) pairs.
+
+    One orientation: key blocks per query block (forward) or query blocks per key
+    block (backward, ``transposed``). A block is full for a chunk when it is full for
+    every (batch, head) of the chunk, empty when empty for all, partial otherwise.
+
+    Attributes:
+      num_partial: int32 [C', n] partial blocks of each row of blocks (C' = chunks or 1).
+      partial: int32 [C', n, m] their indices first.
+      num_full: int32 [C', n] full blocks.
+      full: int32 [C', n, m] their indices first.
+    """
+
+    num_partial: Array
+    partial: Array
+    num_full: Array
+    full: Array
+
+    @classmethod
+    def of(cls, classes: Array, ch: Chunks, num_heads: int, transposed: bool) -> BlockLists:
+        """The lists of block ``classes`` [Bb, Nb, nq, nk] for the chunks ``ch``."""
+        Bb, Nb, nq, nk = classes.shape
+        if Bb == 1 and Nb == 1:
+            per_chunk = classes.reshape(1, nq, nk)
+        else:
+            B, K = ch.bc * ch.nb, ch.kc * ch.nkc
+            G = num_heads // K
+            x = jnp.broadcast_to(classes, (B, num_heads, nq, nk))
+            x = x.reshape(ch.bc, ch.nb, ch.kc, ch.nkc, G, nq, nk)
+            axes = (0, 2, 4)
+            any_ = jnp.any(x != bm.EMPTY, axis=axes)
+            all_ = jnp.all(x == bm.FULL, axis=axes)
+            per_chunk = jnp.where(all_, bm.FULL, jnp.where(any_, bm.PARTIAL, bm.EMPTY))
+            per_chunk = per_chunk.reshape(ch.nb * ch.nkc, nq, nk)
+        if transposed:
+            per_chunk = jnp.swapaxes(per_chunk, 1, 2)
+        return cls(*bm.lists_from_classes(per_chunk))
+
+    def row(self, c: Any, r: Any) -> tuple[Array, Array, Array, Array]:
+        """``(num_partial, partial, num_full, full)`` of chunk ``c``, row of blocks ``r``."""
+        c = c if self.num_partial.shape[0] > 1 else 0
+        return self.num_partial[c, r], self.partial[c, r], self.num_full[c, r], self.full[c, r]
 
 
 def make_tiles(
@@ -304,6 +425,11 @@ def make_tiles(
         q_len=None if q_lengths is None else q_lengths.astype(jnp.int32),
         kv_len=None if kv_lengths is None else jnp.minimum(kv_lengths.astype(jnp.int32), S),
         rng=ops.rng,
+        score_consts=tuple(ops.score_consts),
+        mask_consts=tuple(ops.mask_consts),
+        lists=None
+        if ops.block_classes is None
+        else BlockLists.of(ops.block_classes, ch, q.shape[2], transposed),
     )
 
 
@@ -312,6 +438,7 @@ def plain_causal(tiles: Tiles) -> bool:
     cfg = tiles.cfg
     return (
         cfg.is_causal
+        and not cfg.has_mods
         and cfg.local_window is None
         and tiles.bias is None
         and tiles.mask is None

@@ -64,8 +64,11 @@ def _split(length: int, block: int) -> tuple[int, int]:
     return size, n
 
 
-def geometry(T: int, S: int, block_q: int, block_k: int) -> Geometry:
+def geometry(T: int, S: int, block_q: int, block_k: int, exact: bool = False) -> Geometry:
     """Effective block sizes for query length ``T`` and key length ``S``.
+
+    ``exact``: keep the block sizes as given (the blocks of a block mask), padding
+    the last block, instead of balancing them over the lengths.
 
     Raises:
       ValueError: if a block size is not positive.
@@ -74,6 +77,8 @@ def geometry(T: int, S: int, block_q: int, block_k: int) -> Geometry:
         raise ValueError(
             f"block sizes should be positive, but got block_q={block_q}, block_k={block_k}"
         )
+    if exact:
+        return Geometry(block_q, block_k, -(-T // block_q), -(-S // block_k))
     bq, nq = _split(T, block_q)
     bk, nk = _split(S, block_k)
     return Geometry(bq, bk, nq, nk)

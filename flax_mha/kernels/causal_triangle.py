@@ -32,6 +32,7 @@ def applies(cfg: Config, geo: bt.Geometry, T: int, S: int, ops: Operands) -> boo
         cfg.is_causal
         and cfg.local_window is None
         and cfg.dropout_rate == 0.0
+        and not cfg.has_mods
         and ops.positional_only()
         and T == S
         and geo.nq * geo.bq == T

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 
@@ -134,6 +135,12 @@ class Config:
       is_causal: key s visible to query t iff ``s <= t``.
       local_window: ``(left, right)``: attend iff ``t - left <= s <= t + right``.
       dropout_rate: probability of dropping an attention weight, in [0, 1).
+      score_mod: ``score_mod(score, b, h, q_idx, kv_idx, *consts)``: a score mod of
+        `flax_mha.mods` with the arrays it closes over as trailing arguments (the
+        ``score_consts`` of the `Operands`), or None.
+      mask_mod: ``mask_mod(b, h, q_idx, kv_idx, *consts)`` likewise (``mask_consts``), or None.
+      exact_blocks: use the block sizes as given, not shrunk to fit the lengths: the
+        blocks of a block mask (``block_classes`` of the `Operands`).
 
     Raises:
       ValueError: if ``dropout_rate`` is not in [0, 1).
@@ -144,6 +151,9 @@ class Config:
     is_causal: bool = False
     local_window: tuple[int, int] | None = None
     dropout_rate: float = 0.0
+    score_mod: Callable[..., object] | None = None
+    mask_mod: Callable[..., object] | None = None
+    exact_blocks: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout_rate < 1.0:
@@ -154,6 +164,11 @@ class Config:
         object.__setattr__(self, "scale", float(self.scale))
         object.__setattr__(self, "is_causal", bool(self.is_causal))
         object.__setattr__(self, "dropout_rate", float(self.dropout_rate))
+
+    @property
+    def has_mods(self) -> bool:
+        """Whether a score mod, a mask mod or a block mask shapes the attention."""
+        return self.score_mod is not None or self.mask_mod is not None or self.exact_blocks
 
     @property
     def block_q(self) -> int:

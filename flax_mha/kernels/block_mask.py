@@ -1,0 +1,235 @@
+"""`BlockMask`: which (query block, key block) tiles a mask leaves empty, partial or full.
+
+As in FlexAttention, a block mask is built once per batch from a mask mod
+(`create_block_mask`) and passed to every layer: the kernels then skip empty tiles,
+evaluate the mask mod only on partial ones and run full ones unmasked. It is a pytree
+(its index arrays are leaves, its sizes and mask mod static), so it can be made inside
+or outside `jax.jit` and passed through it.
+
+Building it never makes an array of T x S entries: the mods of `flax_mha.mods` carry an
+exact rule that classifies whole blocks from their bounds (O(L + nq * nk) work); any
+other mask function is evaluated block row by block row, reduced to one class per
+block as it goes (O(block_q * S) memory at a time).
+
+Letters: B batch, N heads, T query length, S key length, nq / nk query / key blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array, lax
+
+from flax_mha.mods import BlockBounds, MaskMod
+
+__all__ = ["EMPTY", "FULL", "PARTIAL", "BlockMask", "create_block_mask", "lists_from_classes"]
+
+#: Block classes: no entry attended, some, all.
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+#: The default block size, FlexAttention's.
+DEFAULT_BLOCK_SIZE = 128
+
+#: Mask entries evaluated at a time when a mask mod has no block rule.
+_DENSE_CHUNK_ELEMENTS = 2**22
+
+
+def _static(**kwargs: Any) -> Any:
+    return dataclasses.field(metadata=dict(static=True), **kwargs)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockMask:
+    """The block structure of a mask, as FlexAttention's ``BlockMask``.
+
+    Arrays have leading dims [Bb, Nb] with Bb = B or 1 and Nb = N or 1 (broadcast).
+    Index lists hold the blocks of their class first, in increasing order; entries
+    past the count are the remaining block indices.
+
+    Attributes:
+      classes: int8 [Bb, Nb, nq, nk]: `EMPTY`, `PARTIAL` or `FULL` per block.
+      kv_num_blocks: int32 [Bb, Nb, nq] partial key blocks per query block.
+      kv_indices: int32 [Bb, Nb, nq, nk] their indices.
+      full_kv_num_blocks: int32 [Bb, Nb, nq] full key blocks per query block.
+      full_kv_indices: int32 [Bb, Nb, nq, nk] their indices.
+      q_num_blocks: int32 [Bb, Nb, nk] partial query blocks per key block (backward).
+      q_indices: int32 [Bb, Nb, nk, nq].
+      full_q_num_blocks: int32 [Bb, Nb, nk].
+      full_q_indices: int32 [Bb, Nb, nk, nq].
+      block_size: ``(block_q, block_k)`` (static).
+      seq_lengths: ``(T, S)`` (static).
+      mask_mod: the mask function it was made from, used by `flex_attention` on
+        partial blocks when none is passed (static; None for a mask given as blocks).
+    """
+
+    classes: Array
+    kv_num_blocks: Array
+    kv_indices: Array
+    full_kv_num_blocks: Array
+    full_kv_indices: Array
+    q_num_blocks: Array
+    q_indices: Array
+    full_q_num_blocks: Array
+    full_q_indices: Array
+    block_size: tuple[int, int] = _static()
+    seq_lengths: tuple[int, int] = _static()
+    mask_mod: Callable[..., Array] | None = _static(default=None, compare=False)
+
+    @classmethod
+    def from_classes(
+        cls,
+        classes: Array,
+        *,
+        block_size: tuple[int, int],
+        seq_lengths: tuple[int, int],
+        mask_mod: Callable[..., Array] | None = None,
+    ) -> BlockMask:
+        """The block mask of int [Bb, Nb, nq, nk] block ``classes`` (`EMPTY`/`PARTIAL`/`FULL`)."""
+        classes = jnp.asarray(classes, jnp.int8)
+        kv = lists_from_classes(classes)
+        q = lists_from_classes(jnp.swapaxes(classes, -1, -2))
+        return cls(classes, *kv, *q, block_size=tuple(block_size), seq_lengths=tuple(seq_lengths),
+                   mask_mod=mask_mod)  # fmt: skip
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(Bb, Nb, T, S)``: the mask's shape (Bb, Nb are 1 when broadcast)."""
+        return (*self.classes.shape[:2], *self.seq_lengths)
+
+    def to_dense(self) -> Array:
+        """Bool [Bb, Nb, nq, nk]: whether each block is visited (not empty)."""
+        return self.classes != EMPTY
+
+    def sparsity(self) -> float:
+        """The fraction of empty blocks (a concrete block mask only)."""
+        return float(np.mean(np.asarray(self.classes) == EMPTY))
+
+    def __repr__(self) -> str:
+        bq, bk = self.block_size
+        return (
+            f"BlockMask(shape={self.shape}, block_size=({bq}, {bk}), "
+            f"blocks={tuple(self.classes.shape[2:])}, mask_mod={self.mask_mod!r})"
+        )
+
+
+def lists_from_classes(classes: Array) -> tuple[Array, Array, Array, Array]:
+    """Counts and index lists of partial and full blocks along the last axis.
+
+    Args:
+      classes: int [..., n] block classes.
+
+    Returns:
+      ``(num_partial [...], partial [..., n], num_full [...], full [..., n])``, int32;
+      each list holds its blocks first, in increasing order.
+    """
+    n = classes.shape[-1]
+    j = jnp.arange(n, dtype=jnp.int32)
+
+    def of(kind: int) -> tuple[Array, Array]:
+        hit = classes == kind
+        order = jnp.argsort(jnp.where(hit, j, n + j), axis=-1).astype(jnp.int32)
+        return jnp.sum(hit, axis=-1, dtype=jnp.int32), order
+
+    return (*of(PARTIAL), *of(FULL))
+
+
+def _bounds(B: int, N: int, T: int, S: int, bq: int, bk: int) -> BlockBounds:
+    nq, nk = -(-T // bq), -(-S // bk)
+    q_lo = jnp.arange(nq, dtype=jnp.int32) * bq
+    kv_lo = jnp.arange(nk, dtype=jnp.int32) * bk
+    return BlockBounds(
+        b=jnp.arange(B, dtype=jnp.int32)[:, None, None, None],
+        h=jnp.arange(N, dtype=jnp.int32)[None, :, None, None],
+        q_lo=q_lo[None, None, :, None],
+        q_hi=jnp.minimum(q_lo + bq - 1, T - 1)[None, None, :, None],
+        kv_lo=kv_lo[None, None, None, :],
+        kv_hi=jnp.minimum(kv_lo + bk - 1, S - 1)[None, None, None, :],
+        block_q=bq,
+        block_k=bk,
+        T=T,
+        S=S,
+    )
+
+
+def _dense_classes(
+    mask_mod: Callable[..., Array], B: int, N: int, T: int, S: int, bq: int, bk: int
+) -> tuple[Array, Array]:
+    """Classes by evaluating ``mask_mod`` on one (b, h, query block) row of blocks at a time."""
+    nq, nk = -(-T // bq), -(-S // bk)
+    kv = jnp.arange(nk * bk, dtype=jnp.int32)
+    kv_valid = (kv < S).reshape(nk, bk)
+    fn = jax.vmap(mask_mod, in_axes=(None, None, None, 0))  # kv
+    fn = jax.vmap(fn, in_axes=(None, None, 0, None))  # q
+
+    def row(bhi: Array) -> tuple[Array, Array]:
+        b, h, i = bhi // (N * nq), (bhi // nq) % N, bhi % nq
+        q = i * bq + jnp.arange(bq, dtype=jnp.int32)
+        m = jnp.asarray(fn(b, h, q, kv), bool).reshape(bq, nk, bk)
+        valid = (q < T)[:, None, None] & kv_valid[None]
+        any_ = jnp.any(m & valid, axis=(0, 2))
+        all_ = jnp.all(m | ~valid, axis=(0, 2))
+        return any_, all_
+
+    rows = jnp.arange(B * N * nq, dtype=jnp.int32)
+    batch = max(1, min(len(rows), _DENSE_CHUNK_ELEMENTS // (bq * nk * bk)))
+    any_, all_ = lax.map(row, rows, batch_size=batch)
+    return any_.reshape(B, N, nq, nk), all_.reshape(B, N, nq, nk)
+
+
+def create_block_mask(
+    mask_mod: Callable[..., Array],
+    B: int | None,
+    N: int | None,
+    T: int,
+    S: int,
+    *,
+    block_size: int | tuple[int, int] = DEFAULT_BLOCK_SIZE,
+) -> BlockMask:
+    """The `BlockMask` of ``mask_mod`` on a [B, N, T, S] attention (FlexAttention's name).
+
+    Args:
+      mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (True = attend), a function of
+        int32 scalars; a `flax_mha.mods.MaskMod` is classified block by block from its
+        rule, any other function by evaluating it.
+      B: batch size, or None when the mask is the same for every batch entry
+        (``mask_mod`` then sees ``b = 0``).
+      N: query heads, or None when the mask is the same for every head (``h = 0``).
+      T: query length.
+      S: key length.
+      block_size: rows and keys per block: an int for both, or ``(block_q, block_k)``.
+
+    Returns:
+      The `BlockMask` (jittable; built without any T x S array).
+
+    Raises:
+      ValueError: if a size is not positive.
+      TypeError: if ``mask_mod`` is not callable.
+    """
+    if not callable(mask_mod):
+        raise TypeError(f"mask_mod should be a function, but got {type(mask_mod).__name__}")
+    bq, bk = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    for name, v in (("B", B), ("N", N)):
+        if v is not None and (not isinstance(v, (int, np.integer)) or v <= 0):
+            raise ValueError(f"{name} should be a positive int or None, but got {v!r}")
+    for name, v in (("T", T), ("S", S), ("block_q", bq), ("block_k", bk)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{name} should be a positive int, but got {v!r}")
+    Bb, Nb, T, S, bq, bk = (int(x) for x in (B or 1, N or 1, T, S, bq, bk))
+    rule = mask_mod.rule if isinstance(mask_mod, MaskMod) else None
+    nq, nk = -(-T // bq), -(-S // bk)
+    if rule is not None:
+        any_, all_ = rule(_bounds(Bb, Nb, T, S, bq, bk))
+        any_ = jnp.broadcast_to(any_, (Bb, Nb, nq, nk))
+        all_ = jnp.broadcast_to(all_, (Bb, Nb, nq, nk))
+    else:
+        any_, all_ = _dense_classes(mask_mod, Bb, Nb, T, S, bq, bk)
+    classes = jnp.where(all_, FULL, jnp.where(any_, PARTIAL, EMPTY)).astype(jnp.int8)
+    return BlockMask.from_classes(
+        classes, block_size=(bq, bk), seq_lengths=(T, S), mask_mod=mask_mod
+    )

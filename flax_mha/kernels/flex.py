@@ -1,0 +1,219 @@
+"""`flex_attention`: attention programmed by a score mod, a mask mod and a block mask.
+
+FlexAttention's API (``score_mod``, ``mask_mod``, ``block_mask``, ``return_lse``) in
+the layout of `jax.nn.dot_product_attention` ([B, T, N, H], grouped-query keys
+[B, S, K, H]), on two backends that compute the same thing:
+
+* ``"blockwise"``: the O(L)-memory kernel of `flax_mha.kernels.blockwise`; it visits
+  only the tiles a block mask lists, evaluates the mask mod on partial tiles only,
+  and its custom VJP returns the gradients of q, k, v and of every float array the
+  score mod closes over;
+* ``"reference"``: every score materialised, the mods evaluated densely (the oracle;
+  plain autodiff).
+
+Sinks (learned per-head logits that join each row's softmax denominator, as in
+gpt-oss) are merged after the kernel by the log-sum-exp, so they need nothing of it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from flax_mha.checks import check_qkv
+from flax_mha.kernels import online_softmax
+from flax_mha.kernels.backend_choice import BLOCKWISE_MIN_CPU_ELEMENTS
+from flax_mha.kernels.block_mask import BlockMask
+from flax_mha.kernels.blockwise import blockwise_mods_with_lse
+from flax_mha.kernels.common import accumulation_dtype
+
+__all__ = ["FLEX_IMPLEMENTATIONS", "flex_attention", "reference_flex_attention"]
+
+#: The backends `flex_attention` can run on.
+FLEX_IMPLEMENTATIONS = ("reference", "blockwise")
+
+
+def _vmap_entries(fn: Callable[..., Array], with_score: bool) -> Callable[..., Array]:
+    """``fn`` of scalars mapped over [B, N, T, S] entries (b, h, q_idx, kv_idx as 1-D)."""
+    lead = (0,) if with_score else ()
+    f = fn
+    for axis in reversed(range(4)):  # kv, q, h, b
+        index_axes = tuple(0 if a == axis else None for a in range(4))
+        f = jax.vmap(f, in_axes=(*lead, *index_axes))
+    return f
+
+
+def reference_flex_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    scale: float | Array,
+    score_mod: Callable[..., Array] | None = None,
+    mask_mod: Callable[..., Array] | None = None,
+    sinks: Array | None = None,
+) -> tuple[Array, Array]:
+    """`flex_attention` with every [B, N, T, S] score materialised: ``(out, lse)``.
+
+    Args and returns as `flex_attention` (already checked).
+    """
+    B, T, N, _ = query.shape
+    S, K = key.shape[1], key.shape[2]
+    acc = accumulation_dtype(query, key, value)
+    G = N // K
+    k = jnp.repeat(key, G, axis=2) if G > 1 else key
+    v = jnp.repeat(value, G, axis=2) if G > 1 else value
+    hi = jax.lax.Precision.HIGHEST
+    s = jnp.einsum("btnh,bsnh->bnts", query.astype(acc), k.astype(acc), precision=hi)
+    s = s * jnp.asarray(scale, acc)
+    idx = (jnp.arange(n, dtype=jnp.int32) for n in (B, N, T, S))
+    b, h, q, kv = idx
+    if score_mod is not None:
+        s = _vmap_entries(score_mod, True)(s, b, h, q, kv).astype(acc)
+    if mask_mod is not None:
+        keep = _vmap_entries(mask_mod, False)(b, h, q, kv).astype(bool)
+        s = jnp.where(keep, s, -jnp.inf)
+    m = jnp.max(s, axis=-1)
+    if sinks is not None:
+        m = jnp.maximum(m, sinks.astype(acc)[None, :, None])
+    m = jnp.where(jnp.isneginf(m), 0.0, m)
+    p = jnp.exp(s - m[..., None])
+    l = jnp.sum(p, axis=-1)
+    if sinks is not None:
+        l = l + jnp.exp(sinks.astype(acc)[None, :, None] - m)
+    seen = l > 0.0
+    l_safe = jnp.where(seen, l, 1.0)
+    out = jnp.einsum("bnts,bsnh->btnh", p / l_safe[..., None], v.astype(acc), precision=hi)
+    lse = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
+    return out.astype(query.dtype), lse
+
+
+def _check_block_mask(block_mask: Any, B: int, N: int, T: int, S: int) -> None:
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(
+            f"block_mask should be a BlockMask (flax_mha.create_block_mask), but got "
+            f"{type(block_mask).__name__}"
+        )
+    Bb, Nb = block_mask.classes.shape[:2]
+    if block_mask.seq_lengths != (T, S) or Bb not in (1, B) or Nb not in (1, N):
+        raise ValueError(
+            f"block_mask should be made for shape {(B, N, T, S)} (or with B, N of 1), "
+            f"but got {block_mask.shape}"
+        )
+
+
+def _check_sinks(sinks: Any, N: int) -> Array:
+    sinks = jnp.asarray(sinks)
+    if not jnp.issubdtype(sinks.dtype, jnp.floating):
+        raise TypeError(f"sinks should be a float array, but got dtype {sinks.dtype}")
+    if sinks.shape != (N,):
+        raise ValueError(f"sinks should have shape ({N},) (one per head), but got {sinks.shape}")
+    return sinks
+
+
+def _add_sinks(out: Array, lse: Array, sinks: Array) -> tuple[Array, Array]:
+    """Merges per-head sink logits (keys with zero values) into ``(out, lse)``."""
+    B, T, N, _ = out.shape
+    acc = lse.dtype
+    sink_lse = jnp.broadcast_to(sinks.astype(acc)[None, :, None], lse.shape)  # [B, N, T]
+    rows = out.astype(acc).transpose(0, 2, 1, 3)  # [B, N, T, Hv]
+    o, l = online_softmax.merge(rows, lse, jnp.zeros_like(rows), sink_lse)
+    return o.transpose(0, 2, 1, 3).astype(out.dtype), l
+
+
+def flex_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    score_mod: Callable[..., Array] | None = None,
+    block_mask: BlockMask | None = None,
+    mask_mod: Callable[..., Array] | None = None,
+    scale: float | Array | None = None,
+    sinks: Array | None = None,
+    return_lse: bool = False,
+    implementation: str | None = None,
+) -> Array | tuple[Array, Array]:
+    """Attention with programmable scores and masks (PyTorch's FlexAttention, JAX layout).
+
+    ``out[b, t, n] = sum_s softmax_s(mask(score_mod(scale * q.k)))[t, s] v[b, s, n // G]``,
+    where the mask is ``mask_mod(b, n, t, s)`` and the softmax's denominator also
+    holds ``exp(sinks[n])`` when sinks are given.
+
+    Args:
+      query: [B, T, N, H] queries.
+      key: [B, S, K, H] keys; K divides N (query head n uses kv head ``n // (N // K)``).
+      value: [B, S, K, Hv] values.
+      score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score``, a JAX function of
+        scalars (`flax_mha.mods` has the usual ones). It may close over arrays (a learned
+        bias table, slopes), traced or not: their gradients flow.
+      block_mask: a `BlockMask` from `flax_mha.create_block_mask` for this shape (B and N
+        may be 1): tiles it marks empty are skipped, full ones run without the mask mod.
+      mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (True = attend); None: the block
+        mask's own, if any.
+      scale: multiplies q.k; None: ``1 / sqrt(H)``.
+      sinks: float [N] per-head sink logits, or None.
+      return_lse: also return the row log-sum-exp.
+      implementation: ``"blockwise"`` or ``"reference"``; None picks the blockwise kernel
+        for a block mask or a large problem, the reference otherwise.
+
+    Returns:
+      [B, T, N, Hv] in the query dtype, or ``(out, lse)`` with lse [B, N, T] float32
+      (float64 for float64 inputs) when ``return_lse``. Rows that see no key (and no
+      sink) give zeros, lse -inf, and zero gradients.
+
+    Raises:
+      ValueError: for inconsistent shapes, a block mask for another shape, or an
+        unknown implementation.
+      TypeError: for non-float inputs, a non-callable mod or a non-BlockMask block mask.
+    """
+    check_qkv(query, key, value)
+    if query.ndim != 4:
+        raise ValueError(f"query should have rank 4 ([B, T, N, H]), but got shape {query.shape}")
+    B, T, N, H = query.shape
+    S = key.shape[1]
+    for name, mod in (("score_mod", score_mod), ("mask_mod", mask_mod)):
+        if mod is not None and not callable(mod):
+            raise TypeError(f"{name} should be a function, but got {type(mod).__name__}")
+    if block_mask is not None:
+        _check_block_mask(block_mask, B, N, T, S)
+        if mask_mod is None:
+            mask_mod = block_mask.mask_mod
+    if sinks is not None:
+        sinks = _check_sinks(sinks, N)
+    if implementation is None:
+        large = T * S >= BLOCKWISE_MIN_CPU_ELEMENTS
+        implementation = "blockwise" if block_mask is not None or large else "reference"
+    if implementation not in FLEX_IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation should be one of {FLEX_IMPLEMENTATIONS} or None, "
+            f"but got {implementation!r}"
+        )
+    scale = 1.0 / math.sqrt(H) if scale is None else scale
+    if implementation == "reference":
+        out, lse = reference_flex_attention(
+            query, key, value, scale=scale, score_mod=score_mod, mask_mod=mask_mod, sinks=sinks
+        )
+        return (out, lse) if return_lse else out
+    acc = accumulation_dtype(query, key, value)
+    i = jnp.int32(0)
+    score_fn, score_consts = (None, ())
+    if score_mod is not None:
+        score_fn, score_consts = jax.closure_convert(score_mod, jnp.zeros((), acc), i, i, i, i)
+    mask_fn, mask_consts = (None, ())
+    if mask_mod is not None:
+        mask_fn, mask_consts = jax.closure_convert(mask_mod, i, i, i, i)
+    out, lse = blockwise_mods_with_lse(
+        query, key, value, scale=scale, score_mod=score_fn, score_consts=tuple(score_consts),
+        mask_mod=mask_fn, mask_consts=tuple(mask_consts),
+        block_classes=None if block_mask is None else block_mask.classes,
+        block_size=None if block_mask is None else block_mask.block_size,
+    )  # fmt: skip
+    if sinks is not None:
+        out, lse = _add_sinks(out, lse, sinks)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,433 @@
+"""Programmable attention: mask functions and score functions of positions (as in FlexAttention).
+
+A *mask mod* says which keys a query sees, a *score mod* changes a score; both are
+plain JAX functions of scalars, written for one (batch, head, query, key) entry:
+
+* ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (True = attend);
+* ``score_mod(score, b, h, q_idx, kv_idx) -> score`` (applied to the scaled score
+  ``q . k * scale``, before masking).
+
+The library vectorises them (`jax.vmap`) over whole tiles. They may close over arrays
+(segment ids, lengths, per-head slopes, a learned bias table), traced values and
+parameters included; the kernels return gradients for the float arrays a score mod
+closes over.
+
+The mask mods made here are `MaskMod` values: callable like any mask mod, and carrying
+an exact rule that classifies whole blocks of (query, key) positions as empty, full or
+partial from block bounds and per-block minima / maxima, so that
+`flax_mha.create_block_mask` builds a block mask in O(L + nq * nk) work instead of
+evaluating the mask at every position. `and_masks` / `or_masks` combine them (and keep a
+rule when every part has one). Any other function is a mask mod too; its block mask is
+then built by evaluating it block by block.
+
+Letters: B batch, N heads, T query length, S key length, nq / nk query / key blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+__all__ = [
+    "BlockBounds",
+    "MaskMod",
+    "alibi",
+    "and_masks",
+    "causal",
+    "chunked",
+    "document",
+    "document_from_positions",
+    "or_masks",
+    "padding",
+    "prefix_lm",
+    "relative_bias",
+    "sliding_window",
+    "softcap",
+    "t5_bucket",
+]
+
+ScoreMod = Callable[[Array, Array, Array, Array, Array], Array]
+
+
+class BlockBounds(NamedTuple):
+    """Index bounds of every block, shaped to broadcast to [B|1, N|1, nq, nk].
+
+    Attributes:
+      b: [Bb, 1, 1, 1] batch indices.
+      h: [1, Nb, 1, 1] head indices.
+      q_lo: [1, 1, nq, 1] first query of each query block.
+      q_hi: [1, 1, nq, 1] last (valid) query of each query block.
+      kv_lo: [1, 1, 1, nk] first key of each key block.
+      kv_hi: [1, 1, 1, nk] last (valid) key of each key block.
+      block_q: rows per query block.
+      block_k: keys per key block.
+      T: query length.
+      S: key length.
+    """
+
+    b: Array
+    h: Array
+    q_lo: Array
+    q_hi: Array
+    kv_lo: Array
+    kv_hi: Array
+    block_q: int
+    block_k: int
+    T: int
+    S: int
+
+    def per_block(self, x: Array, axis: str, reduce: str) -> Array:
+        """The min or max of ``x`` [B or 1, L] over each block, shaped like the bounds.
+
+        Args:
+          x: per-position values, [B or 1, T] for ``axis="q"``, [B or 1, S] for ``"kv"``.
+          axis: ``"q"`` or ``"kv"``.
+          reduce: ``"min"`` or ``"max"``.
+        """
+        block, length = (self.block_q, self.T) if axis == "q" else (self.block_k, self.S)
+        n = -(-length // block)
+        x = jnp.asarray(x)
+        fill = jnp.iinfo(x.dtype).max if reduce == "min" else jnp.iinfo(x.dtype).min
+        padded = jnp.pad(x, ((0, 0), (0, n * block - length)), constant_values=fill)
+        blocks = padded.reshape(x.shape[0], n, block)
+        r = jnp.min(blocks, axis=-1) if reduce == "min" else jnp.max(blocks, axis=-1)
+        r = r[jnp.minimum(self.b[:, 0, 0, 0], x.shape[0] - 1)]  # [Bb, n]
+        return r[:, None, :, None] if axis == "q" else r[:, None, None, :]
+
+
+#: ``rule(bounds) -> (any, all)``: whether some / every entry of each block is attended,
+#: both broadcastable to [B|1, N|1, nq, nk]. ``any`` may be True for an empty block and
+#: ``all`` False for a full one (the block is then treated as partial, which is always
+#: correct); never the other way round.
+BlockRule = Callable[[BlockBounds], tuple[Array, Array]]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MaskMod:
+    """A mask function of ``(b, h, q_idx, kv_idx)``, with an optional exact block rule.
+
+    Attributes:
+      fn: the mask function of scalars; True = attend.
+      rule: a `BlockRule` classifying whole blocks, or None (evaluate the mask instead).
+      name: a readable name, for errors and reprs.
+    """
+
+    fn: Callable[[Array, Array, Array, Array], Array]
+    rule: BlockRule | None = None
+    name: str = "mask_mod"
+
+    def __call__(self, b: Array, h: Array, q_idx: Array, kv_idx: Array) -> Array:
+        return self.fn(b, h, q_idx, kv_idx)
+
+    def __repr__(self) -> str:
+        return f"MaskMod({self.name})"
+
+
+def _rule(mod: Callable[..., Any]) -> BlockRule | None:
+    return mod.rule if isinstance(mod, MaskMod) else None
+
+
+def and_masks(*mods: Callable[..., Array]) -> MaskMod:
+    """The mask attending where every one of ``mods`` attends."""
+    if not mods:
+        raise ValueError("and_masks should be given at least one mask mod, but got none")
+    rules = [_rule(m) for m in mods]
+
+    def fn(b, h, q_idx, kv_idx):
+        out = mods[0](b, h, q_idx, kv_idx)
+        for m in mods[1:]:
+            out = jnp.logical_and(out, m(b, h, q_idx, kv_idx))
+        return out
+
+    def rule(bounds: BlockBounds) -> tuple[Array, Array]:
+        pairs = [r(bounds) for r in rules]
+        any_ = functools.reduce(jnp.logical_and, [p[0] for p in pairs])
+        all_ = functools.reduce(jnp.logical_and, [p[1] for p in pairs])
+        return any_, all_
+
+    names = " & ".join(getattr(m, "name", getattr(m, "__name__", "mask_mod")) for m in mods)
+    return MaskMod(fn, rule if all(r is not None for r in rules) else None, f"({names})")
+
+
+def or_masks(*mods: Callable[..., Array]) -> MaskMod:
+    """The mask attending where any one of ``mods`` attends."""
+    if not mods:
+        raise ValueError("or_masks should be given at least one mask mod, but got none")
+    rules = [_rule(m) for m in mods]
+
+    def fn(b, h, q_idx, kv_idx):
+        out = mods[0](b, h, q_idx, kv_idx)
+        for m in mods[1:]:
+            out = jnp.logical_or(out, m(b, h, q_idx, kv_idx))
+        return out
+
+    def rule(bounds: BlockBounds) -> tuple[Array, Array]:
+        pairs = [r(bounds) for r in rules]
+        any_ = functools.reduce(jnp.logical_or, [p[0] for p in pairs])
+        all_ = functools.reduce(jnp.logical_or, [p[1] for p in pairs])
+        return any_, all_
+
+    names = " | ".join(getattr(m, "name", getattr(m, "__name__", "mask_mod")) for m in mods)
+    return MaskMod(fn, rule if all(r is not None for r in rules) else None, f"({names})")
+
+
+# --- mask mods -------------------------------------------------------------------------
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return kv_idx <= q_idx
+
+
+def _causal_rule(x: BlockBounds) -> tuple[Array, Array]:
+    return x.kv_lo <= x.q_hi, x.kv_hi <= x.q_lo
+
+
+#: Key ``kv_idx`` is visible to query ``q_idx`` iff ``kv_idx <= q_idx`` (top-left aligned).
+causal = MaskMod(_causal, _causal_rule, "causal")
+
+
+def sliding_window(left: int, right: int = 0) -> MaskMod:
+    """Attend iff ``q_idx - left <= kv_idx <= q_idx + right`` (causal sliding window: right=0).
+
+    Raises:
+      ValueError: if a side is negative.
+    """
+    if left < 0 or right < 0:
+        raise ValueError(f"window sides should be >= 0, but got left={left}, right={right}")
+
+    def fn(b, h, q_idx, kv_idx):
+        return jnp.logical_and(kv_idx >= q_idx - left, kv_idx <= q_idx + right)
+
+    def rule(x: BlockBounds) -> tuple[Array, Array]:
+        any_ = jnp.logical_and(x.kv_hi >= x.q_lo - left, x.kv_lo <= x.q_hi + right)
+        all_ = jnp.logical_and(x.kv_lo >= x.q_hi - left, x.kv_hi <= x.q_lo + right)
+        return any_, all_
+
+    return MaskMod(fn, rule, f"sliding_window({left}, {right})")
+
+
+def chunked(chunk_size: int) -> MaskMod:
+    """Attend iff query and key fall in the same chunk of ``chunk_size`` (Llama 4's local layers).
+
+    Combine with `causal` for causal chunked attention.
+
+    Raises:
+      ValueError: if ``chunk_size`` is not positive.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size should be positive, but got {chunk_size}")
+
+    def fn(b, h, q_idx, kv_idx):
+        return q_idx // chunk_size == kv_idx // chunk_size
+
+    def rule(x: BlockBounds) -> tuple[Array, Array]:
+        q0, q1, k0, k1 = (v // chunk_size for v in (x.q_lo, x.q_hi, x.kv_lo, x.kv_hi))
+        any_ = jnp.logical_and(k1 >= q0, k0 <= q1)
+        all_ = (q0 == q1) & (k0 == k1) & (q0 == k0)
+        return any_, all_
+
+    return MaskMod(fn, rule, f"chunked({chunk_size})")
+
+
+def _per_batch(x: Array | int, name: str) -> Array:
+    x = jnp.asarray(x)
+    if x.ndim > 1 or not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f"{name} should be an int or an int array [B], but got {x.dtype}{x.shape}")
+    return x.reshape(-1)
+
+
+def _at_batch(x: Array, b: Array) -> Array:
+    """``x[b]`` for a [B] array, ``x[0]`` for a size-1 one."""
+    return x[jnp.minimum(b, x.shape[0] - 1)]
+
+
+def prefix_lm(prefix_lengths: Array | int) -> MaskMod:
+    """Prefix-LM: every query sees the whole prefix (``kv_idx < prefix``) and causally after it.
+
+    Args:
+      prefix_lengths: int, or int [B] one prefix length per sequence.
+    """
+    prefix = _per_batch(prefix_lengths, "prefix_lengths")
+
+    def fn(b, h, q_idx, kv_idx):
+        return jnp.logical_or(kv_idx <= q_idx, kv_idx < _at_batch(prefix, b))
+
+    def rule(x: BlockBounds) -> tuple[Array, Array]:
+        p = _at_batch(prefix, x.b)
+        any_ = (x.kv_lo <= x.q_hi) | (x.kv_lo < p)
+        all_ = (x.kv_hi <= x.q_lo) | (x.kv_hi < p)
+        return any_, all_
+
+    return MaskMod(fn, rule, "prefix_lm")
+
+
+def padding(q_lengths: Array | int | None = None, kv_lengths: Array | int | None = None) -> MaskMod:
+    """Attend only to keys ``kv_idx < kv_lengths[b]``, from queries ``q_idx < q_lengths[b]``.
+
+    Args:
+      q_lengths: int or int [B] valid queries per sequence; None: all.
+      kv_lengths: int or int [B] valid keys per sequence; None: all.
+
+    Raises:
+      ValueError: if neither is given.
+    """
+    if q_lengths is None and kv_lengths is None:
+        raise ValueError("padding should be given q_lengths or kv_lengths, but got neither")
+    ql = None if q_lengths is None else _per_batch(q_lengths, "q_lengths")
+    kl = None if kv_lengths is None else _per_batch(kv_lengths, "kv_lengths")
+
+    def fn(b, h, q_idx, kv_idx):
+        ok = jnp.bool_(True)
+        if ql is not None:
+            ok = jnp.logical_and(ok, q_idx < _at_batch(ql, b))
+        if kl is not None:
+            ok = jnp.logical_and(ok, kv_idx < _at_batch(kl, b))
+        return ok
+
+    def rule(x: BlockBounds) -> tuple[Array, Array]:
+        any_, all_ = jnp.bool_(True), jnp.bool_(True)
+        if ql is not None:
+            n = _at_batch(ql, x.b)
+            any_, all_ = any_ & (x.q_lo < n), all_ & (x.q_hi < n)
+        if kl is not None:
+            n = _at_batch(kl, x.b)
+            any_, all_ = any_ & (x.kv_lo < n), all_ & (x.kv_hi < n)
+        return any_, all_
+
+    return MaskMod(fn, rule, "padding")
+
+
+def _segment_ids(x: Array, name: str) -> Array:
+    x = jnp.asarray(x)
+    if x.ndim not in (1, 2) or not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(
+            f"{name} should be an int array [B, L] or [L], but got {x.dtype}{list(x.shape)}"
+        )
+    return x.reshape(1, -1) if x.ndim == 1 else x
+
+
+def document(segment_ids: Array, kv_segment_ids: Array | None = None) -> MaskMod:
+    """Document masking for packed sequences: attend iff query and key share a segment id.
+
+    Combine with `causal` for a packed causal LM (``and_masks(causal, document(ids))``).
+    Padding can be a segment id of its own (its rows then see only padding), or be
+    masked by `padding`.
+
+    Args:
+      segment_ids: int [B, T] (or [T]) the document of each query position.
+      kv_segment_ids: int [B, S] the document of each key; None: ``segment_ids``.
+    """
+    q_seg = _segment_ids(segment_ids, "segment_ids")
+    kv_seg = q_seg if kv_segment_ids is None else _segment_ids(kv_segment_ids, "kv_segment_ids")
+
+    def fn(b, h, q_idx, kv_idx):
+        bq = jnp.minimum(b, q_seg.shape[0] - 1)
+        bk = jnp.minimum(b, kv_seg.shape[0] - 1)
+        return q_seg[bq, q_idx] == kv_seg[bk, kv_idx]
+
+    def rule(x: BlockBounds) -> tuple[Array, Array]:
+        q_min, q_max = x.per_block(q_seg, "q", "min"), x.per_block(q_seg, "q", "max")
+        k_min, k_max = x.per_block(kv_seg, "kv", "min"), x.per_block(kv_seg, "kv", "max")
+        any_ = (k_max >= q_min) & (k_min <= q_max)
+        all_ = (q_min == q_max) & (k_min == k_max) & (q_min == k_min)
+        return any_, all_
+
+    return MaskMod(fn, rule, "document")
+
+
+def document_from_positions(positions: Array) -> MaskMod:
+    """Document masking from per-token positions that restart at 0 with each document.
+
+    Args:
+      positions: int [B, L] (or [L]) position of each token within its document.
+    """
+    pos = _segment_ids(positions, "positions")
+    return document(jnp.cumsum(pos == 0, axis=-1, dtype=jnp.int32))
+
+
+# --- score mods ------------------------------------------------------------------------
+
+
+def alibi(slopes: Array) -> ScoreMod:
+    """ALiBi (Press et al., 2022): ``score - slopes[h] * |q_idx - kv_idx|``.
+
+    The same bias as `flax_mha.variants.alibi_bias` (``slopes`` from
+    `flax_mha.variants.alibi_slopes`, or learned: the kernels return their gradient).
+
+    Args:
+      slopes: float [N] one slope per query head.
+    """
+
+    def fn(score, b, h, q_idx, kv_idx):
+        dist = jnp.abs(q_idx - kv_idx).astype(score.dtype)
+        return score - slopes[h].astype(score.dtype) * dist
+
+    return fn
+
+
+def softcap(cap: float | Array) -> ScoreMod:
+    """Logit soft-capping (Gemma 2): ``cap * tanh(score / cap)``."""
+
+    def fn(score, b, h, q_idx, kv_idx):
+        c = jnp.asarray(cap, score.dtype)
+        return c * jnp.tanh(score / c)
+
+    return fn
+
+
+def t5_bucket(
+    relative_position: Array,
+    *,
+    bidirectional: bool = True,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+) -> Array:
+    """T5's relative-position bucket of ``relative_position = kv_idx - q_idx``.
+
+    Half the buckets (all of them when not bidirectional) hold exact distances, the
+    rest logarithmically larger ones up to ``max_distance`` (Raffel et al., 2020; the
+    rule of Mesh TensorFlow's ``_relative_position_bucket``).
+    """
+    n = -jnp.asarray(relative_position, jnp.int32)  # > 0 for keys before the query
+    ret = jnp.int32(0)
+    if bidirectional:
+        num_buckets //= 2
+        ret = ret + (n < 0).astype(jnp.int32) * num_buckets
+        n = jnp.abs(n)
+    else:
+        n = jnp.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    n_f = jnp.maximum(n, 1).astype(jnp.float32)
+    scale = (num_buckets - max_exact) / np.log(max_distance / max_exact)
+    large = max_exact + (jnp.log(n_f / max_exact) * scale).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return ret + jnp.where(is_small, n, large)
+
+
+def relative_bias(table: Array, *, bidirectional: bool = True, max_distance: int = 128) -> ScoreMod:
+    """T5 relative-position bias from a learned table: ``score + table[bucket(kv - q), h]``.
+
+    Args:
+      table: float [num_buckets, N] (a parameter; the kernels return its gradient).
+      bidirectional: buckets for keys after the query too (encoder); False: decoder.
+      max_distance: distances beyond it share the last bucket.
+    """
+    num_buckets = table.shape[0]
+
+    def fn(score, b, h, q_idx, kv_idx):
+        bucket = t5_bucket(
+            kv_idx - q_idx,
+            bidirectional=bidirectional,
+            num_buckets=num_buckets,
+            max_distance=max_distance,
+        )
+        return score + table[bucket, h].astype(score.dtype)
+
+    return fn
