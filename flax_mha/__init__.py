@@ -7,6 +7,8 @@ Public API (everything else is internal):
   `multi_head_attention`, `concat_heads`, `output_projection`, `residual`,
   `layer_norm` (and jitted versions in `flax_mha.jitted`);
 * `dot_product_attention`: batched attention over several backends;
+* `flex_attention`, `create_block_mask`, `BlockMask` and the mods of `flax_mha.mods`:
+  attention programmed by mask and score functions (FlexAttention's API);
 * `ring_attention`: sequence-parallel attention over a device mesh;
 * Flax modules: `MultiHeadAttention`, `MultiHeadDotProductAttention`, `SelfAttention`,
   `LayerNorm`, and `cache_overflow` to check their decode caches;
@@ -15,6 +17,7 @@ Public API (everything else is internal):
 """
 
 from flax_mha import jitted as jitted
+from flax_mha import mods as mods
 from flax_mha.attention import MultiHeadAttention as MultiHeadAttention
 from flax_mha.attention import MultiHeadDotProductAttention as MultiHeadDotProductAttention
 from flax_mha.attention import SelfAttention as SelfAttention
@@ -31,7 +34,10 @@ from flax_mha.functional import scale_scores as scale_scores
 from flax_mha.functional import single_head_attention as single_head_attention
 from flax_mha.functional import softmax as softmax
 from flax_mha.functional import weighted_sum as weighted_sum
+from flax_mha.kernels.block_mask import BlockMask as BlockMask
+from flax_mha.kernels.block_mask import create_block_mask as create_block_mask
 from flax_mha.kernels.dispatch import dot_product_attention as dot_product_attention
+from flax_mha.kernels.flex import flex_attention as flex_attention
 from flax_mha.kernels.ring import ring_attention as ring_attention
 from flax_mha.layers import LayerNorm as LayerNorm
 from flax_mha.masks import causal_mask as causal_mask

@@ -116,11 +116,17 @@ class MaskMod:
       fn: the mask function of scalars; True = attend.
       rule: a `BlockRule` classifying whole blocks, or None (evaluate the mask instead).
       name: a readable name, for errors and reprs.
+      spec: what the mask is, for backends with masks of their own (TPU splash
+        attention): ``("causal",)``, ``("sliding_window", left, right)``,
+        ``("chunked", size)``, ``("prefix_lm", prefix)``, ``("padding", q_lengths,
+        kv_lengths)``, ``("document", segment_ids, kv_segment_ids)``, ``("and", *specs)``,
+        ``("or", *specs)``; ``()`` when unknown (a combination with a plain function).
     """
 
     fn: Callable[[Array, Array, Array, Array], Array]
     rule: BlockRule | None = None
     name: str = "mask_mod"
+    spec: tuple = ()
 
     def __call__(self, b: Array, h: Array, q_idx: Array, kv_idx: Array) -> Array:
         return self.fn(b, h, q_idx, kv_idx)
@@ -152,7 +158,9 @@ def and_masks(*mods: Callable[..., Array]) -> MaskMod:
         return any_, all_
 
     names = " & ".join(getattr(m, "name", getattr(m, "__name__", "mask_mod")) for m in mods)
-    return MaskMod(fn, rule if all(r is not None for r in rules) else None, f"({names})")
+    known = all(r is not None for r in rules)
+    spec = ("and", *(m.spec for m in mods)) if known else ()
+    return MaskMod(fn, rule if known else None, f"({names})", spec)
 
 
 def or_masks(*mods: Callable[..., Array]) -> MaskMod:
@@ -174,7 +182,9 @@ def or_masks(*mods: Callable[..., Array]) -> MaskMod:
         return any_, all_
 
     names = " | ".join(getattr(m, "name", getattr(m, "__name__", "mask_mod")) for m in mods)
-    return MaskMod(fn, rule if all(r is not None for r in rules) else None, f"({names})")
+    known = all(r is not None for r in rules)
+    spec = ("or", *(m.spec for m in mods)) if known else ()
+    return MaskMod(fn, rule if known else None, f"({names})", spec)
 
 
 # --- mask mods -------------------------------------------------------------------------
@@ -189,7 +199,7 @@ def _causal_rule(x: BlockBounds) -> tuple[Array, Array]:
 
 
 #: Key ``kv_idx`` is visible to query ``q_idx`` iff ``kv_idx <= q_idx`` (top-left aligned).
-causal = MaskMod(_causal, _causal_rule, "causal")
+causal = MaskMod(_causal, _causal_rule, "causal", ("causal",))
 
 
 def sliding_window(left: int, right: int = 0) -> MaskMod:
@@ -209,7 +219,7 @@ def sliding_window(left: int, right: int = 0) -> MaskMod:
         all_ = jnp.logical_and(x.kv_lo >= x.q_hi - left, x.kv_hi <= x.q_lo + right)
         return any_, all_
 
-    return MaskMod(fn, rule, f"sliding_window({left}, {right})")
+    return MaskMod(fn, rule, f"sliding_window({left}, {right})", ("sliding_window", left, right))
 
 
 def chunked(chunk_size: int) -> MaskMod:
@@ -232,7 +242,7 @@ def chunked(chunk_size: int) -> MaskMod:
         all_ = (q0 == q1) & (k0 == k1) & (q0 == k0)
         return any_, all_
 
-    return MaskMod(fn, rule, f"chunked({chunk_size})")
+    return MaskMod(fn, rule, f"chunked({chunk_size})", ("chunked", chunk_size))
 
 
 def _per_batch(x: Array | int, name: str) -> Array:
@@ -264,7 +274,7 @@ def prefix_lm(prefix_lengths: Array | int) -> MaskMod:
         all_ = (x.kv_hi <= x.q_lo) | (x.kv_hi < p)
         return any_, all_
 
-    return MaskMod(fn, rule, "prefix_lm")
+    return MaskMod(fn, rule, "prefix_lm", ("prefix_lm", prefix))
 
 
 def padding(q_lengths: Array | int | None = None, kv_lengths: Array | int | None = None) -> MaskMod:
@@ -300,7 +310,7 @@ def padding(q_lengths: Array | int | None = None, kv_lengths: Array | int | None
             any_, all_ = any_ & (x.kv_lo < n), all_ & (x.kv_hi < n)
         return any_, all_
 
-    return MaskMod(fn, rule, "padding")
+    return MaskMod(fn, rule, "padding", ("padding", ql, kl))
 
 
 def _segment_ids(x: Array, name: str) -> Array:
@@ -338,7 +348,7 @@ def document(segment_ids: Array, kv_segment_ids: Array | None = None) -> MaskMod
         all_ = (q_min == q_max) & (k_min == k_max) & (q_min == k_min)
         return any_, all_
 
-    return MaskMod(fn, rule, "document")
+    return MaskMod(fn, rule, "document", ("document", q_seg, kv_seg))
 
 
 def document_from_positions(positions: Array) -> MaskMod:
