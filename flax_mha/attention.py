@@ -20,8 +20,10 @@ import jax.numpy as jnp
 from flax.linen.module import merge_param
 from jax import Array
 
+from flax_mha.attention_mods import programmed, programmed_attention
 from flax_mha.cache import KVCache, Mode
 from flax_mha.checks import as_full_rank, check_attention_fields, check_triple
+from flax_mha.kernels.block_mask import BlockMask
 from flax_mha.kernels.dispatch import dot_product_attention
 from flax_mha.layers import (
     HEADS,
@@ -111,6 +113,9 @@ class MultiHeadAttention(nn.Module):
         values; ``nn.meta.unbox`` gives the plain tree). False keeps Flax's plain tree.
       learned_scale: a learned per-head multiplier of the queries (param
         ``per_head_scale`` [N], initialised to 1).
+      mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (`flax_mha.mods`); attention
+        then runs through `flax_mha.flex_attention` (see `flax_mha.attention_mods`).
+      score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score``, likewise.
     """
 
     num_heads: int
@@ -147,6 +152,8 @@ class MultiHeadAttention(nn.Module):
     logit_softcap: float | None = None
     learned_scale: bool = False
     partition_params: bool = False
+    mask_mod: Callable[..., Array] | None = None
+    score_mod: Callable[..., Array] | None = None
 
     @nn.compact
     def __call__(
@@ -161,6 +168,8 @@ class MultiHeadAttention(nn.Module):
         dropout_rng: Array | None = None,
         sow_weights: bool = False,
         prompt_lengths: Array | None = None,
+        segment_ids: Array | None = None,
+        block_mask: BlockMask | None = None,
     ) -> Array:
         """Applies multi-head attention.
 
@@ -180,6 +189,11 @@ class MultiHeadAttention(nn.Module):
           prompt_lengths: with ``decode=True``, on a prefill call: [batch...] true
             lengths of right-padded prompts. Each sequence then continues from its own
             length: later one-token calls write and attend per sequence (ragged batch).
+          segment_ids: int [batch..., T] document ids of packed sequences
+            (self-attention): a token sees only its own document. Runs through
+            `flax_mha.flex_attention`, as do the ``mask_mod`` / ``score_mod`` fields.
+          block_mask: a `flax_mha.BlockMask` of this call's mask, built once per batch
+            and shared by the layers; None: built from the mask mods when possible.
 
         Returns:
           [batch..., T, out_features] output.
@@ -206,6 +220,15 @@ class MultiHeadAttention(nn.Module):
         q_pos, k_pos = self._positions(query, key, cache)
         query, key = self._rope(query, key, q_pos, k_pos)
         self._check_mask(mask, query, key, cache)
+        if programmed(self, segment_ids, block_mask):
+            dropout = self.dropout_rate > 0.0 and not merge_param(
+                "deterministic", self.deterministic, deterministic
+            )
+            heads = programmed_attention(
+                self, query, key, value, segment_ids=segment_ids, block_mask=block_mask,
+                mask=mask, dropout=dropout, sow_weights=sow_weights, decoding=self.decode,
+            )  # fmt: skip
+            return self._output(heads, self.out_features or inputs_q.shape[-1])
         key, value, options = self._cached(cache, key, value, q_pos, mask, prompt_lengths)
         options |= self._variants(q_pos, k_pos, "key_value_seq_starts" in options)
         heads = self._attend(query, key, value, options, deterministic, dropout_rng, sow_weights)
@@ -487,6 +510,8 @@ class SelfAttention(MultiHeadAttention):
         deterministic: bool | None = None,
         dropout_rng: Array | None = None,
         sow_weights: bool = False,
+        segment_ids: Array | None = None,
+        block_mask: BlockMask | None = None,
     ) -> Array:
         """Self-attention on [batch..., L, D] inputs; see `MultiHeadAttention.__call__`."""
         return super().__call__(
@@ -495,4 +520,6 @@ class SelfAttention(MultiHeadAttention):
             deterministic=deterministic,
             dropout_rng=dropout_rng,
             sow_weights=sow_weights,
+            segment_ids=segment_ids,
+            block_mask=block_mask,
         )

@@ -27,13 +27,42 @@ from jax import Array, lax
 
 from flax_mha.mods import BlockBounds, MaskMod
 
-__all__ = ["EMPTY", "FULL", "PARTIAL", "BlockMask", "create_block_mask", "lists_from_classes"]
+__all__ = [
+    "EMPTY",
+    "FULL",
+    "PARTIAL",
+    "BlockMask",
+    "create_block_mask",
+    "default_block_size",
+    "lists_from_classes",
+]
 
 #: Block classes: no entry attended, some, all.
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
-#: The default block size, FlexAttention's.
+#: The block size on GPU / TPU (FlexAttention's), and the smallest on CPU.
 DEFAULT_BLOCK_SIZE = 128
+#: The largest default block on CPU: XLA:CPU runs a tile's GEMMs faster the larger the
+#: tile, so fewer, larger blocks pay unless they stop skipping (benchmarks/RESULTS.md,
+#: "flex attention": causal through a block mask at L=4096 runs 254 ms with 128-blocks,
+#: 138 ms with 512-blocks, as fast as ``is_causal=True``).
+_MAX_CPU_BLOCK = 512
+
+
+def default_block_size(T: int, S: int) -> tuple[int, int]:
+    """The default ``(block_q, block_k)`` for a [T, S] mask on this platform.
+
+    On CPU a power of two near an eighth of the length (so at least ~8 blocks per
+    axis remain to skip), between 128 and 512; elsewhere 128.
+    """
+    if jax.default_backend() != "cpu":
+        return DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE
+
+    def one(length: int) -> int:
+        side = 2 ** max(0, round(np.log2(max(1, length) / 8)))
+        return int(min(max(side, DEFAULT_BLOCK_SIZE), _MAX_CPU_BLOCK))
+
+    return one(T), one(S)
 
 #: Mask entries evaluated at a time when a mask mod has no block rule.
 _DENSE_CHUNK_ELEMENTS = 2**22
@@ -189,7 +218,7 @@ def create_block_mask(
     T: int,
     S: int,
     *,
-    block_size: int | tuple[int, int] = DEFAULT_BLOCK_SIZE,
+    block_size: int | tuple[int, int] | None = None,
 ) -> BlockMask:
     """The `BlockMask` of ``mask_mod`` on a [B, N, T, S] attention (FlexAttention's name).
 
@@ -202,7 +231,8 @@ def create_block_mask(
       N: query heads, or None when the mask is the same for every head (``h = 0``).
       T: query length.
       S: key length.
-      block_size: rows and keys per block: an int for both, or ``(block_q, block_k)``.
+      block_size: rows and keys per block: an int for both, or ``(block_q, block_k)``;
+        None: `default_block_size` (128 on GPU / TPU; 128 to 512 on CPU, by length).
 
     Returns:
       The `BlockMask` (jittable; built without any T x S array).
@@ -213,6 +243,8 @@ def create_block_mask(
     """
     if not callable(mask_mod):
         raise TypeError(f"mask_mod should be a function, but got {type(mask_mod).__name__}")
+    if block_size is None:
+        block_size = default_block_size(T, S) if isinstance(T, int) and isinstance(S, int) else 128
     bq, bk = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
     for name, v in (("B", B), ("N", N)):
         if v is not None and (not isinstance(v, (int, np.integer)) or v <= 0):
