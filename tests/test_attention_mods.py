@@ -1,0 +1,163 @@
+"""The module's programmable path: mask_mod / score_mod fields, segment_ids and block_mask.
+
+Each case compares the module through `flax_mha.flex_attention` with the same module
+and parameters through its dense path (a [B, N, T, S] mask or its own flags), outputs
+and parameter gradients, fp32 to 1e-5.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flax_mha
+from flax_mha import mods
+
+B, T, D, N = 2, 40, 32, 4
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _inputs():
+    x = jax.random.normal(jax.random.key(0), (B, T, D))
+    seg = jnp.array([[0] * 15 + [1] * 25, [0] * 30 + [2] * 10], jnp.int32)
+    return x, seg
+
+
+def _doc_mask(seg):
+    return (seg[:, :, None] == seg[:, None, :])[:, None]
+
+
+def _loss_and_grads(module, params, x, **kwargs):
+    def loss(p):
+        return jnp.sum(module.apply(p, x, **kwargs) ** 2)
+
+    return jax.value_and_grad(loss)(params)
+
+
+def _assert_same(a, b):
+    (la, ga), (lb, gb) = a, b
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
+        np.testing.assert_allclose(x, y, **TOL)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(),
+        dict(is_causal=True),
+        dict(is_causal=True, num_kv_heads=2, use_alibi=True, logit_softcap=5.0),
+        dict(local_window_size=(6, 3)),
+    ],
+    ids=["plain", "causal", "causal-gqa-alibi-softcap", "window"],
+)
+def test_segment_ids_equal_the_dense_document_mask(fields):
+    x, seg = _inputs()
+    m = flax_mha.MultiHeadAttention(num_heads=N, **fields)
+    params = m.init(jax.random.key(1), x)
+    dense = _loss_and_grads(m, params, x, mask=_doc_mask(seg))
+    flex = _loss_and_grads(m, params, x, segment_ids=seg)
+    _assert_same(flex, dense)
+
+
+def test_mask_mod_field_equals_the_same_mask_as_an_array():
+    x, _ = _inputs()
+
+    def every_third(b, h, q_idx, kv_idx):  # a plain function: no block rule
+        return (q_idx + kv_idx) % 3 != 0
+
+    m = flax_mha.MultiHeadAttention(num_heads=N, mask_mod=every_third)
+    params = m.init(jax.random.key(1), x)
+    t = jnp.arange(T)
+    dense = ((t[:, None] + t[None, :]) % 3 != 0)[None, None]
+    _assert_same(
+        _loss_and_grads(m, params, x),
+        _loss_and_grads(m.clone(mask_mod=None), params, x, mask=dense),
+    )
+
+
+class _WithRelativeBias(nn.Module):
+    """A parent whose learned T5 bias table reaches the attention as a score mod."""
+
+    dense: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        table = self.param("table", nn.initializers.normal(1.0), (8, N))
+        if self.dense:
+            rel = jnp.arange(T)[None, :] - jnp.arange(T)[:, None]
+            bucket = mods.t5_bucket(rel, num_buckets=8, max_distance=16)
+            bias = table[bucket].transpose(2, 0, 1)[None]  # [1, N, T, T], on scaled scores
+
+            def attention_fn(q, k, v, **kwargs):
+                return flax_mha.dot_product_attention(q, k, v, bias=bias, **kwargs)
+
+            return flax_mha.MultiHeadAttention(num_heads=N, attention_fn=attention_fn)(x)
+        score_mod = mods.relative_bias(table, max_distance=16)
+        return flax_mha.MultiHeadAttention(num_heads=N, score_mod=score_mod)(x)
+
+
+def test_score_mod_closing_over_a_parameter_gets_its_gradient():
+    x, _ = _inputs()
+    params = _WithRelativeBias().init(jax.random.key(1), x)
+    flex = _loss_and_grads(_WithRelativeBias(), params, x)
+    dense = _loss_and_grads(_WithRelativeBias(dense=True), params, x)
+    assert np.abs(flex[1]["params"]["table"]).max() > 0
+    _assert_same(flex, dense)
+
+
+def test_a_block_mask_built_once_serves_every_layer():
+    x, seg = _inputs()
+    mask_mod = mods.and_masks(mods.causal, mods.document(seg))
+    block_mask = flax_mha.create_block_mask(mask_mod, B, None, T, T, block_size=8)
+    m = flax_mha.MultiHeadAttention(num_heads=N, mask_mod=mask_mod)
+    params = m.init(jax.random.key(1), x)
+    causal_doc = jnp.logical_and(_doc_mask(seg), jnp.tril(jnp.ones((1, 1, T, T), bool)))
+    want = m.clone(mask_mod=None).apply(params, x, mask=causal_doc)
+
+    @jax.jit
+    def two_layers(params, x, block_mask):
+        h = m.apply(params, x, block_mask=block_mask)
+        return m.apply(params, h, block_mask=block_mask), h
+
+    out, h = two_layers(params, x, block_mask)
+    np.testing.assert_allclose(h, want, **TOL)
+    want2 = m.clone(mask_mod=None).apply(params, want, mask=causal_doc)
+    np.testing.assert_allclose(out, want2, **TOL)
+
+
+def test_self_attention_takes_segment_ids():
+    x, seg = _inputs()
+    m = flax_mha.SelfAttention(num_heads=N)
+    params = m.init(jax.random.key(1), x)
+    np.testing.assert_allclose(
+        m.apply(params, x, segment_ids=seg), m.apply(params, x, mask=_doc_mask(seg)), **TOL
+    )
+
+
+@pytest.mark.parametrize(
+    "fields, call, match",
+    [
+        (dict(decode=True), dict(), "decode=True"),
+        (dict(), dict(mask=jnp.ones((1, 1, T, T), bool)), "mask array"),
+        (dict(dropout_rate=0.1), dict(deterministic=False), "active dropout"),
+        (dict(), dict(sow_weights=True), "sow_weights"),
+    ],
+    ids=["decode", "mask", "dropout", "sow"],
+)
+def test_options_flex_attention_cannot_serve_are_errors(fields, call, match):
+    x, seg = _inputs()
+    m = flax_mha.MultiHeadAttention(num_heads=N, **fields)
+    with pytest.raises(ValueError, match=match):
+        m.init({"params": jax.random.key(1), "dropout": jax.random.key(2)}, x,
+               segment_ids=seg, **call)  # fmt: skip
+
+
+def test_segment_ids_of_the_wrong_shape_are_an_error():
+    x, seg = _inputs()
+    m = flax_mha.MultiHeadAttention(num_heads=N)
+    with pytest.raises(ValueError, match=r"segment_ids should have shape \(2, 40\)"):
+        m.init(jax.random.key(1), x, segment_ids=seg[:, :-1])
