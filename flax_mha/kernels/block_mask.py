@@ -64,6 +64,7 @@ def default_block_size(T: int, S: int) -> tuple[int, int]:
 
     return one(T), one(S)
 
+
 #: Mask entries evaluated at a time when a mask mod has no block rule.
 _DENSE_CHUNK_ELEMENTS = 2**22
 

@@ -133,8 +133,8 @@ def blockwise_backward(
 def _operand_grads(ops: Operands, dbias: Array | None, dconsts: tuple | None) -> Operands:
     """The cotangent of ``ops``: the bias's and the score consts' gradients, None elsewhere.
 
-    Masks, lengths, the rng, the mask mod's arrays and the block classes are not
-    differentiable: None is a zero cotangent (for a whole field).
+    Masks, lengths, the rng, the mask mod's arrays, the block classes and the offsets
+    are not differentiable: None is a zero cotangent (for a whole field).
     """
     if dconsts is None:
         dconsts = (None,) * len(ops.score_consts)

@@ -125,6 +125,8 @@ class Tiles(NamedTuple):
       score_consts: the arrays ``cfg.score_mod`` takes after its indices.
       mask_consts: the arrays ``cfg.mask_mod`` takes after its indices.
       lists: the `BlockLists` of a block mask in this pass's orientation, or None.
+      offsets: ``(q_offset, kv_offset)`` int32 scalars added to the query and key
+        indices the mods see (a ring step's shard positions), or None (0).
     """
 
     cfg: Config
@@ -141,6 +143,7 @@ class Tiles(NamedTuple):
     score_consts: tuple[Array, ...] = ()
     mask_consts: tuple[Array, ...] = ()
     lists: BlockLists | None = None
+    offsets: tuple[Array, Array] | None = None
 
     def view(self, s: Array) -> Array:
         """Splits M = G * bq of a [bc, kc, M, bk] (or [bc, kc, bk, M]) tile into (G, bq)."""
@@ -214,6 +217,8 @@ class Tiles(NamedTuple):
         h = kv_head[:, None] * G + jnp.arange(G, dtype=i32)[None, :]
         q = jnp.asarray(i, i32) * geo.bq + jnp.arange(geo.bq, dtype=i32)
         kv = jnp.asarray(j, i32) * geo.bk + jnp.arange(geo.bk, dtype=i32)
+        if self.offsets is not None:
+            q, kv = q + self.offsets[0], kv + self.offsets[1]
         return b, h, q, kv
 
     def _on_tile(self, fn: Callable[..., Array], score: Array | None, c, i, j, consts) -> Array:
@@ -343,6 +348,9 @@ class Operands(NamedTuple):
       mask_consts: the arrays the config's mask mod closes over.
       block_classes: int8 [Bb, Nb, nq, nk] classes of a block mask
         (`flax_mha.kernels.block_mask`), on the config's exact blocks, or None.
+      offsets: ``(q_offset, kv_offset)`` int32 scalars: the global positions of this
+        call's first query and key, as the mods see them (ring attention's shards),
+        or None (0, 0).
     """
 
     bias: Array | None = None
@@ -353,6 +361,7 @@ class Operands(NamedTuple):
     score_consts: tuple[Array, ...] = ()
     mask_consts: tuple[Array, ...] = ()
     block_classes: Array | None = None
+    offsets: tuple[Array, Array] | None = None
 
     def positional_only(self) -> bool:
         """No bias, mask, lengths or block mask: only the config's causal mask / window."""
@@ -430,6 +439,7 @@ def make_tiles(
         lists=None
         if ops.block_classes is None
         else BlockLists.of(ops.block_classes, ch, q.shape[2], transposed),
+        offsets=ops.offsets,
     )
 
 

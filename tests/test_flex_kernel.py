@@ -1,0 +1,83 @@
+"""The blockwise kernel's mod machinery seen from inside: chunks of heads with different
+block masks, position offsets for ring shards, and the visited-tile count of a block mask.
+
+The user-facing behaviour of `flax_mha.flex_attention` is in tests/test_flex.py; these
+cases need the kernel's own knobs (the tile size, the `Operands`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from np_reference import FP32_TOL, np_attention, np_attention_vjp
+
+import flax_mha
+from flax_mha import mods
+from flax_mha.kernels import config as kernel_config
+from flax_mha.kernels.blockwise import Config, Operands, blockwise_forward
+from flax_mha.kernels.config import BlockSizes
+
+B, T, N, K, H = 4, 48, 4, 2, 8
+TOL = dict(rtol=FP32_TOL, atol=FP32_TOL)
+
+
+def _qkv(T=T, S=T, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    return (
+        jax.random.normal(ks[0], (B, T, N, H)),
+        jax.random.normal(ks[1], (B, S, K, H)),
+        jax.random.normal(ks[2], (B, S, K, H)),
+    )
+
+
+def test_a_chunk_of_sequences_with_different_documents_visits_the_union(monkeypatch):
+    # Small tiles: each chunk holds 2 of the 4 sequences (and both kv heads), and the
+    # sequences' documents differ, so a block is full for a chunk only if it is full for
+    # both, empty only if empty for both.
+    monkeypatch.setattr(kernel_config, "TILE_ELEMENTS", 2 * K * (N // K) * 8 * 8)
+    seg = np.stack([np.repeat(np.arange(4), 12), np.repeat(np.arange(2), 24),
+                    np.repeat(np.arange(6), 8), np.zeros(T, int)]).astype(np.int32)  # fmt: skip
+    mask_mod = mods.and_masks(mods.causal, mods.document(jnp.asarray(seg)))
+    block_mask = flax_mha.create_block_mask(mask_mod, B, None, T, T, block_size=8)
+    q, k, v = _qkv()
+    dense = (seg[:, None, :, None] == seg[:, None, None, :]) & np.tril(np.ones((T, T), bool))
+    dout = jax.random.normal(jax.random.key(9), q.shape)
+
+    def loss(q, k, v):
+        return jnp.sum(flax_mha.flex_attention(q, k, v, block_mask=block_mask) * dout)
+
+    out = flax_mha.flex_attention(q, k, v, block_mask=block_mask)
+    grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    want, want_grads = np_attention_vjp(q, k, v, dense, 1 / np.sqrt(H), dout)
+    np.testing.assert_allclose(out, want, **TOL)
+    for got, exp in zip(grads, want_grads[:3], strict=True):
+        np.testing.assert_allclose(got, exp, **TOL)
+
+
+def test_offsets_shift_the_positions_the_mods_see():
+    # A ring step holds queries [16, 48) and keys [0, 48): with offsets (16, 0) the causal
+    # mod must see global query positions.
+    q, k, v = _qkv()
+    fn, consts = jax.closure_convert(mods.causal, *(jnp.int32(0),) * 4)
+    cfg = Config(BlockSizes(8, 8), 1 / np.sqrt(H), mask_mod=fn)
+    ops = Operands(mask_consts=tuple(consts), offsets=(jnp.int32(16), jnp.int32(0)))
+    out, _, _ = blockwise_forward(q[:, 16:], k, v, config=cfg, operands=ops)
+    causal = np.tril(np.ones((T, T), bool))[None, None]
+    want, _ = np_attention(q, k, v, mask=causal)
+    np.testing.assert_allclose(out, want[:, 16:], **TOL)
+
+
+def test_a_block_mask_visits_only_its_nonempty_tiles():
+    seg = jnp.asarray(np.repeat(np.arange(6), 8)[None].astype(np.int32))
+    mask_mod = mods.and_masks(mods.causal, mods.document(seg))
+    block_mask = flax_mha.create_block_mask(mask_mod, None, None, T, T, block_size=8)
+    q, k, v = _qkv()
+    fn, consts = jax.closure_convert(mask_mod, *(jnp.int32(0),) * 4)
+    cfg = Config(BlockSizes(8, 8), 1.0, mask_mod=fn, exact_blocks=True)
+    ops = Operands(mask_consts=tuple(consts), block_classes=block_mask.classes)
+    _, _, visited = blockwise_forward(q, k, v, config=cfg, operands=ops)
+    # Six documents of one block each: only the 6 diagonal tiles (all (batch, head) pairs
+    # share one chunk at these sizes).
+    assert int(visited) == 6
+    assert int(np.sum(np.asarray(block_mask.classes) != 0)) == 6
