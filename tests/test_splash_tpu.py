@@ -234,3 +234,16 @@ def test_per_head_numpy_mask_with_sinks_and_lse_matches_reference():
     np.testing.assert_allclose(lse[:, :, 7], np.broadcast_to(sinks, (1, Nk)), **TOL)
     for g, rg in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, rg, **TOL)
+
+
+def test_flex_attention_dispatches_to_splash_and_says_why_it_cannot():
+    q = jax.random.normal(jax.random.key(0), (1, 128, 2, 8))
+    k = jax.random.normal(jax.random.key(1), (1, 128, 2, 8))
+    with pytest.raises(ValueError, match="implementation='pallas_tpu' cannot serve this call"):
+        flax_mha.flex_attention(q, k, k, score_mod=mods.softcap(3.0), implementation="pallas_tpu")
+    from jax.experimental.pallas import tpu as pltpu
+
+    with pltpu.force_tpu_interpret_mode():
+        got = flax_mha.flex_attention(q, k, k, mask_mod=mods.causal, implementation="pallas_tpu")
+    want = flax_mha.flex_attention(q, k, k, mask_mod=mods.causal, implementation="reference")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

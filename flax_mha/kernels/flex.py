@@ -9,7 +9,9 @@ the layout of `jax.nn.dot_product_attention` ([B, T, N, H], grouped-query keys
   and its custom VJP returns the gradients of q, k, v and of every float array the
   score mod closes over;
 * ``"reference"``: every score materialised, the mods evaluated densely (the oracle;
-  plain autodiff).
+  plain autodiff);
+* ``"pallas_tpu"``: TPU splash attention (`flax_mha.kernels.splash_tpu`) for mask mods
+  it can express (chosen automatically on TPU when it can serve the call).
 
 Sinks (learned per-head logits that join each row's softmax denominator, as in
 gpt-oss) are merged after the kernel by the log-sum-exp, so they need nothing of it.
@@ -31,11 +33,12 @@ from flax_mha.kernels.backend_choice import BLOCKWISE_MIN_CPU_ELEMENTS
 from flax_mha.kernels.block_mask import BlockMask
 from flax_mha.kernels.blockwise import blockwise_mods_with_lse
 from flax_mha.kernels.common import accumulation_dtype
+from flax_mha.kernels.splash_tpu import splash_eligible, splash_flex_attention
 
 __all__ = ["FLEX_IMPLEMENTATIONS", "flex_attention", "reference_flex_attention"]
 
 #: The backends `flex_attention` can run on.
-FLEX_IMPLEMENTATIONS = ("reference", "blockwise")
+FLEX_IMPLEMENTATIONS = ("reference", "blockwise", "pallas_tpu")
 
 
 def _vmap_entries(fn: Callable[..., Array], with_score: bool) -> Callable[..., Array]:
@@ -159,8 +162,9 @@ def flex_attention(
       scale: multiplies q.k; None: ``1 / sqrt(H)``.
       sinks: float [N] per-head sink logits, or None.
       return_lse: also return the row log-sum-exp.
-      implementation: ``"blockwise"`` or ``"reference"``; None picks the blockwise kernel
-        for a block mask or a large problem, the reference otherwise.
+      implementation: ``"blockwise"``, ``"reference"`` or ``"pallas_tpu"``; None picks
+        splash attention on TPU when it can serve the mods, else the blockwise kernel for
+        a block mask or a large problem, the reference otherwise.
 
     Returns:
       [B, T, N, Hv] in the query dtype, or ``(out, lse)`` with lse [B, N, T] float32
@@ -186,15 +190,27 @@ def flex_attention(
             mask_mod = block_mask.mask_mod
     if sinks is not None:
         sinks = _check_sinks(sinks, N)
-    if implementation is None:
-        large = T * S >= BLOCKWISE_MIN_CPU_ELEMENTS
-        implementation = "blockwise" if block_mask is not None or large else "reference"
-    if implementation not in FLEX_IMPLEMENTATIONS:
+    if implementation is not None and implementation not in FLEX_IMPLEMENTATIONS:
         raise ValueError(
             f"implementation should be one of {FLEX_IMPLEMENTATIONS} or None, "
             f"but got {implementation!r}"
         )
+    splash = dict(mask_mod=mask_mod, score_mod=score_mod, sinks=sinks)
+    if implementation == "pallas_tpu":
+        why = splash_eligible(query, key, value, **splash)
+        if why is not None:
+            raise ValueError(f"implementation='pallas_tpu' cannot serve this call: {why}")
+    if implementation is None:
+        large = T * S >= BLOCKWISE_MIN_CPU_ELEMENTS
+        implementation = "blockwise" if block_mask is not None or large else "reference"
+        on_tpu = jax.default_backend() == "tpu"
+        if on_tpu and splash_eligible(query, key, value, **splash) is None:
+            implementation = "pallas_tpu"
     scale = 1.0 / math.sqrt(H) if scale is None else scale
+    if implementation == "pallas_tpu":
+        return splash_flex_attention(
+            query, key, value, mask_mod=mask_mod, scale=scale, sinks=sinks, return_lse=return_lse
+        )
     if implementation == "reference":
         out, lse = reference_flex_attention(
             query, key, value, scale=scale, score_mod=score_mod, mask_mod=mask_mod, sinks=sinks
