@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from np_reference import FP32_TOL, np_attention, np_attention_vjp
 
 import flax_mha
@@ -17,6 +18,7 @@ from flax_mha import mods
 from flax_mha.kernels import config as kernel_config
 from flax_mha.kernels.blockwise import Config, Operands, blockwise_forward
 from flax_mha.kernels.config import BlockSizes
+from flax_mha.kernels.flex import cudnn_attention, cudnn_flags
 
 B, T, N, K, H = 4, 48, 4, 2, 8
 TOL = dict(rtol=FP32_TOL, atol=FP32_TOL)
@@ -81,3 +83,32 @@ def test_a_block_mask_visits_only_its_nonempty_tiles():
     # share one chunk at these sizes).
     assert int(visited) == 6
     assert int(np.sum(np.asarray(block_mask.classes) != 0)) == 6
+
+
+@pytest.mark.parametrize(
+    "mask_mod",
+    [
+        mods.causal,
+        mods.sliding_window(5, 2),
+        mods.and_masks(mods.causal, mods.sliding_window(7)),
+        mods.and_masks(mods.causal, mods.padding(kv_lengths=jnp.array([48, 30, 20, 5]))),
+    ],
+    ids=["causal", "window", "causal-window", "causal-padding"],
+)
+def test_cudnn_flags_mean_the_same_mask(mask_mod):
+    # On GPU these flags go to cuDNN; here the same jax.nn call runs with XLA.
+    q, k, v = _qkv()
+    flags = cudnn_flags(mask_mod, None, None, B)
+    got = cudnn_attention(q, k, v, scale=0.3, flags=flags, implementation="xla")
+    t = np.arange(T)
+    dense = np.asarray(jax.vmap(lambda b: jax.vmap(lambda i: jax.vmap(
+        lambda j: mask_mod(b, 0, i, j))(t))(t))(np.arange(B)))[:, None]  # fmt: skip
+    want, _ = np_attention(q, k, v, mask=dense, scale=0.3)
+    np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_cudnn_flags_say_what_they_cannot_express():
+    seg = jnp.zeros((1, T), jnp.int32)
+    assert "'document'" in cudnn_flags(mods.document(seg), None, None, B)
+    assert "score_mod" in cudnn_flags(None, mods.softcap(2.0), None, B)
+    assert "not a built-in" in cudnn_flags(lambda b, h, i, j: i >= j, None, None, B)

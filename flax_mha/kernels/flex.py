@@ -11,7 +11,10 @@ the layout of `jax.nn.dot_product_attention` ([B, T, N, H], grouped-query keys
 * ``"reference"``: every score materialised, the mods evaluated densely (the oracle;
   plain autodiff);
 * ``"pallas_tpu"``: TPU splash attention (`flax_mha.kernels.splash_tpu`) for mask mods
-  it can express (chosen automatically on TPU when it can serve the call).
+  it can express (chosen automatically on TPU when it can serve the call);
+* ``"cudnn"``: `jax.nn.dot_product_attention`'s cuDNN kernel on GPU, for mask mods that
+  are its flags (`cudnn_flags`: causal, a sliding window, padding by lengths; chosen
+  automatically on GPU when it can serve the call).
 
 Sinks (learned per-head logits that join each row's softmax denominator, as in
 gpt-oss) are merged after the kernel by the log-sum-exp, so they need nothing of it.
@@ -35,10 +38,53 @@ from flax_mha.kernels.blockwise import blockwise_mods_with_lse
 from flax_mha.kernels.common import accumulation_dtype
 from flax_mha.kernels.splash_tpu import splash_eligible, splash_flex_attention
 
-__all__ = ["FLEX_IMPLEMENTATIONS", "flex_attention", "reference_flex_attention"]
+__all__ = [
+    "FLEX_IMPLEMENTATIONS",
+    "cudnn_attention",
+    "cudnn_flags",
+    "flex_attention",
+    "reference_flex_attention",
+]
 
 #: The backends `flex_attention` can run on.
-FLEX_IMPLEMENTATIONS = ("reference", "blockwise", "pallas_tpu")
+FLEX_IMPLEMENTATIONS = ("reference", "blockwise", "pallas_tpu", "cudnn")
+
+
+def cudnn_flags(
+    mask_mod: Callable[..., Array] | None,
+    score_mod: Callable[..., Array] | None,
+    sinks: Array | None,
+    B: int,
+) -> dict[str, Any] | str:
+    """A call's mods as the flags of `jax.nn.dot_product_attention`, or why they are not.
+
+    ``and_masks`` of `mods.causal`, one `mods.sliding_window` and one `mods.padding`
+    become ``is_causal``, ``local_window_size`` and the sequence lengths.
+    """
+    if score_mod is not None:
+        return "it takes no score_mod (cuDNN's flags are masks only)"
+    if sinks is not None:
+        return "it takes no sinks"
+    flags: dict[str, Any] = {}
+    spec = getattr(mask_mod, "spec", ()) if mask_mod is not None else ("and",)
+    if not spec:
+        return "its mask_mod is not a built-in mod of flax_mha.mods"
+    parts = list(spec[1:]) if spec[0] == "and" else [spec]
+    while any(p and p[0] == "and" for p in parts):
+        parts = [c for p in parts for c in (p[1:] if p and p[0] == "and" else [p])]
+    for part in parts:
+        kind = part[0] if part else "unknown"
+        if kind == "causal":
+            flags["is_causal"] = True
+        elif kind == "sliding_window" and "local_window_size" not in flags:
+            flags["local_window_size"] = (part[1], part[2])
+        elif kind == "padding" and "query_seq_lengths" not in flags:
+            for name, x in (("query_seq_lengths", part[1]), ("key_value_seq_lengths", part[2])):
+                if x is not None:
+                    flags[name] = jnp.broadcast_to(x, (B,)).astype(jnp.int32)
+        else:
+            return f"cuDNN's flags cannot express the mask {kind!r}"
+    return flags
 
 
 def _vmap_entries(fn: Callable[..., Array], with_score: bool) -> Callable[..., Array]:
@@ -94,6 +140,26 @@ def reference_flex_attention(
     out = jnp.einsum("bnts,bsnh->btnh", p / l_safe[..., None], v.astype(acc), precision=hi)
     lse = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
     return out.astype(query.dtype), lse
+
+
+def cudnn_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    scale: float | Array,
+    flags: dict[str, Any],
+    implementation: str = "cudnn",
+) -> Array:
+    """`jax.nn.dot_product_attention` with ``flags`` from `cudnn_flags`.
+
+    ``implementation="xla"`` runs the same call without cuDNN (how it is tested on CPU).
+    """
+    if isinstance(scale, jax.core.Tracer):  # cuDNN takes a static scale: fold it into q
+        query, scale = query * scale.astype(query.dtype), 1.0
+    return jax.nn.dot_product_attention(
+        query, key, value, scale=scale, implementation=implementation, **flags
+    )
 
 
 def _check_block_mask(block_mask: Any, B: int, N: int, T: int, S: int) -> None:
@@ -162,9 +228,10 @@ def flex_attention(
       scale: multiplies q.k; None: ``1 / sqrt(H)``.
       sinks: float [N] per-head sink logits, or None.
       return_lse: also return the row log-sum-exp.
-      implementation: ``"blockwise"``, ``"reference"`` or ``"pallas_tpu"``; None picks
-        splash attention on TPU when it can serve the mods, else the blockwise kernel for
-        a block mask or a large problem, the reference otherwise.
+      implementation: ``"blockwise"``, ``"reference"``, ``"pallas_tpu"`` or ``"cudnn"``;
+        None picks splash attention on TPU or cuDNN on GPU when they can serve the mods,
+        else the blockwise kernel for a block mask or a large problem, the reference
+        otherwise.
 
     Returns:
       [B, T, N, Hv] in the query dtype, or ``(out, lse)`` with lse [B, N, T] float32
@@ -200,17 +267,26 @@ def flex_attention(
         why = splash_eligible(query, key, value, **splash)
         if why is not None:
             raise ValueError(f"implementation='pallas_tpu' cannot serve this call: {why}")
+    cudnn = cudnn_flags(mask_mod, score_mod, sinks, B)
+    if implementation == "cudnn" and isinstance(cudnn, str):
+        raise ValueError(f"implementation='cudnn' cannot serve this call: {cudnn}")
     if implementation is None:
         large = T * S >= BLOCKWISE_MIN_CPU_ELEMENTS
         implementation = "blockwise" if block_mask is not None or large else "reference"
-        on_tpu = jax.default_backend() == "tpu"
-        if on_tpu and splash_eligible(query, key, value, **splash) is None:
+        platform = jax.default_backend()
+        if platform == "tpu" and splash_eligible(query, key, value, **splash) is None:
             implementation = "pallas_tpu"
+        elif platform == "gpu" and not isinstance(cudnn, str) and not return_lse:
+            implementation = "cudnn"
     scale = 1.0 / math.sqrt(H) if scale is None else scale
     if implementation == "pallas_tpu":
         return splash_flex_attention(
             query, key, value, mask_mod=mask_mod, scale=scale, sinks=sinks, return_lse=return_lse
         )
+    if implementation == "cudnn":
+        if return_lse:
+            raise ValueError("implementation='cudnn' cannot serve this call: return_lse=True")
+        return cudnn_attention(query, key, value, scale=scale, flags=cudnn)
     if implementation == "reference":
         out, lse = reference_flex_attention(
             query, key, value, scale=scale, score_mod=score_mod, mask_mod=mask_mod, sinks=sinks
