@@ -333,6 +333,18 @@ def test_decode_prefill_then_steps_matches_the_full_causal_pass():
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, **TOL)
 
 
+def test_is_causal_while_decoding_is_the_caches_causality():
+    # Flax 0.12.8 passes is_causal on to jax.nn's mask, which for one query over the whole
+    # cache keeps key 0 only; here the cache already makes each step causal.
+    L, D = 4, 8
+    ours = MultiHeadAttention(2, D, decode=True, rngs=nnx.Rngs(0))
+    x = rand(0, (2, L, D))
+    ours.init_cache(x.shape)
+    step = nnx.jit(lambda m, xt: m(xt, is_causal=True))
+    steps = jnp.concatenate([step(ours, x[:, t : t + 1]) for t in range(L)], axis=1)
+    np.testing.assert_allclose(steps, jitted(ours, x, decode=False, is_causal=True), **TOL)
+
+
 def test_ragged_prefill_continues_each_sequence_from_its_length():
     D, L = 8, 6
     ours = MultiHeadAttention(2, D, decode=True, rngs=nnx.Rngs(0))
