@@ -443,6 +443,29 @@ def test_explicit_sharding_arguments_name_the_output_types_as_flax():
         np.testing.assert_allclose(out_o, out_t, **TOL)
 
 
+def test_sharding_metadata_shards_params_as_flax_and_heads_need_no_out_sharding():
+    mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Explicit,))
+    heads = dict(kernel_metadata={"out_sharding": (None, "model", None)},
+                 bias_metadata={"out_sharding": ("model", None)},
+                 out_kernel_metadata={"out_sharding": ("model", None, None)},
+                 out_bias_metadata={"out_sharding": (None,)})  # fmt: skip
+
+    def abstract_specs(cls):  # what a sharded initialisation plans, before any array exists
+        module = nnx.eval_shape(lambda: cls(2, 8, decode=False, rngs=nnx.Rngs(0), **heads))
+        return jax.tree.leaves(nnx.get_partition_spec(nnx.state(module)))
+
+    with jax.set_mesh(mesh):
+        assert abstract_specs(MultiHeadAttention) == abstract_specs(nnx.MultiHeadAttention)
+        theirs, ours = both(num_heads=2, in_features=8, **heads)
+        assert [jax.typeof(v) for v in jax.tree.leaves(nnx.state(ours))] == [
+            jax.typeof(v) for v in jax.tree.leaves(nnx.state(theirs))
+        ]
+        x = rand(0, (2, 5, 8))
+        # Flax must be told how to shard the sum over the sharded heads; ours names it itself.
+        expected = jitted(theirs, x, out_sharding=jax.sharding.PartitionSpec())
+        np.testing.assert_allclose(jitted(ours, x), expected, **TOL)
+
+
 # --- What ours adds ---------------------------------------------------------------------------
 
 
