@@ -10,6 +10,7 @@ Public API (everything else is internal):
 * `flex_attention`, `create_block_mask`, `BlockMask` and the mods of `flax_mha.mods`:
   attention programmed by mask and score functions (FlexAttention's API);
 * `ring_attention`: sequence-parallel attention over a device mesh;
+* the NNX twin of Flax's module: `flax_mha.nnx.MultiHeadAttention`;
 * Flax modules: `MultiHeadAttention`, `MultiHeadDotProductAttention`, `SelfAttention`,
   `LayerNorm`, and `cache_overflow` to check their decode caches;
 * masks: `make_attention_mask`, `make_causal_mask`, `combine_masks`, `causal_mask`,
@@ -18,6 +19,7 @@ Public API (everything else is internal):
 
 from flax_mha import jitted as jitted
 from flax_mha import mods as mods
+from flax_mha import nnx as nnx
 from flax_mha.attention import MultiHeadAttention as MultiHeadAttention
 from flax_mha.attention import MultiHeadDotProductAttention as MultiHeadDotProductAttention
 from flax_mha.attention import SelfAttention as SelfAttention

@@ -5,8 +5,13 @@
 
 Every block is attention + feed-forward, each wrapped in a residual connection and
 layer normalisation: post-LN as in the paper, ``LN(x + dropout(sublayer(x)))``
-(default), or pre-LN, ``x + dropout(sublayer(LN(x)))``. Token id 0 is padding; padding
-masks are built from the token ids and causal masks are built in.
+(default), or pre-LN, ``x + dropout(sublayer(LN(x)))``. Token id 0 is padding.
+
+Attention masks are never [T, S] arrays (unless ``config.dense_masks``): which keys a
+query sees is said as a mask mod (`flax_mha.mods`: causal, and documents from the
+padding and the optional segment ids of packed sequences), with one `BlockMask` per
+batch shared by every layer, so attention runs through `flax_mha.flex_attention`,
+skips empty blocks and needs O(L) memory (`Masking`).
 
 Shapes: ``B`` batch, ``L`` input length, ``T`` target length, ``D`` model dim, ``V`` vocab.
 """
@@ -15,15 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
 
-from flax_mha import functional
+from flax_mha import functional, mods
 from flax_mha.attention import MultiHeadAttention
+from flax_mha.kernels.block_mask import BlockMask, create_block_mask
 from flax_mha.layers import (
     EMBED,
     MLP,
@@ -40,6 +46,7 @@ __all__ = [
     "DecoderBlock",
     "EncoderBlock",
     "FeedForward",
+    "Masking",
     "Transformer",
     "TransformerConfig",
     "TransformerLM",
@@ -82,6 +89,8 @@ class TransformerConfig:
       partition_params: box every parameter with its logical axis names (see
         `flax_mha.sharding`); ``init`` then returns `flax.linen.LogicallyPartitioned`
         values. Names and shapes of the tree do not change.
+      dense_masks: build [B, 1, T, S] mask arrays (the path before mask mods; for
+        comparisons). Attention dropout needs them.
     """
 
     vocab_size: int
@@ -104,6 +113,7 @@ class TransformerConfig:
     sliding_window: int | None = None
     logit_softcap: float | None = None
     positional_encoding: str = "sinusoidal"
+    dense_masks: bool = False
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "d_model", "num_heads", "d_ff", "max_len")
@@ -154,6 +164,54 @@ class TransformerConfig:
     def replace(self, **changes: Any) -> TransformerConfig:
         return dataclasses.replace(self, **changes)
 
+    @property
+    def uses_mods(self) -> bool:
+        """Whether attention masks are mask mods (no attention dropout, no dense masks)."""
+        return not self.dense_masks and self.attention_dropout_rate == 0.0
+
+
+class Masking(NamedTuple):
+    """Which keys each query of a layer sees: a mask mod and its block mask (no [T, S] array).
+
+    Attributes:
+      mask_mod: ``mask_mod(b, h, q_idx, kv_idx)`` (a `flax_mha.mods.MaskMod`).
+      block_mask: its `BlockMask`, built once per batch and shared by every layer.
+    """
+
+    mask_mod: mods.MaskMod
+    block_mask: BlockMask
+
+    @classmethod
+    def of(
+        cls,
+        valid_q: Array,
+        valid_kv: Array,
+        *,
+        causal: bool,
+        segment_ids: Array | None = None,
+    ) -> Masking:
+        """Documents from padding (and segment ids), optionally causal.
+
+        A padded query sees nothing (zeros, as with a dense padding mask) and a padded
+        key is seen by no query: they get document ids -1 / -2, which nothing shares.
+
+        Args:
+          valid_q: bool [B, T] non-padding queries.
+          valid_kv: bool [B, S] non-padding keys.
+          causal: key ``s`` visible to query ``t`` only if ``s <= t``.
+          segment_ids: int [B, T] documents of packed rows (self-attention), or None.
+        """
+        B, T = valid_q.shape
+        S = valid_kv.shape[1]
+        q_seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids
+        kv_seg = jnp.zeros((B, S), jnp.int32) if segment_ids is None else segment_ids
+        q_ids = jnp.where(valid_q, q_seg.astype(jnp.int32), -1)
+        kv_ids = jnp.where(valid_kv, kv_seg.astype(jnp.int32), -2)
+        mask_mod = mods.document(q_ids, kv_ids)
+        if causal:
+            mask_mod = mods.and_masks(mods.causal, mask_mod)
+        return cls(mask_mod, create_block_mask(mask_mod, B, None, T, S))
+
 
 def sinusoidal_positions(max_len: int, d_model: int) -> np.ndarray:
     """The paper's positional encoding, [max_len, d_model]:
@@ -183,10 +241,12 @@ class PositionalEncoding(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        """[B, T, D] -> [B, T, D]."""
+    def __call__(self, x: Array, positions: Array | None = None) -> Array:
+        """[B, T, D] (and optional int positions [B, T]) -> [B, T, D]."""
         T, D = x.shape[-2:]
         pe = jnp.asarray(sinusoidal_positions(self.max_len, D), x.dtype)
+        if positions is not None and not self.decode:
+            return x + pe[jnp.clip(positions, 0, self.max_len - 1)]
         if self.decode:
             initialized = self.has_variable("cache", "position")
             position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
@@ -259,9 +319,15 @@ class Sublayer(nn.Module):
 
 
 def _attention(
-    config: TransformerConfig, name: str, decode: bool = False, self_attention: bool = True
+    config: TransformerConfig,
+    name: str,
+    decode: bool = False,
+    self_attention: bool = True,
+    masking: Masking | Array | None = None,
 ) -> MultiHeadAttention:
     extra: dict[str, Any] = {"partition_params": config.partition_params}
+    if isinstance(masking, Masking):
+        extra["mask_mod"] = masking.mask_mod
     extra["num_kv_heads"] = config.num_kv_heads
     extra["logit_softcap"] = config.logit_softcap
     if self_attention:  # positions of queries and keys are the same sequence's
@@ -277,6 +343,13 @@ def _attention(
         name=name,
         **extra,
     )
+
+
+def _attend(attn: MultiHeadAttention, masking: Masking | Array | None, *args, **kwargs) -> Array:
+    """``attn(*args)`` under ``masking``: its block mask, or a dense mask array (or None)."""
+    if isinstance(masking, Masking):
+        return attn(*args, block_mask=masking.block_mask, **kwargs)
+    return attn(*args, mask=masking, **kwargs)
 
 
 def _sublayer_args(c: TransformerConfig) -> dict[str, Any]:
@@ -296,13 +369,13 @@ class EncoderBlock(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None, deterministic: bool = True) -> Array:
-        """[B, L, D] with mask [B, 1, L, L] -> [B, L, D]."""
+    def __call__(self, x: Array, mask: Masking | Array | None, deterministic: bool = True) -> Array:
+        """[B, L, D] with a `Masking` (or a mask [B, 1, L, L]) -> [B, L, D]."""
         c = self.config
         sub = _sublayer_args(c)
-        attn = _attention(c, "self_attention")
+        attn = _attention(c, "self_attention", masking=mask)
         x = Sublayer(**sub, name="attention_sublayer")(
-            x, lambda h: attn(h, mask=mask, deterministic=deterministic), deterministic
+            x, lambda h: _attend(attn, mask, h, deterministic=deterministic), deterministic
         )
         ff = _feed_forward(c)
         return Sublayer(**sub, name="feed_forward_sublayer")(
@@ -319,23 +392,28 @@ class DecoderBlock(nn.Module):
     def __call__(
         self,
         y: Array,
-        self_mask: Array | None,
+        self_mask: Masking | Array | None,
         encoded: Array | None = None,
-        cross_mask: Array | None = None,
+        cross_mask: Masking | Array | None = None,
         deterministic: bool = True,
     ) -> Array:
-        """[B, T, D] (and encoder output [B, L, D]) -> [B, T, D]."""
+        """[B, T, D] (and encoder output [B, L, D]) -> [B, T, D].
+
+        Masks are `Masking` values (or dense [B, 1, T, S] arrays, or None).
+        """
         c = self.config
         sub = _sublayer_args(c)
-        self_attn = _attention(c, "self_attention", decode=c.decode)
+        self_attn = _attention(c, "self_attention", decode=c.decode, masking=self_mask)
         y = Sublayer(**sub, name="self_attention_sublayer")(
-            y, lambda h: self_attn(h, mask=self_mask, deterministic=deterministic), deterministic
+            y,
+            lambda h: _attend(self_attn, self_mask, h, deterministic=deterministic),
+            deterministic,
         )
         if encoded is not None:
-            cross = _attention(c, "cross_attention", self_attention=False)
+            cross = _attention(c, "cross_attention", self_attention=False, masking=cross_mask)
             y = Sublayer(**sub, name="cross_attention_sublayer")(
                 y,
-                lambda h: cross(h, encoded, mask=cross_mask, deterministic=deterministic),
+                lambda h: _attend(cross, cross_mask, h, encoded, deterministic=deterministic),
                 deterministic,
             )
         ff = _feed_forward(c)
@@ -352,12 +430,12 @@ class _Embedder(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, tokens: Array, deterministic: bool) -> Array:
+    def __call__(self, tokens: Array, deterministic: bool, positions: Array | None = None) -> Array:
         c = self.config
         x = self.embed(tokens.astype(jnp.int32)) * jnp.sqrt(jnp.asarray(c.d_model, c.dtype))
         x = x.astype(c.dtype)
         if c.positional_encoding == "sinusoidal":
-            x = PositionalEncoding(c.max_len, decode=self.decode, name="positions")(x)
+            x = PositionalEncoding(c.max_len, decode=self.decode, name="positions")(x, positions)
         return nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
 
 
@@ -399,7 +477,11 @@ class Transformer(nn.Module):
     def encode(self, inputs: Array, deterministic: bool = True) -> Array:
         """[B, L] token ids -> [B, L, D] encoder output."""
         _check_tokens("inputs", inputs)
-        mask = make_attention_mask(inputs > PAD_ID, inputs > PAD_ID, dtype=jnp.bool_)
+        valid = inputs > PAD_ID
+        if self.config.uses_mods:
+            mask = Masking.of(valid, valid, causal=False)
+        else:
+            mask = make_attention_mask(valid, valid, dtype=jnp.bool_)
         x = self.encoder_embedder(inputs, deterministic)
         for block in self.encoder_blocks:
             x = block(x, mask, deterministic)
@@ -435,12 +517,18 @@ class Transformer(nn.Module):
             valid_q = (targets if targets is not None else decoder_inputs) > PAD_ID
             if targets is None:
                 valid_q = valid_q.at[:, 0].set(True)  # BOS is token 0
-            self_mask = combine_masks(
-                make_attention_mask(valid_q, valid_q, dtype=jnp.bool_),
-                make_causal_mask(decoder_inputs, dtype=jnp.bool_),
-                dtype=jnp.bool_,
-            )
-        cross_mask = make_attention_mask(valid_q, inputs > PAD_ID, dtype=jnp.bool_)
+            if c.uses_mods:
+                self_mask = Masking.of(valid_q, valid_q, causal=True)
+            else:
+                self_mask = combine_masks(
+                    make_attention_mask(valid_q, valid_q, dtype=jnp.bool_),
+                    make_causal_mask(decoder_inputs, dtype=jnp.bool_),
+                    dtype=jnp.bool_,
+                )
+        if c.uses_mods:
+            cross_mask = Masking.of(valid_q, inputs > PAD_ID, causal=False)
+        else:
+            cross_mask = make_attention_mask(valid_q, inputs > PAD_ID, dtype=jnp.bool_)
         y = self.decoder_embedder(decoder_inputs, deterministic)
         for block in self.decoder_blocks:
             y = block(y, self_mask, encoded, cross_mask, deterministic)
@@ -477,19 +565,49 @@ class TransformerLM(nn.Module):
         if not c.share_embeddings:
             self.logits_dense = _dense(c.vocab_size, (EMBED, VOCAB), c.partition_params, c.dtype)
 
-    def __call__(self, tokens: Array, deterministic: bool = True) -> Array:
-        """[B, T] token ids -> [B, T, V] next-token logits."""
+    def __call__(
+        self,
+        tokens: Array,
+        deterministic: bool = True,
+        *,
+        segment_ids: Array | None = None,
+        positions: Array | None = None,
+    ) -> Array:
+        """[B, T] token ids -> [B, T, V] next-token logits.
+
+        Args:
+          tokens: [B, T] token ids (0 is padding).
+          deterministic: disable dropout.
+          segment_ids: int [B, T] documents of packed rows: a token attends only within
+            its document. None: one document per row.
+          positions: int [B, T] positions within each document (restarting at 0), for
+            the sinusoidal encoding; None: 0..T-1. (RoPE needs none: within a document
+            it depends only on the distance between positions.)
+        """
         c = self.config
         _check_tokens("tokens", tokens)
+        for name, x in (("segment_ids", segment_ids), ("positions", positions)):
+            if x is not None and (jnp.shape(x) != tokens.shape or c.decode):
+                raise ValueError(
+                    f"{name} should have the shape of tokens {tokens.shape} (and no "
+                    f"decode), but got {jnp.shape(x)}"
+                )
         mask = None
         if not c.decode:
             valid = tokens > PAD_ID
-            mask = combine_masks(
-                make_attention_mask(valid, valid, dtype=jnp.bool_),
-                make_causal_mask(tokens, dtype=jnp.bool_),
-                dtype=jnp.bool_,
-            )
-        y = self.embedder(tokens, deterministic)
+            if c.uses_mods:
+                mask = Masking.of(valid, valid, causal=True, segment_ids=segment_ids)
+            else:
+                same = None
+                if segment_ids is not None:
+                    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+                mask = combine_masks(
+                    make_attention_mask(valid, valid, dtype=jnp.bool_),
+                    make_causal_mask(tokens, dtype=jnp.bool_),
+                    same,
+                    dtype=jnp.bool_,
+                )
+        y = self.embedder(tokens, deterministic, positions)
         for block in self.blocks:
             y = block(y, mask, deterministic=deterministic)
         if c.pre_ln:

@@ -1,0 +1,121 @@
+"""The models on the fast path: mask mods and block masks instead of [B, 1, T, S] arrays.
+
+Each model with its default masking (mods, `Masking`) is compared with the same model
+and parameters building dense mask arrays (``dense_masks=True``): outputs at the
+positions the loss reads and parameter gradients, fp32 to 1e-5.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_mha.apps.timing import compiled_temp_bytes
+from flax_mha.models import PAD_ID, Transformer, TransformerConfig, TransformerLM
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+SMALL = dict(d_model=32, num_heads=4, d_ff=64, num_encoder_layers=2, num_decoder_layers=2,
+             dropout_rate=0.0, max_len=64)  # fmt: skip
+
+
+def _tokens(key, B, T, vocab, pad_from):
+    toks = jax.random.randint(key, (B, T), 2, vocab)
+    return jnp.where(jnp.arange(T)[None, :] < jnp.asarray(pad_from)[:, None], toks, PAD_ID)
+
+
+def _grads(model, params, loss_fn):
+    return jax.value_and_grad(lambda p: loss_fn(model, p))(params)
+
+
+def _assert_same(a, b):
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(a[1]), jax.tree.leaves(b[1]), strict=True):
+        np.testing.assert_allclose(x, y, **TOL)
+
+
+def _cotangent(shape):
+    """A fixed random cotangent: the loss ``mean(logits * c)`` keeps gradients O(1)."""
+    return jax.random.normal(jax.random.key(42), shape) / np.sqrt(np.prod(shape))
+
+
+@pytest.mark.parametrize("extra", [{}, dict(num_kv_heads=2, pre_ln=True)], ids=["mha", "gqa"])
+def test_transformer_with_mods_equals_dense_masks(extra):
+    config = TransformerConfig(vocab_size=20, **SMALL, **extra)
+    inputs = _tokens(jax.random.key(0), 3, 12, 20, [12, 7, 3])
+    targets = _tokens(jax.random.key(1), 3, 10, 20, [10, 4, 6])
+    model = Transformer(config)
+    params = model.init(jax.random.key(2), inputs, targets)
+    valid = (targets > PAD_ID)[..., None]
+    c = _cotangent((3, 10, 20))
+
+    def loss(m, p):  # the loss reads the valid target positions only
+        return jnp.sum(jnp.where(valid, m.apply(p, inputs, targets), 0.0) * c)
+
+    _assert_same(
+        _grads(model, params, loss),
+        _grads(Transformer(config.replace(dense_masks=True)), params, loss),
+    )
+
+
+@pytest.mark.parametrize(
+    "extra", [{}, dict(use_rope=True, positional_encoding="none", sliding_window=5)],
+    ids=["sinusoidal", "rope-window"],
+)  # fmt: skip
+def test_lm_with_packed_documents_equals_dense_masks(extra):
+    config = TransformerConfig(vocab_size=20, **SMALL, **extra)
+    tokens = _tokens(jax.random.key(0), 2, 16, 20, [16, 13])
+    seg = jnp.array([[0] * 5 + [1] * 7 + [2] * 4, [0] * 9 + [1] * 7], jnp.int32)
+    first = jnp.concatenate([jnp.ones((2, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    start = jax.lax.cummax(jnp.where(first, jnp.arange(16)[None, :], 0), axis=1)
+    positions = jnp.arange(16)[None, :] - start
+    model = TransformerLM(config)
+    params = model.init(jax.random.key(2), tokens)
+    valid = (tokens > PAD_ID)[..., None]
+    c = _cotangent((2, 16, 20))
+
+    def loss(m, p):
+        out = m.apply(p, tokens, segment_ids=seg, positions=positions)
+        return jnp.sum(jnp.where(valid, out, 0.0) * c)
+
+    _assert_same(
+        _grads(model, params, loss),
+        _grads(TransformerLM(config.replace(dense_masks=True)), params, loss),
+    )
+
+
+def test_packing_never_lets_a_token_see_another_document():
+    # Changing every token of document 1 must not change the logits of documents 0 and 2.
+    config = TransformerConfig(vocab_size=20, **SMALL)
+    seg = jnp.array([[0] * 6 + [1] * 6 + [2] * 4], jnp.int32)
+    positions = jnp.array([list(range(6)) + list(range(6)) + list(range(4))])
+    tokens = _tokens(jax.random.key(0), 1, 16, 20, [16])
+    other = tokens.at[:, 6:12].set((tokens[:, 6:12] + 5) % 18 + 2)
+    model = TransformerLM(config)
+    params = model.init(jax.random.key(1), tokens)
+    a = model.apply(params, tokens, segment_ids=seg, positions=positions)
+    b = model.apply(params, other, segment_ids=seg, positions=positions)
+    outside = jnp.asarray(seg[0] != 1)
+    np.testing.assert_array_equal(np.asarray(a[0, outside]), np.asarray(b[0, outside]))
+    assert not np.allclose(a[0, 6:12], b[0, 6:12])  # the test can see a change
+
+
+def test_training_step_temporaries_grow_linearly_not_quadratically():
+    config = TransformerConfig(vocab_size=256, d_model=64, num_heads=4, d_ff=128,
+                               num_decoder_layers=1, dropout_rate=0.0, max_len=8192,
+                               use_rope=True, positional_encoding="none")  # fmt: skip
+    model = TransformerLM(config)
+
+    def temp_mib(L):
+        tokens = jax.ShapeDtypeStruct((1, L), jnp.int32)
+        params = jax.eval_shape(model.init, jax.random.key(0), tokens)
+
+        def loss(p, t):
+            return jnp.mean(model.apply(p, t) ** 2)
+
+        return compiled_temp_bytes(jax.grad(loss), params, tokens) / 2**20
+
+    small, large = temp_mib(1024), temp_mib(8192)
+    # 8x the length: a dense [L, L] mask or score array would need 64x the memory.
+    assert large < 16 * small, (small, large)
