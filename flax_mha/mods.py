@@ -373,6 +373,7 @@ def alibi(slopes: Array) -> ScoreMod:
     Args:
       slopes: float [N] one slope per query head.
     """
+    slopes = jnp.asarray(slopes)  # a NumPy array cannot be indexed by a traced head
 
     def fn(score, b, h, q_idx, kv_idx):
         dist = jnp.abs(q_idx - kv_idx).astype(score.dtype)
@@ -429,6 +430,7 @@ def relative_bias(table: Array, *, bidirectional: bool = True, max_distance: int
       bidirectional: buckets for keys after the query too (encoder); False: decoder.
       max_distance: distances beyond it share the last bucket.
     """
+    table = jnp.asarray(table)  # a NumPy array cannot be indexed by traced buckets
     num_buckets = table.shape[0]
 
     def fn(score, b, h, q_idx, kv_idx):
