@@ -177,8 +177,11 @@ def attention_weights(
             kwargs = {**kwargs, "sow_weights": True}
         return next_fun(*args, **kwargs)
 
+    # Weights exist only where the [T, S] matrix does: the dense-mask path of the same
+    # model (same parameter tree), not the mask mods that skip blocks without one.
+    dense = type(model)(model.config.replace(dense_masks=True))
     with nn.intercept_methods(sow_weights):
-        _, variables = model.apply({"params": params}, inputs, targets, mutable=["intermediates"])
+        _, variables = dense.apply({"params": params}, inputs, targets, mutable=["intermediates"])
     flat = flax_traverse.flatten_dict(variables["intermediates"], sep="/")
     suffix = "/attention_weights"
     return {k.removesuffix(suffix): np.asarray(v[0]) for k, v in flat.items() if k.endswith(suffix)}
