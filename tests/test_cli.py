@@ -62,3 +62,87 @@ def test_bench_quick_writes_tables_json_and_plots(tmp_path, capsys):
     assert mem[("flax_mha blockwise", 2048)] < mem[("jax.nn.dot_product_attention", 2048)]
     for name in ("results.md", "memory_vs_length.png", "time.png"):
         assert (tmp_path / name).exists()
+
+
+# --------------------------------------------------------------------------- the command line
+# Issue 17: bad numbers are argparse errors of one line, --help shows defaults and config
+# fields, --version, --print-config.
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--d-model", "-8"], "argument --d-model: should be a positive int, but got '-8'"),
+        (
+            ["demo", "--d-model", "eight"],
+            "argument --d-model: should be a positive int, but got 'eight'",
+        ),
+        (
+            ["demo", "--num-heads", "0"],
+            "argument --num-heads: should be a positive int, but got '0'",
+        ),
+        (["demo", "--seed", "-1"], "argument --seed: should be an int >= 0, but got '-1'"),
+        (["bench", "--length", "0"], "argument --length: should be a positive int, but got '0'"),
+        (
+            ["bench", "--repeats", "-2"],
+            "argument --repeats: should be a positive int, but got '-2'",
+        ),
+        (
+            ["bench", "--memory-lengths", "512", "-1"],
+            "argument --memory-lengths: should be a positive int",
+        ),
+        (["bench", "--long", "0"], "argument --long: should be a positive int, but got '0'"),
+    ],
+)
+def test_bad_numeric_flags_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"flax-mha {argv[0]}: error: {message}" in err
+    assert "Traceback" not in err
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--d-model D_MODEL embedding size D (default: 8)" in text
+    assert "(default: out/demo)" in text
+
+
+def test_train_help_lists_every_config_field_and_the_new_flags(capsys):
+    from flax_mha.train.default_config import get_config
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--print-config", "--workdir", "(default: runs/default)"):
+        assert flag in " ".join(text.split())  # argparse wraps lines
+    config = get_config()
+    for group in ("model", "data", "optim", "train"):
+        for field in config[group]:
+            assert f"--config.{group}.{field}=" in text, (group, field)
+
+
+def test_version(capsys):
+    import importlib.metadata
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"flax-mha {importlib.metadata.version('flax-mha')} (jax ")
+    assert f"flax {importlib.metadata.version('flax')}" in out
+
+
+def test_print_config_prints_the_resolved_config_and_exits(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    argv = ["train", "--workdir", str(workdir), "--print-config",
+            "--config.model.use_rope=true", "--config.train.num_steps=7"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "use_rope: true" in out and "num_steps: 7" in out and "d_model: 64" in out
+    assert not workdir.exists()  # nothing trained, nothing written

@@ -1,5 +1,6 @@
 """Config files, `--config.a.b=v` overrides, and `validate_config`'s messages."""
 
+import dataclasses
 import math
 import os
 import pathlib
@@ -238,3 +239,30 @@ def test_transformer_config_checks_run_at_the_door(field, value, message):
     with pytest.raises(ValueError) as e:
         train.validate_config(config)
     assert message in str(e.value)
+
+
+def test_default_config_has_every_model_field():
+    # Every TransformerConfig field a config may set is in the default config with its
+    # default, so that --config.model.FIELD=VALUE reaches it (issue 17).
+    from flax_mha.train.config import MODEL_FIELDS
+
+    model = load_config(None).model
+    assert set(model.keys()) == set(MODEL_FIELDS)
+    defaults = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
+    for name in ("output_vocab_size", "num_kv_heads", "use_rope", "sliding_window",
+                 "logit_softcap", "positional_encoding"):  # fmt: skip
+        assert model[name] == defaults[name], name
+
+
+def test_cli_overrides_reach_every_model_option():
+    config = apply_overrides(load_config(None), [
+        "--config.model.use_rope=true", "--config.model.positional_encoding=none",
+        "--config.model.num_kv_heads=2", "--config.model.sliding_window=8",
+        "--config.model.logit_softcap=30.0", "--config.model.output_vocab_size=12",
+    ])  # fmt: skip
+    train.validate_config(config)
+    m = train.model_config(config)
+    assert (m.use_rope, m.positional_encoding, m.num_kv_heads) == (True, "none", 2)
+    assert (m.sliding_window, m.logit_softcap, m.output_vocab_size) == (8, 30.0, 12)
+    config = apply_overrides(config, ["--config.model.num_kv_heads=None"])
+    assert train.model_config(config).num_kv_heads is None

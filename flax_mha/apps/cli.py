@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import glob
+import importlib.metadata
 import importlib.util
 import os
+import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
@@ -109,8 +112,27 @@ def apply_overrides(
             raise ValueError(f"unknown config field config.{name} (known: {known})")
         if isinstance(node[field], ml_collections.ConfigDict):
             raise ValueError(f"config.{name} is a group; override its fields instead")
-        node[field] = _cast(name, node[field], text)
+        if text == "None" and name in _nullable_fields():
+            node[field] = None
+        else:
+            node[field] = _cast(name, node[field], text)
     return config
+
+
+def _nullable_fields() -> set[str]:
+    """Dotted names of the fields that are None in the default config (they take None)."""
+    from flax_mha.train.default_config import get_config
+
+    def nulls(node: ml_collections.ConfigDict, prefix: str) -> set[str]:
+        found = set()
+        for name, value in node.items():
+            if isinstance(value, ml_collections.ConfigDict):
+                found |= nulls(value, f"{prefix}{name}.")
+            elif value is None:
+                found.add(prefix + name)
+        return found
+
+    return nulls(get_config(), "")
 
 
 def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
@@ -121,14 +143,56 @@ def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         config.train.progress_bar = False
     if args.mesh is not None:
         config.train.mesh = args.mesh
+    if args.print_config:
+        print(config, end="")
+        return 0
+    import time
+
     from flax_mha.train import train_and_evaluate, validate_config
 
     validate_config(config)  # before jax compiles anything
-    train_and_evaluate(config, args.workdir, force=args.force)
+    tic = time.perf_counter()
+    state = train_and_evaluate(config, args.workdir, force=args.force)
+    _print_summary(config, args.workdir, int(state.step), time.perf_counter() - tic)
     return 0
 
 
+EXAMPLE_DIGITS = "3 1 4 1 5 9 2 6 5 3"
+
+
+def _print_summary(
+    config: ml_collections.ConfigDict, workdir: str, step: int, seconds: float
+) -> None:
+    """Where a finished run's outputs went, and the `predict` command to try it."""
+    from flax_mha.train import read_metrics
+
+    evals = [r for r in read_metrics(workdir) if "eval_exact_match" in r]
+    result = f"; held-out exact match {evals[-1]['eval_exact_match']:.1%}" if evals else ""
+    minutes, secs = divmod(round(seconds), 60)
+    took = f"{minutes} min {secs} s" if minutes else f"{secs} s"
+    print(f"finished: step {step} of {config.train.num_steps} in {took}{result}")
+    print(f"outputs in {workdir}{os.sep}:")
+    events = sorted(glob.glob(os.path.join(glob.escape(workdir), "events.out.tfevents.*")))
+    outputs = [
+        (os.path.join("checkpoints", str(step)), "parameters, optimizer state and config"),
+        ("config.json", "the run's config"),
+        ("metrics.jsonl", "one JSON line per log step"),
+        (os.path.basename(events[-1]) if events else "", "TensorBoard summaries: "
+         f"tensorboard --logdir {shlex.quote(workdir)}"),
+        ("curves.png", "loss, accuracy, learning rate and gradient norm"),
+        ("attention", "every layer's attention heads on a held-out example"),
+    ]  # fmt: skip
+    for name, what in outputs:
+        path = os.path.join(workdir, name)
+        if name and os.path.exists(path):
+            shown = name + os.sep if os.path.isdir(path) else name
+            print(f"  {shown:<26} {what}")
+    digits = " ".join(EXAMPLE_DIGITS.split()[: min(5, config.data.max_len)])
+    print(f"try it: flax-mha predict --workdir {shlex.quote(workdir)} {digits}")
+
+
 def _predict(args: argparse.Namespace) -> int:
+    import jax
     import jax.numpy as jnp
     import numpy as np
 
@@ -148,7 +212,9 @@ def _predict(args: argparse.Namespace) -> int:
     if longest > width:
         raise ValueError(f"inputs should have at most {width} digits, but got {longest}")
     inputs = np.stack([data.encode_digits(s, longest) for s in sequences])
-    out = np.asarray(generate(model, params, jnp.asarray(inputs), longest + 1))
+    # One compilation of the whole decoding (eagerly, each op would compile on its own).
+    decode = jax.jit(generate, static_argnums=(0, 3))
+    out = np.asarray(decode(model, params, jnp.asarray(inputs), longest + 1))
     if longest > config.data.max_len:
         print(f"note: trained on at most {config.data.max_len} digits", file=sys.stderr)
     for src, tokens in zip(inputs, out, strict=True):
@@ -179,36 +245,150 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line (and point to ``--help``)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default; keeps the lines of a text that has several (the
+    epilog's config fields) and wraps the others."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "(default" in (action.help or ""):
+            return action.help  # no "(default: None)" noise, and no default said twice
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def _int_type(low: int, should: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"should be {should}, but got {text!r}")
+        return value
+
+    parse.__name__ = should  # what argparse names in its own messages
+    return parse
+
+
+_positive_int = _int_type(1, "a positive int")
+_non_negative_int = _int_type(0, "an int >= 0")
+
+
+def _version() -> str:
+    """``flax-mha X (jax Y, flax Z, Python W)``, read from the installed metadata."""
+
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    python = ".".join(map(str, sys.version_info[:3]))
+    return (
+        f"flax-mha {version('flax-mha')} (jax {version('jax')}, flax {version('flax')}, "
+        f"Python {python})"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `flax-mha`, one subcommand per job."""
     from flax_mha.apps.demo import DEFAULT_SENTENCE
 
-    parser = argparse.ArgumentParser(
-        prog="flax-mha", description="Multi-head attention for JAX and Flax."
+    parser = _Parser(
+        prog="flax-mha",
+        description="Multi-head attention for JAX and Flax.",
+        formatter_class=_HelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="walk through the attention steps on a short sentence")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser(
+        "demo",
+        help="walk through the attention steps on a short sentence",
+        description="Prints each step of multi-head attention on a sentence, checks it "
+        "against flax_mha.MultiHeadAttention and writes a heatmap of the weights.",
+        formatter_class=_HelpFormatter,
+    )
     demo.add_argument("--out", default="out/demo", help="folder for the PNG heatmap")
-    demo.add_argument("--sentence", default=DEFAULT_SENTENCE)
-    demo.add_argument("--d-model", type=int, default=8)
-    demo.add_argument("--num-heads", type=int, default=2)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--sentence", default=DEFAULT_SENTENCE, help="the words to attend over")
+    demo.add_argument("--d-model", type=_positive_int, default=8, help="embedding size D")
+    demo.add_argument(
+        "--num-heads", type=_positive_int, default=2, help="attention heads N (divides D)"
+    )
+    demo.add_argument(
+        "--seed", type=_non_negative_int, default=0, help="seed of the random weights"
+    )
     demo.set_defaults(func=_demo)
     _add_train_parser(sub)
-    predict = sub.add_parser("predict", help="decode digit sequences with a trained run")
+    predict = sub.add_parser(
+        "predict",
+        help="decode digit sequences with a trained run",
+        description="Loads the latest intact checkpoint's parameters (not the optimizer "
+        "state) and decodes each input greedily.",
+        formatter_class=_HelpFormatter,
+    )
     predict.add_argument("digits", nargs="*", help="one input sequence, e.g. 3 1 4 1 5")
     predict.add_argument("--input", action="append", help='a sequence, e.g. "3 1 4" (repeatable)')
-    predict.add_argument("--workdir", default="runs/default")
+    predict.add_argument(
+        "--workdir",
+        default="runs/default",
+        help="a training run's folder, or one checkpoint folder (WORKDIR/checkpoints/STEP)",
+    )
     predict.set_defaults(func=_predict)
     _add_bench_parser(sub)
     return parser
+
+
+def _as_typed(value: Any) -> str:
+    """A field's value as one types it after ``--config.a.b=`` (see `_cast`)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return value if isinstance(value, str) else repr(value)
+
+
+def _config_fields_epilog() -> str:
+    """The default config's fields and values, as the --help of `flax-mha train` lists them."""
+    from flax_mha.train.default_config import get_config
+
+    def lines(node: Any, prefix: str) -> list[str]:
+        out = []
+        for name, value in node.items():
+            if isinstance(value, ml_collections.ConfigDict):
+                out += lines(value, f"{prefix}{name}.")
+            else:
+                out.append(f"  --config.{prefix}{name}={_as_typed(value)}")
+        return out
+
+    return "\n".join(
+        [
+            "config fields (the default config's values; override any with "
+            "--config.GROUP.FIELD=VALUE,",
+            "see them resolved with --print-config):",
+            *lines(get_config(), ""),
+        ]
+    )
 
 
 def _add_train_parser(sub: Any) -> None:
     train = sub.add_parser(
         "train",
         help="train a Transformer on the built-in task (resumes from the workdir)",
-        description="Overrides: --config.group.field=VALUE, e.g. --config.model.num_heads=2.",
+        description="Trains the encoder-decoder Transformer on a built-in task, resuming "
+        "from the latest checkpoint in the workdir. Overrides: --config.group.field=VALUE, "
+        "e.g. --config.model.num_heads=2. Ctrl-C saves a checkpoint and stops; the same "
+        "command resumes.",
+        epilog=_config_fields_epilog(),
+        formatter_class=_HelpFormatter,
     )
     train.add_argument(
         "--config",
@@ -216,7 +396,9 @@ def _add_train_parser(sub: Any) -> None:
         help="config file with get_config() (default: flax_mha/train/default_config.py, "
         "the same as configs/default.py)",
     )
-    train.add_argument("--workdir", default="runs/default")
+    train.add_argument(
+        "--workdir", default="runs/default", help="folder for checkpoints, metrics and plots"
+    )
     train.add_argument(
         "--resume",
         action=argparse.BooleanOptionalAction,
@@ -237,58 +419,80 @@ def _add_train_parser(sub: Any) -> None:
         "the batch over `data` (default: config.train.mesh; on CPU simulate devices with "
         "XLA_FLAGS=--xla_force_host_platform_device_count=8)",
     )
+    train.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the config with the overrides and flags applied, and exit",
+    )
     train.set_defaults(func=_train)
 
 
 def _add_bench_parser(sub: Any) -> None:
     bench = sub.add_parser(
-        "bench", help="time and size our kernels and module against jax.nn, Flax and torch"
+        "bench",
+        help="time and size our kernels and module against jax.nn, Flax and torch",
+        description="Times the attention kernels and the module against their peers "
+        "(torch's only if torch is installed) and writes tables, JSON and plots.",
+        formatter_class=_HelpFormatter,
     )
     bench.add_argument("--out", default="out/bench", help="folder for results.md/json and PNGs")
-    bench.add_argument("--batch", type=int, default=4)
-    bench.add_argument("--length", type=int, default=2048)
-    bench.add_argument("--heads", type=int, default=8)
-    bench.add_argument("--head-dim", type=int, default=64)
-    bench.add_argument("--module-length", type=int, default=512)
-    bench.add_argument("--model-dim", type=int, default=512)
+    bench.add_argument("--batch", type=_positive_int, default=4, help="batch size B")
+    bench.add_argument("--length", type=_positive_int, default=2048, help="sequence length L")
+    bench.add_argument("--heads", type=_positive_int, default=8, help="heads N")
+    bench.add_argument("--head-dim", type=_positive_int, default=64, help="head dim H")
+    bench.add_argument(
+        "--module-length", type=_positive_int, default=512, help="L of the module benchmark"
+    )
+    bench.add_argument(
+        "--model-dim", type=_positive_int, default=512, help="D of the module benchmark"
+    )
     bench.add_argument(
         "--memory-lengths",
-        type=int,
+        type=_positive_int,
         nargs="+",
         default=[1024, 4096, 16384, 65536],
         help="sequence lengths whose compiled fwd+bwd temporaries are reported (not run)",
     )
     bench.add_argument(
         "--decode-lengths",
-        type=int,
+        type=_positive_int,
         nargs="+",
         default=[512, 2048, 8192, 16384],
         help="cache lengths of the decode-step benchmark (1/8 filled)",
     )
-    bench.add_argument("--long", type=int, default=None, help="also run fwd+bwd once at this L")
-    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument(
+        "--long", type=_positive_int, default=None, help="also run fwd+bwd once at this L"
+    )
+    bench.add_argument("--repeats", type=_positive_int, default=5, help="timed runs per case")
     bench.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     bench.set_defaults(func=_bench)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `flax-mha` console script."""
+    """Entry point of the `flax-mha` console script.
+
+    Exit codes: 0 done, 1 a run that could not go on (`flax_mha.train.TrainingError`),
+    2 bad input (arguments, config, workdir), 130 interrupted (Ctrl-C).
+    """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    prog = f"flax-mha {args.command}"
     try:
         if args.command == "train":
             return args.func(args, extra)
         return args.func(args)
     except ValueError as e:  # bad input: arguments, config, workdir
-        parser.exit(2, f"flax-mha {args.command}: error: {e}\n")
+        parser.exit(2, f"{prog}: error: {e}\n")
+    except KeyboardInterrupt as e:  # Ctrl-C; a training run has saved a checkpoint first
+        parser.exit(130, f"{prog}: {e or 'interrupted'}\n")
     except Exception as e:
         from flax_mha.train import TrainingError  # imports jax: only once something failed
 
         if not isinstance(e, TrainingError):
             raise
-        parser.exit(1, f"flax-mha {args.command}: error: {e}\n")
+        parser.exit(1, f"{prog}: error: {e}\n")
     return 1
 
 

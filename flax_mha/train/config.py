@@ -20,13 +20,13 @@ from flax_mha import data as data_lib
 from flax_mha import sharding as sharding_lib
 from flax_mha.models import TransformerConfig
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "model_config", "validate_config"]
+__all__ = ["MODEL_FIELDS", "OPTIMIZERS", "SCHEDULES", "model_config", "validate_config"]
 
 SCHEDULES = ("warmup_cosine", "paper", "constant")
 OPTIMIZERS = ("adamw", "adam")
 # TransformerConfig fields a config file may not set: dtype is not JSON, decode is for
 # generation, partition_params follows config.train.mesh.
-_MODEL_FIELDS = tuple(
+MODEL_FIELDS = tuple(
     f.name
     for f in dataclasses.fields(TransformerConfig)
     if f.name not in ("dtype", "decode", "partition_params")
@@ -65,10 +65,8 @@ def model_config(config: ml_collections.ConfigDict) -> TransformerConfig:
 
 def _validate_model(m: ml_collections.ConfigDict) -> None:
     """What training adds to `TransformerConfig`'s own checks, then those checks."""
-    unknown = sorted(set(m.keys()) - set(_MODEL_FIELDS))
-    _require(
-        not unknown, "model", unknown, f"only hold fields of TransformerConfig {_MODEL_FIELDS}"
-    )
+    unknown = sorted(set(m.keys()) - set(MODEL_FIELDS))
+    _require(not unknown, "model", unknown, f"only hold fields of TransformerConfig {MODEL_FIELDS}")
     for name in ("num_encoder_layers", "num_decoder_layers"):
         _require(m[name] >= 1, f"model.{name}", m[name], "be >= 1 (an encoder-decoder model)")
     _require(

@@ -32,6 +32,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.attention_dropout_rate = 0.0
     config.model.max_len = 32
     config.model.pre_ln = False
+    # The other fields of TransformerConfig, at its defaults (so each has a --config flag).
+    # ConfigDict fields that are None take a value of any type later.
+    config.model.output_vocab_size = None  # None = vocab_size
+    config.model.num_kv_heads = None  # GQA: key/value heads (None = num_heads; 1 = MQA)
+    config.model.use_rope = False  # rotary position embeddings in self-attention
+    config.model.positional_encoding = "sinusoidal"  # or "none" (e.g. with use_rope)
+    config.model.sliding_window = None  # self-attention sees the last N positions
+    config.model.logit_softcap = None  # cap * tanh(scores / cap)
+    config.model.dense_masks = False  # [B, 1, T, S] mask arrays instead of mask mods
 
     config.data = ml_collections.ConfigDict()
     config.data.task = "reverse"  # one of flax_mha.data.TASKS

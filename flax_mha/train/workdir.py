@@ -9,6 +9,7 @@ run; a resume that changes it keeps the old one as ``config.before_step_<step>.j
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -20,6 +21,9 @@ from typing import Any
 
 import ml_collections
 from flax import traverse_util as flax_traverse
+
+from flax_mha.models import TransformerConfig
+from flax_mha.train.config import MODEL_FIELDS
 
 __all__ = [
     "LOCK_FILE",
@@ -122,7 +126,22 @@ def load_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict
             f"workdir should hold a training run (config.json), but got {os.fspath(workdir)!r}"
         )
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        return ml_collections.ConfigDict(with_model_defaults(json.load(f)))
+
+
+def _json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return json.loads(config.to_json())
+
+
+def with_model_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a JSON tree) with the model fields it lacks at `TransformerConfig`'s
+    defaults: what a run built from it used. Runs written before the default config
+    listed every model field have fewer, and resume as the same run."""
+    if not isinstance(config.get("model"), dict):
+        return config
+    defaults = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
+    missing = {name: defaults[name] for name in MODEL_FIELDS if name not in config["model"]}
+    return {**config, "model": {**config["model"], **missing}}
 
 
 _MISSING = type("_Missing", (), {"__repr__": lambda self: "<missing>"})()
@@ -166,7 +185,7 @@ def check_resume_config(
     Raises:
       ValueError: naming the changed fields outside `RESUMABLE_FIELDS`, unless ``force``.
     """
-    diff = config_diff(saved, config)
+    diff = config_diff(with_model_defaults(_json(saved)), with_model_defaults(_json(config)))
     other = [d for d in diff if d[0] not in RESUMABLE_FIELDS]
     allowed = [d for d in diff if d[0] in RESUMABLE_FIELDS]
     if other and not force:
@@ -195,7 +214,9 @@ def write_config(workdir: str, config: ml_collections.ConfigDict, start: int) ->
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
         with open(path) as f:
-            if not config_diff(json.load(f), config):
+            if not config_diff(
+                with_model_defaults(json.load(f)), with_model_defaults(_json(config))
+            ):
                 return
         kept = f"config.before_step_{start}.json"
         os.replace(path, os.path.join(workdir, kept))
