@@ -438,3 +438,49 @@ def test_config_diff_lists_dotted_paths():
     new.seed = 3
     assert train.config_diff(old, new) == [("optim.b2", 0.98, 0.99), ("seed", 0, 3)]
     assert train.config_diff(old, old) == []
+
+
+def test_run_from_before_the_new_model_fields_resumes(run_copy, capsys):
+    # config.json of a run written before the default config listed every model field
+    # (issue 17): the missing fields had TransformerConfig's defaults, so nothing changed.
+    saved = json.loads((run_copy / "config.json").read_text())
+    for name in ("output_vocab_size", "num_kv_heads", "use_rope", "sliding_window",
+                 "logit_softcap", "positional_encoding"):  # fmt: skip
+        del saved["model"][name]
+    (run_copy / "config.json").write_text(json.dumps(saved))
+    state = train.train_and_evaluate(_tiny(num_steps=61), run_copy)
+    assert int(state.step) == 61
+    assert "resumed from the checkpoint of step 60" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=re.escape("model.use_rope False -> True")):
+        config = _tiny(num_steps=62)
+        config.model.use_rope = True
+        train.train_and_evaluate(config, run_copy)
+
+
+# --------------------------------------------------------------------------- issue 17: outputs
+
+
+def test_a_checkpoint_folder_restores_on_its_own(tiny_run, tmp_path):
+    workdir, state = tiny_run
+    for step in range(10, 61, 10):  # every checkpoint carries the run's config
+        saved = json.loads((workdir / "checkpoints" / str(step) / "config.json").read_text())
+        assert saved == json.loads((workdir / "config.json").read_text())
+    alone = tmp_path / "my_model"  # copied out of its run, renamed
+    shutil.copytree(workdir / "checkpoints" / "60", alone)
+    config, model, params, step = train.restore_params(alone)
+    assert step == 60 and config.model.d_model == 32 and model.config.d_model == 32
+    jax.tree.map(np.testing.assert_array_equal, params, state.params)
+
+
+def test_predict_reads_the_params_only(tiny_run, monkeypatch, capsys):
+    def no_optimizer(*args, **kwargs):
+        raise AssertionError("predict should not build a train state or an optimizer")
+
+    for module in (train.state, train.checkpoints):
+        monkeypatch.setattr(module, "create_train_state", no_optimizer)
+    monkeypatch.setattr(train.state, "make_optimizer", no_optimizer)
+    workdir, _ = tiny_run
+    for path in (workdir, workdir / "checkpoints" / "60"):
+        assert main(["predict", "--workdir", str(path), "3", "1", "4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0] == lines[1] and lines[0].startswith("3 1 4 -> ")

@@ -20,7 +20,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from flax_mha.models import Transformer
 from flax_mha.train.config import model_config
@@ -33,6 +35,7 @@ from flax_mha.train.workdir import (
 )
 
 __all__ = [
+    "CONFIG_FILE",
     "checkpoint_manager",
     "checkpoint_tree",
     "restore",
@@ -42,6 +45,11 @@ __all__ = [
     "start_state",
     "verify_state",
 ]
+
+
+# Beside each checkpoint's item: the run's config, named as the workdir's, so that
+# `load_workdir_config` reads a checkpoint folder as it reads a workdir.
+CONFIG_FILE = "config.json"
 
 
 def checkpoint_manager(
@@ -79,8 +87,16 @@ def restore(manager: ocp.CheckpointManager, like: TrainState, step: int) -> Trai
     return like.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"])
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: TrainState) -> None:
-    """Saves the checkpoint of ``step``, which must be finite.
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: TrainState,
+    config: ml_collections.ConfigDict | None = None,
+) -> None:
+    """Saves the checkpoint of ``step``, which must be finite, with ``config`` beside it.
+
+    The config goes to ``checkpoints/<step>/config.json`` (`CONFIG_FILE`), so that a
+    checkpoint folder restores on its own (`restore_params`), even copied out of its run.
 
     Raises:
       TrainingError: if ``state`` has a NaN/inf value, or orbax skips the save.
@@ -93,6 +109,10 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState) -> None:
             f"orbax skipped the checkpoint of step {step} (its latest step is "
             f"{manager.latest_step()})"
         )
+    if config is not None and jax.process_index() == 0:
+        # Saves are synchronous: the step's folder is final once save() returns.
+        with open(os.path.join(manager.directory, str(step), CONFIG_FILE), "w") as f:
+            f.write(config.to_json(indent=2))
 
 
 def _key_name(key: Any) -> str:
@@ -289,29 +309,94 @@ def start_state(
 
 
 def restore_params(
-    workdir: str | os.PathLike,
+    path: str | os.PathLike,
 ) -> tuple[ml_collections.ConfigDict, Transformer, Any, int]:
-    """Loads the latest intact checkpoint of a run (a damaged one is skipped with a warning).
+    """Loads the parameters of a run's latest intact checkpoint, or of one checkpoint folder.
+
+    Only the parameters are read (orbax's partial restore), as NumPy arrays: no optimizer
+    state is built or read, and nothing is compiled. A checkpoint that cannot be read or
+    has a NaN/inf parameter is damaged: a warning names it, and a run's previous
+    checkpoint is used.
+
+    Args:
+      path: a run's workdir (``config.json`` and ``checkpoints/<step>/``), or one
+        checkpoint folder (``<workdir>/checkpoints/<step>``, which holds its own
+        ``config.json``), also when copied elsewhere under any name.
 
     Returns:
       (config, model, params, step).
 
     Raises:
-      ValueError: if ``workdir`` has no config or no intact checkpoint.
+      ValueError: if ``path`` holds no config or no intact checkpoint.
     """
-    config = load_workdir_config(workdir)
-    workdir = os.fspath(workdir)
-    abstract = jax.eval_shape(lambda: create_train_state(config, jax.random.key(0)))
-    state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
-    manager = checkpoint_manager(workdir, config)
-    steps = manager.all_steps()
-    if not steps:
-        raise ValueError(f"workdir should hold a checkpoint, but {workdir!r} has none")
-    state = restore_latest_intact(manager, state, workdir, set_aside=False)
-    manager.close()
-    if state is None:
-        raise ValueError(
-            f"workdir should hold an intact checkpoint, but {workdir!r} has no intact "
-            f"checkpoint (steps {sorted(steps)} are all damaged)"
-        )
-    return config, Transformer(model_config(config)), state.params, int(state.step)
+    path = os.fspath(path)
+    if os.path.isdir(os.path.join(path, _ITEM)):  # one checkpoint's folder
+        config = _checkpoint_config(path)
+        candidates = [(f"the checkpoint in {path!r}", path)]
+    else:
+        config = load_workdir_config(path)
+        folder = os.path.join(path, "checkpoints")
+        steps = sorted((int(n) for n in _listdir(folder) if n.isdigit()), reverse=True)
+        if not steps:
+            raise ValueError(f"workdir should hold a checkpoint, but {path!r} has none")
+        candidates = [
+            (f"the checkpoint of step {s} in {path!r}", os.path.join(folder, str(s))) for s in steps
+        ]
+    for name, step_dir in candidates:
+        try:
+            params, step = _read_params(step_dir)
+        except ValueError as e:
+            warn(f"{name} is damaged ({e})")
+            continue
+        return config, Transformer(model_config(config)), params, step
+    raise ValueError(
+        f"workdir should hold an intact checkpoint, but {path!r} has no intact checkpoint "
+        f"({len(candidates)} damaged)"
+    )
+
+
+_ITEM = "default"  # the folder of a checkpoint's only item (orbax's default name)
+
+
+def _listdir(folder: str) -> list[str]:
+    return os.listdir(folder) if os.path.isdir(folder) else []
+
+
+def _checkpoint_config(step_dir: str) -> ml_collections.ConfigDict:
+    """The config saved beside a checkpoint (`save`), else its run's ``config.json``."""
+    for folder in (step_dir, os.path.join(step_dir, os.pardir, os.pardir)):
+        if os.path.exists(os.path.join(folder, CONFIG_FILE)):
+            return load_workdir_config(folder)
+    raise ValueError(
+        f"a checkpoint folder should hold its config ({CONFIG_FILE}), but {step_dir!r} does not"
+    )
+
+
+def _read_params(step_dir: str) -> tuple[Any, int]:
+    """The params (NumPy arrays) and step of one checkpoint, read without the rest.
+
+    Raises:
+      ValueError: if they cannot be read, or a parameter is not finite.
+    """
+    item = epath.Path(step_dir) / _ITEM
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        metadata = handler.metadata(item)
+        tree = getattr(metadata, "tree", metadata)  # orbax >= 0.11.20 wraps the tree
+        wanted = {"params": tree["params"], "step": tree["step"]}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        args = ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True)
+        restored = handler.restore(item, args=args)
+    except Exception as e:  # orbax and TensorStore raise many types for unreadable files
+        problem = _one_line(e)
+        del e
+        _collect_orbax_leftovers()
+        raise ValueError(f"it cannot be read: {problem}") from None
+    finally:
+        handler.close()
+    params = restored["params"]
+    for path, x in zip(_leaf_paths(params), jax.tree.leaves(params), strict=True):
+        bad = int(np.sum(~np.isfinite(x)))
+        if bad:
+            raise ValueError(f"params/{path} should be finite, but has {bad} NaN/inf value(s)")
+    return params, int(restored["step"])

@@ -165,7 +165,7 @@ def _run(
         if record is not None:
             log.write(record)
         if saves or is_last:
-            checkpoints.save(manager, done, state)
+            checkpoints.save(manager, done, state, config)
             last_saved = done
         if record is not None or saves:
             log.restart_clock()  # time eval and saving out of tokens/s
