@@ -118,10 +118,14 @@ def generate_lm(
     temperature: float = 0.0,
     top_k: int | None = None,
     return_logits: bool = False,
+    prompt_lengths: Array | None = None,
 ) -> Array | tuple[Array, Array]:
     """Continues [B, P] prompts by ``max_new_tokens`` tokens.
 
     The prompt is written into the caches in one call (prefill), then one token per step.
+    Prompts of different lengths are right-padded to P and given as ``prompt_lengths``
+    [B] (a ragged prefill: each row continues from its own length; the model needs
+    ``positional_encoding="none"``, e.g. RoPE).
 
     Returns:
       [B, max_new_tokens] new ids (and their [B, max_new_tokens, V] logits if asked).
@@ -136,8 +140,16 @@ def generate_lm(
     decoder = TransformerLM(model.config.replace(decode=True))
     cache = _empty_cache(decoder, jnp.ones((B, total), jnp.int32))
     rng = jax.random.key(0) if rng is None else rng
-    logits, state = decoder.apply({"params": params, "cache": cache}, prompt, mutable=["cache"])
-    first = next_token(logits[:, -1], jax.random.fold_in(rng, 0), temperature, top_k)
+    ragged = {} if prompt_lengths is None else {"prompt_lengths": jnp.asarray(prompt_lengths)}
+    logits, state = decoder.apply(
+        {"params": params, "cache": cache}, prompt, mutable=["cache"], **ragged
+    )
+    if prompt_lengths is None:
+        last = logits[:, -1]
+    else:  # each row's last prompt token
+        at = jnp.clip(jnp.asarray(prompt_lengths) - 1, 0, P - 1)
+        last = jnp.take_along_axis(logits, at[:, None, None], axis=1)[:, 0]
+    first = next_token(last, jax.random.fold_in(rng, 0), temperature, top_k)
 
     def step(carry, t):
         cache, token, done, last_logits = carry
@@ -151,7 +163,7 @@ def generate_lm(
         return (state["cache"], new, done, logits), (token, last_logits)
 
     done = jnp.zeros((B,), bool) if eos_id is None else first == eos_id
-    carry = (state["cache"], first, done, logits[:, -1])
+    carry = (state["cache"], first, done, last)
     _, (tokens, step_logits) = jax.lax.scan(step, carry, jnp.arange(1, max_new_tokens + 1))
     tokens, step_logits = tokens.T, jnp.swapaxes(step_logits, 0, 1)
     return (tokens, step_logits) if return_logits else tokens

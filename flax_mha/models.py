@@ -396,17 +396,20 @@ class DecoderBlock(nn.Module):
         encoded: Array | None = None,
         cross_mask: Masking | Array | None = None,
         deterministic: bool = True,
+        prompt_lengths: Array | None = None,
     ) -> Array:
         """[B, T, D] (and encoder output [B, L, D]) -> [B, T, D].
 
         Masks are `Masking` values (or dense [B, 1, T, S] arrays, or None).
+        ``prompt_lengths`` [B]: a ragged prefill of the decode cache.
         """
         c = self.config
         sub = _sublayer_args(c)
         self_attn = _attention(c, "self_attention", decode=c.decode, masking=self_mask)
+        ragged = {} if prompt_lengths is None else {"prompt_lengths": prompt_lengths}
         y = Sublayer(**sub, name="self_attention_sublayer")(
             y,
-            lambda h: _attend(self_attn, self_mask, h, deterministic=deterministic),
+            lambda h: _attend(self_attn, self_mask, h, deterministic=deterministic, **ragged),
             deterministic,
         )
         if encoded is not None:
@@ -572,6 +575,7 @@ class TransformerLM(nn.Module):
         *,
         segment_ids: Array | None = None,
         positions: Array | None = None,
+        prompt_lengths: Array | None = None,
     ) -> Array:
         """[B, T] token ids -> [B, T, V] next-token logits.
 
@@ -583,6 +587,9 @@ class TransformerLM(nn.Module):
           positions: int [B, T] positions within each document (restarting at 0), for
             the sinusoidal encoding; None: 0..T-1. (RoPE needs none: within a document
             it depends only on the distance between positions.)
+          prompt_lengths: int [B] with ``config.decode``, on the prefill call: the true
+            lengths of right-padded prompts; each row then continues from its own
+            length (a ragged batch; needs ``positional_encoding="none"``, e.g. RoPE).
         """
         c = self.config
         _check_tokens("tokens", tokens)
@@ -608,8 +615,13 @@ class TransformerLM(nn.Module):
                     dtype=jnp.bool_,
                 )
         y = self.embedder(tokens, deterministic, positions)
+        if prompt_lengths is not None and c.positional_encoding != "none":
+            raise ValueError(
+                "prompt_lengths needs positional_encoding='none' (positions per row, e.g. "
+                f"RoPE), but got {c.positional_encoding!r}"
+            )
         for block in self.blocks:
-            y = block(y, mask, deterministic=deterministic)
+            y = block(y, mask, deterministic=deterministic, prompt_lengths=prompt_lengths)
         if c.pre_ln:
             y = self.final_norm(y)
         if c.share_embeddings:

@@ -119,3 +119,21 @@ def test_training_step_temporaries_grow_linearly_not_quadratically():
     small, large = temp_mib(1024), temp_mib(8192)
     # 8x the length: a dense [L, L] mask or score array would need 64x the memory.
     assert large < 16 * small, (small, large)
+
+
+def test_generation_with_ragged_prompts_equals_one_by_one():
+    from flax_mha.generation import generate_lm
+
+    config = TransformerConfig(vocab_size=30, **{**SMALL, "max_len": 32}, num_kv_heads=2,
+                               use_rope=True, positional_encoding="none")  # fmt: skip
+    model = TransformerLM(config)
+    prompts = [[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]]
+    P = max(map(len, prompts))
+    batch = jnp.array([p + [PAD_ID] * (P - len(p)) for p in prompts])
+    params = model.init(jax.random.key(0), batch)["params"]
+    lengths = jnp.array([len(p) for p in prompts])
+    kw = dict(temperature=0.0)  # greedy: a sample's noise depends on the batch's rows
+    together = generate_lm(model, params, batch, 6, prompt_lengths=lengths, **kw)
+    for row, prompt in zip(together, prompts, strict=True):
+        alone = generate_lm(model, params, jnp.array([prompt]), 6, **kw)
+        np.testing.assert_array_equal(row, alone[0])
