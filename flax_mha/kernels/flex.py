@@ -162,6 +162,29 @@ def cudnn_attention(
     )
 
 
+def explicit_consts(
+    fn: Callable[..., Array], *example: Array
+) -> tuple[Callable[..., Array], tuple[Array, ...]]:
+    """``fn`` with every array it closes over made an explicit trailing argument.
+
+    Like `jax.closure_convert`, but hoisting *every* constant: closure_convert keeps
+    integer arrays and values it deems unperturbed (e.g. a `jax.vmap` tracer of segment
+    ids) inside the converted function, which rides in the kernel's static config and
+    would leak that tracer into the custom VJP's backward pass.
+
+    Returns:
+      ``(converted, consts)`` with ``converted(*example_like, *consts) == fn(*example_like)``.
+    """
+    closed = jax.make_jaxpr(fn)(*example)
+    jaxpr, consts = closed.jaxpr, tuple(closed.consts)
+    n = len(example)
+
+    def converted(*args: Array) -> Array:
+        return jax.core.eval_jaxpr(jaxpr, list(args[n:]), *args[:n])[0]
+
+    return converted, consts
+
+
 def _check_block_mask(block_mask: Any, B: int, N: int, T: int, S: int) -> None:
     if not isinstance(block_mask, BlockMask):
         raise TypeError(
@@ -296,10 +319,10 @@ def flex_attention(
     i = jnp.int32(0)
     score_fn, score_consts = (None, ())
     if score_mod is not None:
-        score_fn, score_consts = jax.closure_convert(score_mod, jnp.zeros((), acc), i, i, i, i)
+        score_fn, score_consts = explicit_consts(score_mod, jnp.zeros((), acc), i, i, i, i)
     mask_fn, mask_consts = (None, ())
     if mask_mod is not None:
-        mask_fn, mask_consts = jax.closure_convert(mask_mod, i, i, i, i)
+        mask_fn, mask_consts = explicit_consts(mask_mod, i, i, i, i)
     out, lse = blockwise_mods_with_lse(
         query, key, value, scale=scale, score_mod=score_fn, score_consts=tuple(score_consts),
         mask_mod=mask_fn, mask_consts=tuple(mask_consts),
