@@ -301,22 +301,32 @@ def test_eager_blockwise_call_matches_the_oracle():
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse), err_msg="lse -inf")
 
 
-def test_vmap_over_an_extra_batch_axis_with_the_block_mask_made_inside():
+def _alibi_capped(slopes, cap):
+    alibi, softcap = mods.alibi(slopes), mods.softcap(cap)
+    return lambda s, b, h, i, j: softcap(alibi(s, b, h, i, j), b, h, i, j)
+
+
+def test_grad_of_vmap_over_an_extra_batch_axis_with_the_block_mask_made_inside():
     # Each vmapped entry has its own segment ids, so its own block mask (a batched
-    # BlockMask: batched trip counts in the kernel's loops), and a traced scale.
+    # BlockMask: batched trip counts in the kernel's loops), and its own soft cap (a
+    # vmapped array the score mod closes over, not differentiated); the slopes are shared
+    # and learned, the scale traced. Mods closing over vmapped arrays once leaked a vmap
+    # tracer into the custom VJP's backward pass.
     V = 2
     q, k, v = (np.stack([x, x[::-1] * 0.5]) for x in qkv())
     seg = np.stack([SEG, SEG[::-1]])
+    caps = np.array([2.5, 4.0], np.float32)
     slopes = jnp.asarray(PARAMS["slopes"])
 
-    def attend(q, k, v, seg, slopes, scale):
+    def attend(q, k, v, seg, cap, slopes, scale):
         mask_mod = mods.and_masks(mods.causal, mods.document(seg))
         block_mask = flax_mha.create_block_mask(mask_mod, B, None, T, T, block_size=BLOCK)
-        return flax_mha.flex_attention(q, k, v, score_mod=mods.alibi(slopes), scale=scale,
+        return flax_mha.flex_attention(q, k, v, score_mod=_alibi_capped(slopes, cap), scale=scale,
                                        block_mask=block_mask, implementation="blockwise")  # fmt: skip
 
     def loss(q, k, v, slopes, scale):
-        out = jax.vmap(attend, in_axes=(0, 0, 0, 0, None, None))(q, k, v, seg, slopes, scale)
+        vmapped = jax.vmap(attend, in_axes=(0, 0, 0, 0, 0, None, None))
+        out = vmapped(q, k, v, seg, caps, slopes, scale)
         return jnp.sum(out**2), out
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
@@ -325,15 +335,17 @@ def test_vmap_over_an_extra_batch_axis_with_the_block_mask_made_inside():
     want_dslopes = 0.0
     with jax.enable_x64(True):
 
-        def one(q, k, v, slopes, seg):
+        def one(q, k, v, slopes, seg, cap):
             mask_mod = mods.and_masks(mods.causal, mods.document(seg))
-            o, _, _ = oracle(q, k, v, scale=0.4, score_mod=mods.alibi(slopes), mask_mod=mask_mod)
+            score_mod = _alibi_capped(slopes, cap)
+            o, _, _ = oracle(q, k, v, scale=0.4, score_mod=score_mod, mask_mod=mask_mod)
             return jnp.sum(o**2), o
 
         one = jax.jit(jax.grad(one, argnums=(0, 1, 2, 3), has_aux=True))
         for i in range(V):
             args = [jnp.asarray(x[i], jnp.float64) for x in (q, k, v)]
-            g, o = one(*args, jnp.asarray(slopes, jnp.float64), jnp.asarray(seg[i]))
+            g, o = one(*args, jnp.asarray(slopes, jnp.float64), jnp.asarray(seg[i]),
+                       jnp.float64(caps[i]))  # fmt: skip
             close(out[i], o, f"out[{i}]")
             for got, want, n in zip(grads[:3], g[:3], "qkv", strict=True):
                 close(got[i], want, f"d{n}[{i}]")
