@@ -2,8 +2,8 @@
 
 * `plot_attention`: one heatmap per head; `plot_attention_layers`: a grid of layers x heads.
 * `attention_weights`: every attention layer's weights of a `Transformer` pass.
-* `plot_example_attention`, `plot_curves`, `write_run_plots`: what `flax-mha train` writes
-  at the end of a run (``attention/*.png``, ``curves.png``).
+* `plot_example_attention`, `plot_curves` (of `curves_figure`), `write_run_plots`: what
+  `flax-mha train` writes at the end of a run (``attention/*.png``, ``curves.png``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from flax_mha.models import EOS_ID, PAD_ID, Transformer
 
 __all__ = [
     "attention_weights",
+    "curves_figure",
     "plot_attention",
     "plot_attention_layers",
     "plot_curves",
@@ -231,40 +232,67 @@ def plot_example_attention(
     return paths
 
 
-def plot_curves(records: list[dict[str, float]], path: str) -> str:
-    """Loss and accuracy (training, held-out) against the step, as one PNG.
+# Each panel of `curves_figure`: title, y label, log scale, and the (key, label) curves.
+_PANELS = (
+    ("loss", "cross entropy per target token", True,
+     (("loss", "train"), ("eval_loss", "held-out"))),
+    ("accuracy (tokens: teacher-forced; exact match: greedy decoding)", "fraction", False,
+     (("accuracy", "train token accuracy"), ("eval_accuracy", "held-out token accuracy"),
+      ("eval_exact_match", "held-out exact match"))),
+    ("learning rate", "rate of the step's update", False, (("lr", "learning rate"),)),
+    ("gradient norm (before clipping)", "global L2 norm", True, (("grad_norm", "gradient norm"),)),
+)  # fmt: skip
+
+
+def curves_figure(records: list[dict[str, float]], *, title: str = "training curves") -> Any:
+    """A training run's curves against the step: loss, accuracy, learning rate, gradient norm.
+
+    Training values are means over the steps since the previous log line; held-out ones
+    (marked) are evaluations. Token accuracy is teacher-forced: each target token is
+    predicted from the true previous ones. Exact match decodes greedily from the model's
+    own tokens, the harder test.
 
     Args:
       records: metric records (`flax_mha.train.read_metrics`), each with a ``step``.
-      path: PNG file to write.
+      title: the figure's title.
+
+    Returns:
+      A `matplotlib.figure.Figure` with four panels (no pyplot state).
+    """
+    from matplotlib.figure import Figure  # no pyplot: leaves the backend alone
+
+    fig = Figure(figsize=(11, 7.5))
+    for ax, (name, ylabel, log, curves) in zip(fig.subplots(2, 2).ravel(), _PANELS, strict=True):
+        for key, label in curves:
+            pts = [(r["step"], r[key]) for r in records if key in r]
+            if pts:
+                marker = "o" if key.startswith("eval") else None
+                ax.plot(*zip(*pts, strict=True), marker=marker, label=label)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+        if len(curves) > 1:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        if name.startswith("accuracy"):
+            ax.set_ylim(0, 1.02)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(
+    records: list[dict[str, float]], path: str | os.PathLike, *, title: str = "training curves"
+) -> str:
+    """Writes `curves_figure` of ``records`` as one PNG.
 
     Returns:
       The path written.
     """
-    from matplotlib.figure import Figure  # no pyplot: leaves the backend alone, as above
-
-    fig = Figure(figsize=(10, 3.8))
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    curves = {
-        ax_loss: ("loss", "eval_loss"),
-        ax_acc: ("accuracy", "eval_accuracy", "eval_exact_match"),
-    }
-    for ax, keys in curves.items():
-        for key in keys:
-            pts = [(r["step"], r[key]) for r in records if key in r]
-            if pts:
-                ax.plot(
-                    *zip(*pts, strict=True),
-                    marker="o" if key.startswith("eval") else None,
-                    label=key,
-                )
-        ax.set_xlabel("step")
-        ax.legend()
-        ax.grid(alpha=0.3)
-    ax_loss.set_yscale("log")
-    ax_acc.set_ylim(0, 1.02)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    path = os.fspath(path)
+    curves_figure(records, title=title).savefig(path, dpi=110)
     return path
 
 
@@ -282,7 +310,8 @@ def write_run_plots(
       The paths written.
     """
     workdir = os.fspath(workdir)
-    curves = plot_curves(records, os.path.join(workdir, "curves.png"))
+    title = f"flax-mha train: {workdir}"
+    curves = plot_curves(records, os.path.join(workdir, "curves.png"), title=title)
     longest = int(np.argmax(np.sum(examples["inputs"] != PAD_ID, axis=1)))
     inputs = examples["inputs"][longest]
     return [

@@ -462,9 +462,11 @@ def test_run_from_before_the_new_model_fields_resumes(run_copy, capsys):
 
 def test_a_checkpoint_folder_restores_on_its_own(tiny_run, tmp_path):
     workdir, state = tiny_run
+    config = load_config(TINY)
+    config.train.plots = True  # as tiny_run trains (other tests resume it with other configs)
     for step in range(10, 61, 10):  # every checkpoint carries the run's config
         saved = json.loads((workdir / "checkpoints" / str(step) / "config.json").read_text())
-        assert saved == json.loads((workdir / "config.json").read_text())
+        assert saved == json.loads(config.to_json())
     alone = tmp_path / "my_model"  # copied out of its run, renamed
     shutil.copytree(workdir / "checkpoints" / "60", alone)
     config, model, params, step = train.restore_params(alone)
@@ -484,3 +486,123 @@ def test_predict_reads_the_params_only(tiny_run, monkeypatch, capsys):
         assert main(["predict", "--workdir", str(path), "3", "1", "4"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0] == lines[1] and lines[0].startswith("3 1 4 -> ")
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """`flax-mha train` of 12 tiny steps whose first step takes 3 s longer (a slow
+    compilation): (workdir, stdout)."""
+    import contextlib
+    import io
+    import time
+
+    import flax_mha.train.loop as loop
+
+    workdir = tmp_path_factory.mktemp("cli") / "run"
+    step_fn, calls = loop.train_step, []
+
+    def slow_first_step(*args):
+        if not calls:
+            time.sleep(3.0)
+        calls.append(1)
+        return step_fn(*args)
+
+    argv = ["train", "--config", str(TINY), "--workdir", str(workdir),
+            "--config.train.num_steps=12", "--config.train.eval_every=12",
+            "--config.train.checkpoint_every=12", "--config.train.plots=true"]  # fmt: skip
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as m, contextlib.redirect_stdout(out):
+        m.setattr(loop, "train_step", slow_first_step)
+        assert main(argv) == 0
+    return workdir, out.getvalue()
+
+
+def test_first_step_compilation_is_announced_and_not_in_tokens_per_sec(cli_run):
+    workdir, out = cli_run
+    lines = out.splitlines()
+    announced = [i for i, line in enumerate(lines) if "compiling the train step" in line]
+    assert len(announced) == 1 and "(first step)" in lines[announced[0]]
+    assert "compiled" in lines[announced[0] + 1] and "first step took" in lines[announced[0] + 1]
+    first, second = train.read_metrics(workdir)[:2]  # steps 1-5 and 6-10
+    # With the 3 s in it, the first figure would be < 1/5 of the second one.
+    assert first["tokens_per_sec"] > 0.5 * second["tokens_per_sec"], (first, second)
+
+
+def test_run_ends_with_a_summary_and_a_ready_predict_command(cli_run, capsys):
+    import shlex
+
+    workdir, out = cli_run
+    lines = out.strip().splitlines()
+    assert lines[-1].startswith("try it: flax-mha predict --workdir ")
+    summary = "\n".join(lines[-9:])
+    assert "finished: step 12 of 12 in " in summary and "held-out exact match" in summary
+    assert f"outputs in {workdir}" in summary
+    for name in ("checkpoints/12/", "config.json", "metrics.jsonl", "events.out.tfevents.",
+                 "curves.png", "attention/", f"tensorboard --logdir {workdir}"):  # fmt: skip
+        assert name.replace("/", os.sep) in summary, name
+    command = shlex.split(lines[-1].removeprefix("try it: "))
+    assert command[0] == "flax-mha" and main(command[1:]) == 0
+    assert re.fullmatch(r"3 1 4 1 5 -> [0-9 ]*", capsys.readouterr().out.strip())
+
+
+def _tensorboard_scalars(workdir):
+    """{tag: {step: value}} from the TensorBoard event files in ``workdir`` (TFRecords of
+    Event protos; later files override earlier ones, as TensorBoard shows them)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in sorted(workdir.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            i += 12 + n + 4  # length, its CRC, the event, its CRC
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+def test_tensorboard_summaries_beside_metrics_jsonl(tiny_run):
+    workdir, _ = tiny_run
+    scalars = _tensorboard_scalars(workdir)
+    records = train.read_metrics(workdir)
+    tags = {"loss": "train/loss", "accuracy": "train/accuracy", "lr": "train/lr",
+            "grad_norm": "train/grad_norm", "tokens_per_sec": "train/tokens_per_sec",
+            "eval_loss": "eval/loss", "eval_accuracy": "eval/accuracy",
+            "eval_exact_match": "eval/exact_match"}  # fmt: skip
+    for key, tag in tags.items():
+        logged = {r["step"]: r[key] for r in records if key in r}
+        assert logged, key
+        assert sorted(scalars[tag]) == sorted(logged), tag
+        for step, value in logged.items():
+            assert scalars[tag][step] == pytest.approx(value, rel=1e-6), (tag, step)
+
+
+# Ctrl-C at the update of step INTERRUPT_AT, sent by the process to itself (a deterministic
+# point, as KILLER does): the run finishes that step, saves it and exits 130.
+INTERRUPT_AT = 27
+INTERRUPTER = KILLER.replace("signal.SIGKILL", "signal.SIGINT")
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_run, tmp_path):
+    _, ref_state = tiny_run
+    workdir = tmp_path / "interrupted"
+    cli_args = ["train", "--config", str(TINY), "--workdir", str(workdir)]
+    stopped = _run(["-c", INTERRUPTER.format(kill_at=INTERRUPT_AT), *cli_args])
+    assert stopped.returncode == 130, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    err = stopped.stderr.strip().splitlines()
+    assert err[-1] == (
+        f"flax-mha train: interrupted after step {INTERRUPT_AT}; its checkpoint is saved in "
+        f"{workdir}: run the same command again to resume from it"
+    ), err
+    assert str(INTERRUPT_AT) in os.listdir(workdir / "checkpoints")
+    assert not (workdir / "train.lock").read_text()  # released
+
+    assert main(cli_args) == 0  # the same command resumes, and ends where one run ends
+    _, _, params, step = train.restore_params(workdir)
+    assert step == 60
+    jax.tree.map(np.testing.assert_array_equal, params, ref_state.params)

@@ -172,19 +172,17 @@ def _print_summary(
     took = f"{minutes} min {secs} s" if minutes else f"{secs} s"
     print(f"finished: step {step} of {config.train.num_steps} in {took}{result}")
     print(f"outputs in {workdir}{os.sep}:")
-    events = sorted(glob.glob(os.path.join(glob.escape(workdir), "events.out.tfevents.*")))
     outputs = [
         (os.path.join("checkpoints", str(step)), "parameters, optimizer state and config"),
         ("config.json", "the run's config"),
         ("metrics.jsonl", "one JSON line per log step"),
-        (os.path.basename(events[-1]) if events else "", "TensorBoard summaries: "
-         f"tensorboard --logdir {shlex.quote(workdir)}"),
+        ("events.out.tfevents.*", f"TensorBoard: tensorboard --logdir {shlex.quote(workdir)}"),
         ("curves.png", "loss, accuracy, learning rate and gradient norm"),
         ("attention", "every layer's attention heads on a held-out example"),
-    ]  # fmt: skip
+    ]
     for name, what in outputs:
         path = os.path.join(workdir, name)
-        if name and os.path.exists(path):
+        if glob.glob(os.path.join(glob.escape(workdir), name)):
             shown = name + os.sep if os.path.isdir(path) else name
             print(f"  {shown:<26} {what}")
     digits = " ".join(EXAMPLE_DIGITS.split()[: min(5, config.data.max_len)])
@@ -486,7 +484,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # bad input: arguments, config, workdir
         parser.exit(2, f"{prog}: error: {e}\n")
     except KeyboardInterrupt as e:  # Ctrl-C; a training run has saved a checkpoint first
-        parser.exit(130, f"{prog}: {e or 'interrupted'}\n")
+        step = getattr(e, "step", None)  # flax_mha.train.TrainingInterrupted
+        if step is None:
+            parser.exit(130, f"{prog}: interrupted\n")
+        parser.exit(
+            130,
+            f"{prog}: interrupted after step {step}; its checkpoint is saved in "
+            f"{shlex.quote(e.workdir)}: run the same command again to resume from it\n",
+        )
     except Exception as e:
         from flax_mha.train import TrainingError  # imports jax: only once something failed
 

@@ -55,6 +55,7 @@ from flax_mha.train.steps import train_step as train_step
 from flax_mha.train.workdir import LOCK_FILE as LOCK_FILE
 from flax_mha.train.workdir import RESUMABLE_FIELDS as RESUMABLE_FIELDS
 from flax_mha.train.workdir import TrainingError as TrainingError
+from flax_mha.train.workdir import TrainingInterrupted as TrainingInterrupted
 from flax_mha.train.workdir import config_diff as config_diff
 from flax_mha.train.workdir import load_workdir_config as load_workdir_config
 from flax_mha.train.workdir import lock_workdir as lock_workdir

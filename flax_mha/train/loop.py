@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -31,6 +33,7 @@ from flax_mha.train.state import TrainState, make_schedule, make_train_mesh
 from flax_mha.train.steps import evaluate, make_train_step, train_step
 from flax_mha.train.workdir import (
     TrainingError,
+    TrainingInterrupted,
     append_metrics,
     lock_workdir,
     read_metrics,
@@ -109,8 +112,11 @@ def _train_locked(
         evaluate_fn = functools.partial(
             evaluate, model=model, examples=examples, batch_size=batch_size
         )
-        state = _run(config, state, mesh, manager, log, evaluate_fn)
-        log.close()
+        try:
+            with _StopRequest() as stop:
+                state = _run(config, state, mesh, manager, log, evaluate_fn, stop)
+        finally:
+            log.close()
         manager.wait_until_finished()
     finally:
         manager.close()
@@ -141,17 +147,35 @@ def _run(
     manager: ocp.CheckpointManager,
     log: _Log,
     evaluate_fn: Callable[[TrainState], dict[str, float]],
+    stop: _StopRequest,
 ) -> TrainState:
-    """Steps from ``state.step`` to ``config.train.num_steps``: logs, evaluates, saves."""
+    """Steps from ``state.step`` to ``config.train.num_steps``: logs, evaluates, saves.
+
+    The first step is announced (it includes the compilation) and left out of tokens/s.
+    After ``stop`` is requested (Ctrl-C), the loop saves and raises `TrainingInterrupted`.
+    """
     t, d = config.train, config.data
     step_fn, put, dropout_rng = _step_function(config, state, mesh)
     unchecked: list[dict[str, Array]] = []
-    last_saved = int(state.step) or None
-    for step in range(int(state.step), t.num_steps):
+    first = int(state.step)
+    last_saved = first or None
+    for step in range(first, t.num_steps):
+        if stop.requested:
+            _stop_on_request(config, state, manager, log, unchecked, last_saved)
         batch = data_lib.train_batch(config.seed, step, d.task, t.batch_size, d.min_len, d.max_len)
+        if step == first:
+            log.say("compiling the train step (first step) ...")
+            tic = time.perf_counter()
         state, metrics = step_fn(state, put(batch), dropout_rng)
         log.add(metrics)
         unchecked.append(metrics)
+        if step == first:
+            jax.block_until_ready(metrics)
+            log.say(
+                f"compiled: the first step took {time.perf_counter() - tic:.1f} s; "
+                "tokens/s counts the steps after it"
+            )
+            log.restart_clock()
         done = step + 1
         is_last = done == t.num_steps
         logs, saves = done % t.log_every == 0 or is_last, done % t.checkpoint_every == 0
@@ -169,7 +193,58 @@ def _run(
             last_saved = done
         if record is not None or saves:
             log.restart_clock()  # time eval and saving out of tokens/s
+    if stop.requested and int(state.step) < t.num_steps:
+        _stop_on_request(config, state, manager, log, unchecked, last_saved)
     return state
+
+
+def _stop_on_request(
+    config: ml_collections.ConfigDict,
+    state: TrainState,
+    manager: ocp.CheckpointManager,
+    log: _Log,
+    unchecked: list[dict[str, Array]],
+    last_saved: int | None,
+) -> None:
+    """After a Ctrl-C: saves the checkpoint of the steps done (if finite) and stops.
+
+    Raises:
+      TrainingInterrupted: always, once the checkpoint is saved.
+      TrainingError: if a loss since the last check is not finite (nothing is saved).
+    """
+    done = int(state.step)
+    _stop_if_not_finite(unchecked, done, last_saved)
+    if done != last_saved:
+        checkpoints.save(manager, done, state, config)
+    log.say(f"Ctrl-C: stopped after step {done}; saved its checkpoint")
+    raise TrainingInterrupted(done, log.workdir)
+
+
+class _StopRequest:
+    """Ctrl-C (SIGINT) asks the loop to stop after the step it is in, save and end.
+
+    A second Ctrl-C raises KeyboardInterrupt at once, as usual. The handler only sets a
+    flag (nothing is printed or saved inside a signal handler), and it is installed only
+    in the main thread (the only one Python delivers signals to).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 class _Log:
@@ -190,10 +265,20 @@ class _Log:
         if start:
             self.say(f"resumed from the checkpoint of step {start} in {workdir}")
         self.pending: list[dict[str, Array]] = []
+        self.summaries = None
+        if writer:
+            # TensorBoard event files beside metrics.jsonl, as Flax's examples write them.
+            # purge_step: TensorBoard drops what an earlier process logged past the
+            # checkpoint this run resumes from (as rewind_metrics does for the log).
+            from tensorboardX import SummaryWriter
+
+            self.summaries = SummaryWriter(workdir, purge_step=start or None)
         self.restart_clock()
 
     def restart_clock(self) -> None:
+        """Times tokens/s from now on: the steps pending so far are left out of it."""
         self.tic = time.perf_counter()
+        self.untimed = len(self.pending)
 
     def add(self, metrics: dict[str, Array]) -> None:
         self.pending.append(metrics)
@@ -201,13 +286,14 @@ class _Log:
 
     def summary(self, done: int) -> dict[str, float]:
         """Means over the steps since the last log line, tokens/s and this step's rate."""
-        record = {"step": done, **_summarize(self.pending, time.perf_counter() - self.tic)}
+        seconds = time.perf_counter() - self.tic
+        record = {"step": done, **_summarize(self.pending, self.untimed, seconds)}
         record["lr"] = float(self.schedule(done - 1))  # the rate of this step's update
-        self.pending = []
+        self.pending, self.untimed = [], 0
         self.bar.set_postfix(
             loss=f"{record['loss']:.3f}",
             acc=f"{record['accuracy']:.3f}",
-            tok_s=f"{record['tokens_per_sec']:.0f}",
+            tok_s=f"{record.get('tokens_per_sec', float('nan')):.0f}",
         )
         return record
 
@@ -215,21 +301,40 @@ class _Log:
         self.say(_format(record, self.num_steps))
         if self.writer:
             append_metrics(self.workdir, record)
+        if self.summaries is not None:
+            for key, value in record.items():
+                if key != "step":
+                    tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                    self.summaries.add_scalar(tag, value, record["step"])
+            self.summaries.flush()
 
     def close(self) -> None:
         self.bar.close()
+        if self.summaries is not None:
+            self.summaries.close()
 
 
-def _summarize(metrics: list[dict[str, Array]], seconds: float) -> dict[str, float]:
-    """Mean loss/accuracy over the steps since the last log line, and throughput."""
+def _summarize(metrics: list[dict[str, Array]], untimed: int, seconds: float) -> dict[str, float]:
+    """Mean loss/accuracy over the steps since the last log line, and throughput.
+
+    Args:
+      metrics: the metric sums of each step since the last log line.
+      untimed: how many of the first ones ran before the clock started (the compiling
+        step, the steps before an evaluation or a save): left out of tokens/s, which is
+        then missing if no step is left.
+      seconds: the time since the clock started.
+    """
     host = jax.device_get(metrics)
     tokens = sum(float(m["tokens"]) for m in host)
-    return {
+    record = {
         "loss": sum(float(m["loss_sum"]) for m in host) / tokens,
         "accuracy": sum(float(m["correct"]) for m in host) / tokens,
         "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
-        "tokens_per_sec": tokens / max(seconds, 1e-9),
     }
+    timed = host[untimed:]
+    if timed:
+        record["tokens_per_sec"] = sum(float(m["tokens"]) for m in timed) / max(seconds, 1e-9)
+    return record
 
 
 def _format(record: dict[str, float], num_steps: int) -> str:
@@ -243,10 +348,12 @@ def _format(record: dict[str, float], num_steps: int) -> str:
 def _non_finite_step(pending: list[dict[str, Array]], done: int) -> tuple[int, float] | None:
     """The first of the steps ``done - len(pending) + 1 .. done`` whose loss or gradient
     norm is not finite, with that loss; None if all are finite."""
-    losses = [(m["loss_sum"] / jnp.maximum(m["tokens"], 1.0), m["grad_norm"]) for m in pending]
-    for i, (loss, grad_norm) in enumerate(jax.device_get(losses)):
+    # On the host: eager jnp ops here would compile (inside the time of tokens/s).
+    host = jax.device_get([(m["loss_sum"], m["tokens"], m["grad_norm"]) for m in pending])
+    for i, (loss_sum, tokens, grad_norm) in enumerate(host):
+        loss = float(loss_sum) / max(float(tokens), 1.0)
         if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-            return done - len(pending) + 1 + i, float(loss)
+            return done - len(pending) + 1 + i, loss
     return None
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "LOCK_FILE",
     "RESUMABLE_FIELDS",
     "TrainingError",
+    "TrainingInterrupted",
     "append_metrics",
     "check_resume_config",
     "config_diff",
@@ -55,6 +56,21 @@ RESUMABLE_FIELDS = frozenset(
 
 class TrainingError(RuntimeError):
     """A run that cannot start or go on: its workdir is in use, or its loss is not finite."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run after saving the checkpoint of ``step`` in ``workdir``.
+
+    A `KeyboardInterrupt`, as any Ctrl-C, raised once the checkpoint is saved: running
+    the same training again resumes from it.
+    """
+
+    def __init__(self, step: int, workdir: str) -> None:
+        super().__init__(
+            f"interrupted after step {step}; its checkpoint is saved in {workdir!r}, and "
+            "training again in that workdir resumes from it"
+        )
+        self.step, self.workdir = step, workdir
 
 
 def warn(message: str) -> None:
