@@ -16,7 +16,9 @@
 # %% [markdown]
 # # Multi-head attention, step by step
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/flax-mha/flax_mha/blob/main/notebooks/01_attention_step_by_step.ipynb)
+# **In Colab:** *File → Upload notebook* and pick this `.ipynb` from your checkout (or
+# *File → Open notebook → GitHub* if your copy of the repository is on GitHub), then run
+# the install cell below: it says where it installs `flax_mha` from.
 #
 # One cell per step of the classic walk-through of "Attention is All You Need", each step a
 # pure JAX function from `flax_mha`, on a short sentence with tiny random weights:
@@ -30,22 +32,31 @@
 # At the end, `flax_mha.MultiHeadAttention` gives the same numbers from the same weights.
 
 # %%
-# Install the library when running in Colab (locally, install it with `pip install -e .`).
+# Installs flax_mha where it is missing (a fresh Colab runtime); locally, install it from
+# your checkout with `pip install -e .` instead. flax_mha is not on PyPI, so say where it
+# comes from: leave FLAX_MHA_SOURCE empty to install the wheel that `python -m build`
+# writes in a checkout (dist/flax_mha-0.1.0-py3-none-any.whl) after uploading it to this
+# runtime's working folder (Colab: the Files panel, /content), or set it to a pip
+# requirement for your own copy of the repository, e.g. "git+https://<host>/<you>/flax_mha".
+import glob
+import importlib.util
+import os
+import subprocess
 import sys
 
-IN_COLAB = "google.colab" in sys.modules
-if IN_COLAB:
-    import subprocess
-
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q",
-         "flax-mha @ git+https://github.com/flax-mha/flax_mha"],
-        check=True,
-    )  # fmt: skip
+FLAX_MHA_SOURCE = os.environ.get("FLAX_MHA_SOURCE", "")
+if importlib.util.find_spec("flax_mha") is None:
+    wheels = sorted(glob.glob("flax_mha-*.whl"))
+    source = FLAX_MHA_SOURCE or (wheels[-1] if wheels else "")
+    if not source:
+        raise RuntimeError(
+            "flax_mha is not installed: upload the wheel built by `python -m build` "
+            "(dist/flax_mha-*.whl) to the working folder, or set FLAX_MHA_SOURCE"
+        )
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], check=True)
 
 # %%
 # ruff: noqa: E402  (imports come after the install cell, as in any notebook)
-import os
 import tempfile
 
 import jax

@@ -16,7 +16,9 @@
 # %% [markdown]
 # # The Transformer on a Colab TPU
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/flax-mha/flax_mha/blob/main/notebooks/02_transformer_on_colab_tpu.ipynb)
+# **In Colab:** *File → Upload notebook* and pick this `.ipynb` from your checkout (or
+# *File → Open notebook → GitHub* if your copy of the repository is on GitHub), then run
+# the install cell below: it says where it installs `flax_mha` from.
 #
 # Train the library's encoder-decoder `Transformer` to reverse digit sequences
 # (`3 1 4 1 5 → 5 1 4 1 3`), decode held-out sequences, look at its attention heads, and
@@ -27,28 +29,54 @@
 # config takes about 2 minutes on 2 CPU cores.
 
 # %%
-# Install the library when running in Colab (locally, install it with `pip install -e .`).
-# On an accelerator runtime, jax is installed again with the matching plugin (libtpu, CUDA),
-# so that a jax upgrade pulled in by the library cannot leave the accelerator unusable.
+# Installs flax_mha where it is missing (a fresh Colab runtime); locally, install it from
+# your checkout with `pip install -e .` instead. flax_mha is not on PyPI, so say where it
+# comes from: leave FLAX_MHA_SOURCE empty to install the wheel that `python -m build`
+# writes in a checkout (dist/flax_mha-0.1.0-py3-none-any.whl) after uploading it to this
+# runtime's working folder (Colab: the Files panel, /content), or set it to a pip
+# requirement for your own copy of the repository, e.g. "git+https://<host>/<you>/flax_mha".
+# On an accelerator runtime jax is asked for with the plugin the runtime already has
+# (libtpu, or jax-cuda<N>-plugin for any CUDA major N), so that if pip has to upgrade jax
+# for flax_mha, it upgrades the plugin with it and the accelerator stays usable.
+import glob
+import importlib.metadata
 import importlib.util
+import os
+import re
+import subprocess
 import sys
 
-IN_COLAB = "google.colab" in sys.modules
-if IN_COLAB:
-    import subprocess
+FLAX_MHA_SOURCE = os.environ.get("FLAX_MHA_SOURCE", "")
+OLDEST_JAX = "0.7.1"  # the oldest jax flax_mha supports (pyproject.toml)
 
-    extras = {"libtpu": "tpu", "jax_cuda12_plugin": "cuda12"}
-    extra = next((e for mod, e in extras.items() if importlib.util.find_spec(mod)), None)
-    jax_req = [f"jax[{extra}]>=0.9,<0.11"] if extra else []
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", *jax_req,
-         "flax-mha @ git+https://github.com/flax-mha/flax_mha"],
-        check=True,
-    )  # fmt: skip
+
+def jax_accelerator_extras():
+    """The jax extras ("tpu", "cuda12", "cuda13", ...) of the plugins installed here."""
+    extras = set()
+    for dist in importlib.metadata.distributions():
+        name = re.sub(r"[-_.]+", "-", (dist.metadata["Name"] or "").lower())
+        cuda = re.fullmatch(r"jax-cuda(\d+)-plugin", name)
+        if cuda:
+            extras.add(f"cuda{cuda.group(1)}")
+        elif name.startswith("libtpu"):
+            extras.add("tpu")
+    return sorted(extras)
+
+
+if importlib.util.find_spec("flax_mha") is None:
+    wheels = sorted(glob.glob("flax_mha-*.whl"))
+    source = FLAX_MHA_SOURCE or (wheels[-1] if wheels else "")
+    if not source:
+        raise RuntimeError(
+            "flax_mha is not installed: upload the wheel built by `python -m build` "
+            "(dist/flax_mha-*.whl) to the working folder, or set FLAX_MHA_SOURCE"
+        )
+    extras = jax_accelerator_extras()
+    jax_req = [f"jax[{','.join(extras)}]>={OLDEST_JAX}"] if extras else []
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *jax_req, source], check=True)
 
 # %%
 # ruff: noqa: E402  (imports come after the install cell, as in any notebook)
-import os
 import tempfile
 
 import jax
@@ -102,15 +130,30 @@ def show_png(path):
 #
 # JAX finds the accelerator by itself: no setup call is needed (the old
 # `jax.tools.colab_tpu.setup_tpu()` is gone from current JAX). A Colab TPU shows one device
-# per TPU core; without an accelerator there is a single `CpuDevice`.
+# per TPU core, a GPU runtime its GPU (with whatever CUDA version its jax plugin was built
+# for); without an accelerator there is a single `CpuDevice`.
 
 # %%
 BACKEND = jax.default_backend()  # "tpu", "gpu" or "cpu"
 devices = jax.devices()
 print(devices)
 print(f"backend: {BACKEND.upper()}, {len(devices)} device(s) of kind {devices[0].device_kind!r}")
+# e.g. "cuda 12080", "cuda 13000" or a ROCm version on a GPU; the last line of the text.
+print("platform version:", devices[0].client.platform_version.strip().splitlines()[-1])
 if BACKEND == "cpu":
     print("No accelerator: in Colab, Runtime → Change runtime type → TPU, then run again.")
+
+# %% [markdown]
+# **What has run where.** This notebook runs top to bottom in this project's CI on a CPU
+# (at a small size); nothing in it has yet run on a real TPU or GPU. On a TPU, attention
+# (training, decoding, the benchmark) goes through JAX's Pallas flash-attention kernel
+# (`pallas_tpu`) wherever it is eligible, and the tests have run that kernel only in Pallas
+# *interpret mode* on a CPU (against a float64 reference, outputs and gradients). On a GPU,
+# bf16/fp16 attention (the benchmark) goes through cuDNN
+# (`jax.nn.dot_product_attention(implementation="cudnn")`), which has not run here at all,
+# and fp32 attention (training, decoding) through the blockwise kernel, tested on CPUs
+# only. The next cells print the backend this runtime gets. If a cell fails on your
+# accelerator, compare with `implementation="blockwise"` and please report it.
 
 # %% tags=["parameters"]
 # FLAX_MHA_NOTEBOOK_SMALL=1 (set by tests/test_notebooks.py) trains a tiny model for a few
