@@ -486,7 +486,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C; a training run has saved a checkpoint first
         step = getattr(e, "step", None)  # flax_mha.train.TrainingInterrupted
         if step is None:
-            parser.exit(130, f"{prog}: interrupted\n")
+            print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+            if argv is None:  # the console script: a Ctrl-C in the middle of importing
+                # jax can leave native modules whose teardown crashes; leave at once.
+                sys.stdout.flush()
+                os._exit(130)
+            sys.exit(130)
         parser.exit(
             130,
             f"{prog}: interrupted after step {step}; its checkpoint is saved in "
