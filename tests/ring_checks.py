@@ -4,9 +4,11 @@ JAX fixes its device count when it initialises, and the rest of the test suite
 initialises it with one CPU device, so these checks run in a fresh interpreter
 with ``--xla_force_host_platform_device_count=8``. Exits non-zero on failure.
 
-Usage: python tests/ring_checks.py correctness|axis_types|x64|memory
+Usage: python tests/ring_checks.py SECTION... (correctness, axis_types, memory, x64; each
+runs once, in that order, see tests/multidevice.py).
 
-``x64`` turns on ``jax_enable_x64`` before anything is traced.
+``x64`` runs last: it turns on ``jax_enable_x64`` (globally, as a user would at start-up)
+before it traces anything, and nothing runs after it.
 """
 
 import contextlib
@@ -26,6 +28,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import multidevice  # noqa: E402
 from np_reference import FP32_TOL, np_attention  # noqa: E402
 
 from flax_mha import dot_product_attention  # noqa: E402
@@ -33,8 +36,6 @@ from flax_mha.kernels.blockwise import blockwise_attention  # noqa: E402
 from flax_mha.kernels.ring import from_zigzag, ring_attention, to_zigzag  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
-if sys.argv[1:] == ["x64"]:
-    jax.config.update("jax_enable_x64", True)
 
 
 def _inputs(B, L, N, K, H, seed=0):
@@ -234,7 +235,7 @@ def x64() -> None:
     """
     from test_ring import np_attention_vjp
 
-    assert jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)  # global, not a context: the last section
     mesh = jax.make_mesh((2, 4), ("data", "sp"), axis_types=(AxisType.Explicit,) * 2)
     B, L, N, K, H, scale = 2, 32, 4, 2, 8, 0.3
     lengths = [32, 11]
@@ -315,7 +316,8 @@ def memory(L: int = int(os.environ.get("RING_MEM_L", 32768)), H: int = 32, N: in
     print("ok  temporaries O(L/n): <= 16x the per-device q shard for n = 1..8, falling with n")
 
 
+SECTIONS = {"correctness": correctness, "axis_types": axis_types, "memory": memory, "x64": x64}
+
 if __name__ == "__main__":
     assert len(jax.devices()) == 8, jax.devices()
-    modes = {"correctness": correctness, "axis_types": axis_types, "x64": x64, "memory": memory}
-    modes[sys.argv[1]]()
+    multidevice.main(SECTIONS, sys.argv[1:])

@@ -1,10 +1,11 @@
 """Multi-device checks on 8 simulated CPU devices, run by tests/test_sharding.py.
 
-The other test modules initialise JAX with one device, so these checks run in a
-subprocess: ``python tests/sharding_checks.py {mha,train,cli}[-explicit]``; the
-``-explicit`` sections run the same checks on a mesh with Explicit axes (the default of
-``jax.make_mesh``; ``--mesh data=2:explicit,model=4:explicit`` for the CLI). Each section prints
-what it checked and exits non-zero (with a traceback) on the first failure.
+The other test modules initialise JAX with one device, so these checks run in one
+subprocess: ``python tests/sharding_checks.py SECTION...`` with sections ``mha``, ``train``,
+``cli`` and their ``-explicit`` twins, which run the same checks on a mesh with Explicit axes
+(the default of ``jax.make_mesh``; ``--mesh data=2:explicit,model=4:explicit`` for the CLI).
+Each section prints what it checked; a failing one prints its traceback and the script goes
+on with the next (tests/multidevice.py), then exits non-zero.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import warnings  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import multidevice  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -212,15 +214,29 @@ def check_train(mesh_spec: str = "data=2,model=4") -> None:
     print(f"ok train {mesh_spec}: 3 sharded steps (dropout on) match one device to {TOL}")
 
 
+CLI_ARGS = ("--config", str(TINY), "--config.model.num_heads=4", "--config.train.num_steps=20",
+            "--config.train.eval_every=20", "--config.data.num_eval_examples=16",
+            "--config.train.eval_batch_size=16", "--no-progress")  # fmt: skip
+
+
+@functools.cache
+def one_device_cli_metrics() -> list[dict]:
+    """The metrics of `train` without a mesh: the same for every mesh type, so run once."""
+    tmp = pathlib.Path(tempfile.mkdtemp())
+    try:
+        assert main(["train", "--workdir", str(tmp / "one"), *CLI_ARGS]) == 0
+        return train.read_metrics(tmp / "one")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def check_cli(spec: str = "data=2,model=4") -> None:
     tmp = pathlib.Path(tempfile.mkdtemp())
-    args = ["--config", str(TINY), "--config.model.num_heads=4", "--config.train.num_steps=20",
-            "--config.train.eval_every=20", "--config.data.num_eval_examples=16",
-            "--config.train.eval_batch_size=16", "--no-progress"]  # fmt: skip
+    args = list(CLI_ARGS)
     try:
-        assert main(["train", "--workdir", str(tmp / "one"), *args]) == 0
+        one = one_device_cli_metrics()
         assert main(["train", "--workdir", str(tmp / "mesh"), "--mesh", spec, *args]) == 0
-        one, mesh_run = train.read_metrics(tmp / "one"), train.read_metrics(tmp / "mesh")
+        mesh_run = train.read_metrics(tmp / "mesh")
         assert [r["step"] for r in one] == [r["step"] for r in mesh_run] == [5, 10, 15, 20]
         for a, b in zip(mesh_run, one, strict=True):
             close(a["loss"], b["loss"], f"loss at step {a['step']}")
@@ -254,16 +270,16 @@ def check_cli(spec: str = "data=2,model=4") -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+EXPLICIT = "data=2:explicit,model=4:explicit"
+SECTIONS = {
+    "mha": check_mha,
+    "train": check_train,
+    "cli": check_cli,
+    "mha-explicit": functools.partial(check_mha, explicit=True),
+    "train-explicit": functools.partial(check_train, EXPLICIT),
+    "cli-explicit": functools.partial(check_cli, EXPLICIT),
+}
+
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.devices()
-    explicit = "data=2:explicit,model=4:explicit"
-    sections = {
-        "mha": check_mha,
-        "train": check_train,
-        "cli": check_cli,
-        "mha-explicit": functools.partial(check_mha, explicit=True),
-        "train-explicit": functools.partial(check_train, explicit),
-        "cli-explicit": functools.partial(check_cli, explicit),
-    }
-    for section in sys.argv[1:] or list(sections):
-        sections[section]()
+    multidevice.main(SECTIONS, sys.argv[1:] or list(SECTIONS))

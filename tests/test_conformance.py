@@ -17,8 +17,6 @@ which is a few bf16 ulps (2**-8) accumulated over the few products of these shap
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -322,14 +320,18 @@ def _ring_main() -> None:
     print("ring conformance ok")
 
 
-def test_ring_attention_matches_float64_oracle_on_simulated_devices():
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={RING_DEVICES}",
-               JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1")  # fmt: skip
-    proc = subprocess.run([sys.executable, __file__, "ring"], env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "ring conformance ok" in proc.stdout
+@pytest.mark.xdist_group("conformance_ring")
+@pytest.mark.checks(
+    "test_conformance.py", "ring",
+    env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={RING_DEVICES}",
+         "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1"},
+)  # fmt: skip
+def test_ring_attention_matches_float64_oracle_on_simulated_devices(section_output):
+    """`python tests/test_conformance.py ring` in a subprocess (tests/multidevice.py)."""
+    assert "ring conformance ok" in section_output
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["ring"]:
-    _ring_main()
+if __name__ == "__main__":
+    import multidevice
+
+    multidevice.main({"ring": _ring_main}, sys.argv[1:])

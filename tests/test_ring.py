@@ -4,16 +4,12 @@ The multi-device checks (8 CPU devices: outputs and dq/dk/dv against float64
 references at atol = rtol = 1e-5, causal and not, key padding, GQA, both
 layouts, a 2x4 data x seq mesh; Explicit and Auto mesh axes, inside and outside
 `jax.set_mesh`, on inputs of any layout; float64 mode; compiled per-device memory
-for n = 1..8) run in a subprocess, tests/ring_checks.py, because this process
-already has JAX initialised with one device. Layout algebra, input errors, a
+for n = 1..8) run in one subprocess, tests/ring_checks.py (see tests/multidevice.py),
+because this process already has JAX initialised with one device. Layout algebra, input errors, a
 traced scale and the 1-device ring run here.
 """
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,49 +22,41 @@ from np_reference import FP32_TOL, np_attention
 from flax_mha.kernels import ring_layout
 from flax_mha.kernels.ring import from_zigzag, ring_attention, to_zigzag, zigzag_order
 
-CHECKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ring_checks.py")
 
-
-def _run_checks(mode: str) -> str:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, CHECKS, mode], env=env, capture_output=True, text=True, timeout=600
-    )
-    if proc.returncode != 0:
-        pytest.fail(
-            f"ring_checks.py {mode} failed (rc {proc.returncode}):\n"
-            f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
-        )
-    return proc.stdout
+def ring_checks(section: str):
+    """Marks a test that reads ``section`` of tests/ring_checks.py (8 devices, one subprocess)."""
+    return pytest.mark.checks("ring_checks.py", section, env={"JAX_PLATFORMS": "cpu"})
 
 
 @pytest.mark.slow
-def test_eight_devices_match_single_device_outputs_and_gradients():
-    out = _run_checks("correctness")
-    assert out.count("ok  ") == 6, out
+@pytest.mark.xdist_group("ring_checks")
+@ring_checks("correctness")
+def test_eight_devices_match_single_device_outputs_and_gradients(section_output):
+    assert section_output.count("ok  ") == 6, section_output
 
 
 @pytest.mark.slow
-def test_explicit_and_auto_meshes_in_and_out_of_set_mesh_on_any_input_layout():
+@pytest.mark.xdist_group("ring_checks")
+@ring_checks("axis_types")
+def test_explicit_and_auto_meshes_in_and_out_of_set_mesh_on_any_input_layout(section_output):
     """jax.make_mesh's default Explicit axes used to fail in shard_map's in_specs check."""
-    out = _run_checks("axis_types")
-    assert out.count("ok  ") == 2, out
+    assert section_output.count("ok  ") == 2, section_output
 
 
 @pytest.mark.slow
-def test_eight_devices_under_x64():
+@pytest.mark.xdist_group("ring_checks")
+@ring_checks("x64")
+def test_eight_devices_under_x64(section_output):
     """jax_enable_x64 (int64 loop indices): float32 and float64 inputs, outputs and grads."""
-    out = _run_checks("x64")
-    assert out.count("ok  ") == 2, out
+    assert section_output.count("ok  ") == 2, section_output
 
 
 @pytest.mark.slow
-def test_per_device_temporaries_shrink_with_ring_size():
-    out = _run_checks("memory")
-    print(out)  # the table, for benchmarks/RESULTS.md (pytest -s)
-    assert "ok  temporaries O(L/n)" in out, out
+@pytest.mark.xdist_group("ring_checks")
+@ring_checks("memory")
+def test_per_device_temporaries_shrink_with_ring_size(section_output):
+    print(section_output)  # the table, for benchmarks/RESULTS.md (pytest -s)
+    assert "ok  temporaries O(L/n)" in section_output, section_output
 
 
 # --- layouts -------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Sharding: logical axis names, default rules, meshes; multi-device runs in subprocesses.
 
 This process has one CPU device (other test modules initialise JAX first), so the
-8-device checks run `tests/sharding_checks.py` and the 2-process check
-`tests/distributed_worker.py` in subprocesses with their own device counts.
+8-device checks run `tests/sharding_checks.py` (one subprocess for all sections) and the
+2-process check `tests/distributed_worker.py` in subprocesses with their own device counts.
 """
 
 import json
@@ -220,25 +220,23 @@ def test_config_mesh_is_validated(tmp_path, capsys):
     assert "XLA_FLAGS=--xla_force_host_platform_device_count" in capsys.readouterr().err
 
 
-def _run(args, timeout=240, env=None):
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=timeout, check=False, env=env)  # fmt: skip
-    assert result.returncode == 0, f"{args}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return result.stdout
+SECTIONS = ["mha", "train", "cli", "mha-explicit", "train-explicit", "cli-explicit"]
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("sharding_checks")
 @pytest.mark.parametrize(
-    "section", ["mha", "train", "cli", "mha-explicit", "train-explicit", "cli-explicit"]
+    "section",
+    [pytest.param(s, marks=pytest.mark.checks("sharding_checks.py", s)) for s in SECTIONS],
 )
-def test_on_eight_devices(section):
+def test_on_eight_devices(section, section_output):
     """Outputs, gradients, layouts, collectives (mha); train steps (train); CLI + resume (cli).
 
     ``-explicit``: the same on meshes with Explicit axes (``jax.make_mesh``'s default),
-    which used to fail (ShardingTypeError in the heads' output projection).
+    which used to fail (ShardingTypeError in the heads' output projection). All sections
+    run in one subprocess (tests/sharding_checks.py, see tests/multidevice.py).
     """
-    out = _run([str(TESTS / "sharding_checks.py"), section])
-    assert "ok " in out, out
+    assert "ok " in section_output, section_output
 
 
 def _free_port():
