@@ -523,9 +523,14 @@ def test_first_step_compilation_is_announced_and_not_in_tokens_per_sec(cli_run):
     announced = [i for i, line in enumerate(lines) if "compiling the train step" in line]
     assert len(announced) == 1 and "(first step)" in lines[announced[0]]
     assert "compiled" in lines[announced[0] + 1] and "first step took" in lines[announced[0] + 1]
-    first, second = train.read_metrics(workdir)[:2]  # steps 1-5 and 6-10
-    # With the 3 s in it, the first figure would be < 1/5 of the second one.
-    assert first["tokens_per_sec"] > 0.5 * second["tokens_per_sec"], (first, second)
+    first = train.read_metrics(workdir)[0]  # steps 1-5
+    c = load_config(TINY)
+    tokens = sum(int(np.sum(data.train_batch(c.seed, s, c.data.task, c.train.batch_size,
+                                             c.data.min_len, c.data.max_len)["targets"] != 0))
+                 for s in range(5))  # fmt: skip
+    # With the first step's 3 s in it, the figure would be at most tokens / 3 s; without,
+    # the other 4 steps of this tiny model take well under 1 s even on a busy machine.
+    assert first["tokens_per_sec"] > 2 * tokens / 3.0, (first, tokens)
 
 
 def test_run_ends_with_a_summary_and_a_ready_predict_command(cli_run, capsys):
