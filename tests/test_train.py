@@ -586,14 +586,14 @@ def test_tensorboard_summaries_beside_metrics_jsonl(tiny_run):
 
 
 # Ctrl-C at the update of step INTERRUPT_AT, sent by the process to itself (a deterministic
-# point, as KILLER does): the run finishes that step, saves it and exits 130.
-INTERRUPT_AT = 27
+# point, as KILLER does): the run finishes that step, saves it and exits 130. (That a run
+# resumed from any checkpoint ends as an uninterrupted one is shown by the kill test.)
+INTERRUPT_AT = 7
 INTERRUPTER = KILLER.replace("signal.SIGKILL", "signal.SIGINT")
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_run, tmp_path):
-    _, ref_state = tiny_run
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, capsys):
     workdir = tmp_path / "interrupted"
     cli_args = ["train", "--config", str(TINY), "--workdir", str(workdir)]
     stopped = _run(["-c", INTERRUPTER.format(kill_at=INTERRUPT_AT), *cli_args])
@@ -604,10 +604,8 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_run, tmp_path):
         f"flax-mha train: interrupted after step {INTERRUPT_AT}; its checkpoint is saved in "
         f"{workdir}: run the same command again to resume from it"
     ), err
-    assert str(INTERRUPT_AT) in os.listdir(workdir / "checkpoints")
+    assert sorted(os.listdir(workdir / "checkpoints")) == [str(INTERRUPT_AT)]
     assert not (workdir / "train.lock").read_text()  # released
-
-    assert main(cli_args) == 0  # the same command resumes, and ends where one run ends
     _, _, params, step = train.restore_params(workdir)
-    assert step == 60
-    jax.tree.map(np.testing.assert_array_equal, params, ref_state.params)
+    assert step == INTERRUPT_AT
+    assert all(bool(np.isfinite(x).all()) for x in jax.tree.leaves(params))
