@@ -253,8 +253,7 @@ def flex_attention(
       return_lse: also return the row log-sum-exp.
       implementation: ``"blockwise"``, ``"reference"``, ``"pallas_tpu"`` or ``"cudnn"``;
         None picks splash attention on TPU or cuDNN on GPU when they can serve the mods,
-        else the blockwise kernel for a block mask or a large problem, the reference
-        otherwise.
+        else the blockwise kernel when T * S >= 320², the reference otherwise.
 
     Returns:
       [B, T, N, Hv] in the query dtype, or ``(out, lse)`` with lse [B, N, T] float32
@@ -295,7 +294,9 @@ def flex_attention(
         raise ValueError(f"implementation='cudnn' cannot serve this call: {cudnn}")
     if implementation is None:
         large = T * S >= BLOCKWISE_MIN_CPU_ELEMENTS
-        implementation = "blockwise" if block_mask is not None or large else "reference"
+        # Below the CPU threshold the materialising reference is faster, block mask or
+        # not (a small model's training step: 24 vs 170 ms with the kernel).
+        implementation = "blockwise" if large else "reference"
         platform = jax.default_backend()
         if platform == "tpu" and splash_eligible(query, key, value, **splash) is None:
             implementation = "pallas_tpu"
