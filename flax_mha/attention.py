@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 from flax.linen.module import merge_param
 from jax import Array
 
-from flax_mha.attention_mods import programmed, programmed_attention
+from flax_mha.attention_mods import CachedView, programmed, programmed_attention
 from flax_mha.cache import KVCache, Mode
 from flax_mha.checks import as_full_rank, check_attention_fields, check_triple
 from flax_mha.kernels.block_mask import BlockMask
@@ -224,9 +225,10 @@ class MultiHeadAttention(nn.Module):
             dropout = self.dropout_rate > 0.0 and not merge_param(
                 "deterministic", self.deterministic, deterministic
             )
+            key, value, cached = self._cached_for_mods(cache, key, value, q_pos, prompt_lengths)
             heads = programmed_attention(
                 self, query, key, value, segment_ids=segment_ids, block_mask=block_mask,
-                mask=mask, dropout=dropout, sow_weights=sow_weights, decoding=self.decode,
+                mask=mask, dropout=dropout, sow_weights=sow_weights, cached=cached,
             )  # fmt: skip
             return self._output(heads, self.out_features or inputs_q.shape[-1])
         key, value, options = self._cached(cache, key, value, q_pos, mask, prompt_lengths)
@@ -336,6 +338,29 @@ class MultiHeadAttention(nn.Module):
         if mask is not None:
             mask = jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, visible.shape))
         return key, value, options | {"mask": combine_masks(mask, visible)}
+
+    def _cached_for_mods(
+        self,
+        cache: KVCache | None,
+        key: Array,
+        value: Array,
+        q_pos: Array,
+        prompt_lengths: Array | None,
+    ) -> tuple[Array, Array, CachedView | None]:
+        """`_cached` for the programmable path: what each query sees as offsets and lengths.
+
+        The call's queries sit at cache positions ``q_offset[b] + t``; each sees the cached
+        keys up to its own position (and, after a ragged prefill, none of a prompt's
+        padding), which `programmed_attention` adds to the mods as mask mods.
+        """
+        if cache is None or cache.mode is Mode.INIT:
+            return key, value, None
+        key, value = cache.write(key, value, q_pos)
+        lengths = cache.set_lengths(self, prompt_lengths, q_pos)
+        B = math.prod(cache.batch)
+        first = jnp.broadcast_to(q_pos[..., 0], cache.batch).reshape(B).astype(jnp.int32)
+        ends = None if lengths is None else (first + lengths.reshape(B)).astype(jnp.int32)
+        return key, value, CachedView(first, cache.max_length, ends)
 
     def _variants(self, q_pos: Array, k_pos: Array, window_done: bool = False) -> dict[str, Any]:
         """Options of the attention variants: window (unless done), ALiBi bias, soft-capping."""

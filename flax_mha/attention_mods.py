@@ -14,7 +14,7 @@ packed documents, windows and causal layers skip their empty blocks without any
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 from jax import Array
@@ -25,7 +25,7 @@ from flax_mha.kernels.flex import flex_attention
 from flax_mha.masks import normalize_window
 from flax_mha.variants import alibi_slopes
 
-__all__ = ["programmed", "programmed_attention"]
+__all__ = ["CachedView", "programmed", "programmed_attention"]
 
 
 def programmed(m: Any, segment_ids: Array | None, block_mask: BlockMask | None) -> bool:
@@ -38,7 +38,7 @@ def programmed(m: Any, segment_ids: Array | None, block_mask: BlockMask | None) 
     )
 
 
-def _score_mod(m: Any) -> Callable[..., Array] | None:
+def _score_mod(m: Any, cached: CachedView | None) -> Callable[..., Array] | None:
     parts = []
     if m.logit_softcap is not None:
         parts.append(mods.softcap(m.logit_softcap))
@@ -49,21 +49,35 @@ def _score_mod(m: Any) -> Callable[..., Array] | None:
     if not parts:
         return None
     if len(parts) == 1:
-        return parts[0]
+        composed = parts[0]
+    else:
 
-    def composed(score, b, h, q_idx, kv_idx):
-        for part in parts:
-            score = part(score, b, h, q_idx, kv_idx)
-        return score
+        def composed(score, b, h, q_idx, kv_idx):
+            for part in parts:
+                score = part(score, b, h, q_idx, kv_idx)
+            return score
 
-    return composed
+    return composed if cached is None else mods.offset_score(composed, cached.q_offset)
 
 
-def _check(m: Any, mask: Array | None, dropout: bool, sow_weights: bool, decoding: bool) -> None:
+class CachedView(NamedTuple):
+    """What the queries of a decoding call see of the cache.
+
+    Attributes:
+      q_offset: int [B]: the cache position of each sequence's first query.
+      max_length: the cache's slots.
+      kv_ends: int [B] after a ragged prefill: the keys at or past it are the prompt's
+        padding; else None.
+    """
+
+    q_offset: Array
+    max_length: int
+    kv_ends: Array | None
+
+
+def _check(m: Any, mask: Array | None, dropout: bool, sow_weights: bool) -> None:
     why = None
-    if decoding:
-        why = "decode=True (the decode cache takes masks as lengths)"
-    elif mask is not None:
+    if mask is not None:
         why = "a mask array (express it as a mask_mod)"
     elif dropout:
         why = "active dropout"
@@ -89,7 +103,7 @@ def programmed_attention(
     mask: Array | None,
     dropout: bool,
     sow_weights: bool,
-    decoding: bool,
+    cached: CachedView | None = None,
 ) -> Array:
     """Module ``m``'s attention of [batch..., T, N, H] heads through `flex_attention`.
 
@@ -102,7 +116,9 @@ def programmed_attention(
         or None.
       block_mask: a `BlockMask` for [B, N or 1, T, S] (B the flattened batch), or None:
         one is built from the module's mask mods when they all have block rules.
-      mask, dropout, sow_weights, decoding: what else the call asks for (errors).
+      mask, dropout, sow_weights: what else the call asks for (errors).
+      cached: with a decode cache, where the queries sit in it (`CachedView`): the mods
+        see cache positions, and each query sees the keys up to its own; None without.
 
     Returns:
       [batch..., T, N, H] attention output.
@@ -111,7 +127,12 @@ def programmed_attention(
       ValueError: for options flex attention cannot serve, or ``segment_ids`` of the
         wrong shape.
     """
-    _check(m, mask, dropout, sow_weights, decoding)
+    _check(m, mask, dropout, sow_weights)
+    if cached is not None and (segment_ids is not None or block_mask is not None):
+        raise ValueError(
+            "segment_ids and block_mask cannot be used with a decode cache (the cache holds "
+            "no segment ids; the module builds the cache's block mask itself)"
+        )
     batch, (T, N) = query.shape[:-3], query.shape[-3:-1]
     S = key.shape[-3]
     q, k, v = (x.reshape(-1, *x.shape[-3:]) for x in (query, key, value))
@@ -133,8 +154,25 @@ def programmed_attention(
     if m.mask_mod is not None:
         parts.append(m.mask_mod)
     mask_mod = mods.and_masks(*parts) if parts else None
+    if cached is not None:
+        mask_mod = _in_cache(mask_mod, cached)
     if block_mask is None and isinstance(mask_mod, mods.MaskMod) and mask_mod.rule is not None:
-        per_batch = segment_ids is not None or m.mask_mod is not None
+        per_batch = segment_ids is not None or m.mask_mod is not None or cached is not None
         block_mask = create_block_mask(mask_mod, B if per_batch else None, None, T, S)
-    out = flex_attention(q, k, v, score_mod=_score_mod(m), mask_mod=mask_mod, block_mask=block_mask)
+    score_mod = _score_mod(m, cached)
+    out = flex_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask)
     return out.reshape(*batch, T, N, out.shape[-1])
+
+
+def _in_cache(mask_mod: Callable[..., Array] | None, cached: CachedView) -> mods.MaskMod:
+    """``mask_mod`` at the queries' cache positions, and each query sees the cache up to
+    its own position: not the slots after it (not written yet), not a prompt's padding,
+    and nothing at all for a query past the cache's end (its own key was dropped)."""
+    qo = cached.q_offset
+    seen = [
+        mods.offset_mask(mods.causal, qo),
+        mods.padding(q_lengths=jnp.maximum(cached.max_length - qo, 0), kv_lengths=cached.kv_ends),
+    ]
+    if mask_mod is not None:
+        seen.append(mods.offset_mask(mask_mod, qo))
+    return mods.and_masks(*seen)

@@ -43,6 +43,8 @@ __all__ = [
     "chunked",
     "document",
     "document_from_positions",
+    "offset_mask",
+    "offset_score",
     "or_masks",
     "padding",
     "prefix_lm",
@@ -359,6 +361,74 @@ def document_from_positions(positions: Array) -> MaskMod:
     """
     pos = _segment_ids(positions, "positions")
     return document(jnp.cumsum(pos == 0, axis=-1, dtype=jnp.int32))
+
+
+# --- a window of a longer sequence ----------------------------------------------------
+
+#: Mask kinds whose block rules read only index bounds and per-batch scalars (no
+#: per-position arrays), so that they stay exact on shifted bounds.
+_SHIFTABLE = frozenset({"causal", "sliding_window", "chunked", "prefix_lm", "padding"})
+
+
+def _shiftable(spec: tuple) -> bool:
+    if not spec:
+        return False
+    if spec[0] in ("and", "or"):
+        return all(_shiftable(part) for part in spec[1:])
+    return spec[0] in _SHIFTABLE
+
+
+def _offsets(q_offset: Array | int, kv_offset: Array | int) -> tuple[Array, Array]:
+    return _per_batch(q_offset, "q_offset"), _per_batch(kv_offset, "kv_offset")
+
+
+def offset_mask(
+    mask_mod: Callable[..., Array], q_offset: Array | int = 0, kv_offset: Array | int = 0
+) -> MaskMod:
+    """``mask_mod`` seen from a window of a longer sequence: indices shifted per batch.
+
+    ``offset_mask(m, qo, ko)(b, h, q, kv) == m(b, h, q + qo[b], kv + ko[b])``: a decode
+    step's queries at their cache positions, or a ring shard's queries and keys at their
+    places in the whole sequence. Built-in mods of index arithmetic (causal, windows,
+    chunks, prefix-LM, padding and their combinations) keep an exact block rule; others
+    are evaluated block by block.
+
+    Args:
+      mask_mod: a mask mod.
+      q_offset: int or int [B]: the position of query 0 in the mod's coordinates.
+      kv_offset: int or int [B]: the position of key 0.
+    """
+    qo, ko = _offsets(q_offset, kv_offset)
+
+    def fn(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, q_idx + _at_batch(qo, b), kv_idx + _at_batch(ko, b))
+
+    rule = None
+    if isinstance(mask_mod, MaskMod) and mask_mod.rule is not None and _shiftable(mask_mod.spec):
+        inner = mask_mod.rule
+
+        def rule(x: BlockBounds) -> tuple[Array, Array]:
+            dq, dk = _at_batch(qo, x.b), _at_batch(ko, x.b)
+            return inner(
+                x._replace(
+                    q_lo=x.q_lo + dq, q_hi=x.q_hi + dq, kv_lo=x.kv_lo + dk, kv_hi=x.kv_hi + dk
+                )
+            )
+
+    name = getattr(mask_mod, "name", getattr(mask_mod, "__name__", "mask_mod"))
+    return MaskMod(fn, rule, f"offset({name})")
+
+
+def offset_score(
+    score_mod: ScoreMod, q_offset: Array | int = 0, kv_offset: Array | int = 0
+) -> ScoreMod:
+    """``score_mod`` with its indices shifted per batch, as `offset_mask` does for masks."""
+    qo, ko = _offsets(q_offset, kv_offset)
+
+    def fn(score, b, h, q_idx, kv_idx):
+        return score_mod(score, b, h, q_idx + _at_batch(qo, b), kv_idx + _at_batch(ko, b))
+
+    return fn
 
 
 # --- score mods ------------------------------------------------------------------------

@@ -141,12 +141,11 @@ def test_self_attention_takes_segment_ids():
 @pytest.mark.parametrize(
     "fields, call, match",
     [
-        (dict(decode=True), dict(), "decode=True"),
         (dict(), dict(mask=jnp.ones((1, 1, T, T), bool)), "mask array"),
         (dict(dropout_rate=0.1), dict(deterministic=False), "active dropout"),
         (dict(), dict(sow_weights=True), "sow_weights"),
     ],
-    ids=["decode", "mask", "dropout", "sow"],
+    ids=["mask", "dropout", "sow"],
 )
 def test_options_flex_attention_cannot_serve_are_errors(fields, call, match):
     x, seg = _inputs()
@@ -161,3 +160,72 @@ def test_segment_ids_of_the_wrong_shape_are_an_error():
     m = flax_mha.MultiHeadAttention(num_heads=N)
     with pytest.raises(ValueError, match=r"segment_ids should have shape \(2, 40\)"):
         m.init(jax.random.key(1), x, segment_ids=seg[:, :-1])
+
+
+# --- decoding with mods: the model trained with a mod decodes with it (issue 14) -----------
+
+_DECODE_CASES = [
+    dict(mask_mod=mods.sliding_window(3)),
+    dict(mask_mod=mods.chunked(4), use_alibi=True, num_kv_heads=2),
+    dict(score_mod=mods.softcap(0.5), local_window_size=(4, 0), use_rope=True),
+    dict(mask_mod=lambda b, h, q, kv: (q - kv) % 3 != 2),  # a plain function: no block rule
+]
+_DECODE_IDS = ["window-mod", "chunked-alibi-gqa", "softcap-window-rope", "plain-function"]
+
+
+def _decoder_and_full(fields):
+    decoder = flax_mha.MultiHeadAttention(num_heads=N, decode=True, **fields)
+    full = flax_mha.MultiHeadAttention(num_heads=N, is_causal=True, **fields)
+    return decoder, full
+
+
+def _empty_cache(decoder, max_length):
+    variables = decoder.init(jax.random.key(1), jnp.zeros((B, max_length, D)))
+    return jax.tree.map(jnp.zeros_like, variables["cache"])
+
+
+@pytest.mark.parametrize("fields", _DECODE_CASES, ids=_DECODE_IDS)
+def test_decoding_with_mods_equals_the_full_forward(fields):
+    # Prefill 5 tokens, then 6 one-token steps: each output equals the full causal
+    # forward with the same mods (which the dense-mask tests above tie to the oracle).
+    decoder, full = _decoder_and_full(fields)
+    x = jax.random.normal(jax.random.key(3), (B, 11, D))
+    params = full.init(jax.random.key(1), x)["params"]
+    step = jax.jit(lambda c, t: decoder.apply({"params": params, "cache": c}, t, mutable=["cache"]))
+    out, state = step(_empty_cache(decoder, 16), x[:, :5])
+    outs = [out]
+    for t in range(5, 11):
+        out, state = step(state["cache"], x[:, t : t + 1])
+        outs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full.apply({"params": params}, x), **TOL)
+
+
+@pytest.mark.parametrize("fields", _DECODE_CASES[:2], ids=_DECODE_IDS[:2])
+def test_ragged_prefill_with_mods_then_steps_equal_each_sequence_alone(fields):
+    decoder, full = _decoder_and_full(fields)
+    lengths = [3, 6]
+    x = jax.random.normal(jax.random.key(4), (B, 10, D))
+    params = full.init(jax.random.key(1), x)["params"]
+    prompt = jnp.where(
+        jnp.arange(6)[None, :, None] < jnp.array(lengths)[:, None, None], x[:, :6], 0
+    )
+    out, state = decoder.apply({"params": params, "cache": _empty_cache(decoder, 12)}, prompt,
+                               prompt_lengths=jnp.array(lengths), mutable=["cache"])  # fmt: skip
+    outs = {b: [out[b, : lengths[b]]] for b in range(B)}
+    for i in range(4):
+        token = jnp.stack([x[b, lengths[b] + i] for b in range(B)])[:, None]
+        out, state = decoder.apply({"params": params, "cache": state["cache"]}, token,
+                                   mutable=["cache"])  # fmt: skip
+        for b in range(B):
+            outs[b].append(out[b])
+    for b in range(B):
+        alone = full.apply({"params": params}, x[b : b + 1, : lengths[b] + 4])[0]
+        np.testing.assert_allclose(jnp.concatenate(outs[b]), alone, **TOL)
+
+
+def test_segment_ids_with_a_decode_cache_are_an_error():
+    x, seg = _inputs()
+    decoder = flax_mha.MultiHeadAttention(num_heads=N, decode=True)
+    variables = decoder.init(jax.random.key(1), x)
+    with pytest.raises(ValueError, match="segment_ids and block_mask cannot be used with a decode"):
+        decoder.apply(variables, x[:, :4], segment_ids=seg[:, :4], mutable=["cache"])

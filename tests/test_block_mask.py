@@ -118,6 +118,9 @@ CASES = [
     ("window-or-prefix", mods.or_masks(mods.sliding_window(4), mods.prefix_lm(3)), T, False),
     ("plain", _plain, 37, True),
     ("causal-and-plain", mods.and_masks(mods.causal, _plain), T, True),
+    ("offset-causal", mods.offset_mask(mods.causal, jnp.array([0, 17]), jnp.array([5, 0])), 37, True),
+    ("offset-window-padding", mods.offset_mask(mods.and_masks(mods.sliding_window(5, 2), mods.padding(kv_lengths=jnp.array([40, 60]))), jnp.array([3, 30])), T, False),
+    ("offset-plain", mods.offset_mask(_plain, 2, jnp.array([1, 4])), 37, True),
 ]  # fmt: skip
 # Block sizes that do not divide T or S (short last blocks), and one larger than T.
 # Each case with one of them (compiling the same sizes again and again buys little).

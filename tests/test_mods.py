@@ -137,6 +137,26 @@ def test_a_combination_with_a_plain_function_has_no_block_rule_or_spec():
         assert combine(mods.causal, mods.chunked(3)).rule is not None
 
 
+def test_offset_mask_and_offset_score_shift_the_indices_per_batch():
+    qo, ko = np.array([0, 6]), np.array([3, 1])
+    got = mask_grid(mods.offset_mask(mods.sliding_window(2, 1), jnp.asarray(qo), jnp.asarray(ko)))
+    q, kv = q_ + qo[:, None, None, None], kv_ + ko[:, None, None, None]
+    np.testing.assert_array_equal(got, (kv >= q - 2) & (kv <= q + 1))
+    slopes = np.array([0.5, 1.0, 2.0], np.float32)
+    scores = np.zeros((B, N, T, S), np.float32)
+    shifted = mods.offset_score(mods.alibi(jnp.asarray(slopes)), jnp.asarray(qo), jnp.asarray(ko))
+    want = -slopes[None, :, None, None] * np.abs(q - kv)
+    np.testing.assert_allclose(score_grid(shifted, scores), want, **TOL)
+
+
+def test_offset_mask_keeps_a_rule_only_for_index_arithmetic():
+    # A shifted document mask reads its segment ids at shifted positions, which the
+    # per-block minima of its rule do not: it is evaluated block by block instead.
+    assert mods.offset_mask(mods.and_masks(mods.causal, mods.padding(kv_lengths=3)), 2).rule
+    assert mods.offset_mask(mods.document(jnp.zeros((1, 4), jnp.int32)), 2).rule is None
+    assert mods.offset_mask(_even_sum, 2).rule is None
+
+
 def test_built_in_mask_mods_say_what_they_are():
     assert mods.causal.spec == ("causal",)
     assert mods.sliding_window(3, 1).spec == ("sliding_window", 3, 1)
@@ -257,8 +277,10 @@ def test_relative_bias_takes_a_numpy_table():
         (lambda: mods.document_from_positions(jnp.zeros((2, 3))), r"positions should be an int array"),
         (lambda: mods.and_masks(), r"and_masks should be given at least one mask mod"),
         (lambda: mods.or_masks(), r"or_masks should be given at least one mask mod"),
+        (lambda: mods.offset_mask(mods.causal, jnp.array([[1]])), r"q_offset should be an int or an int array \[B\]"),
+        (lambda: mods.offset_score(mods.softcap(2.0), 0, 1.5), r"kv_offset should be an int or an int array \[B\], but got float32"),
     ],
-    ids=["window-left", "window-right", "chunk", "padding-none", "q_lengths-2d", "kv_lengths-float", "prefix-float", "segment-float", "segment-3d", "kv-segment-float", "positions-float", "and-empty", "or-empty"],
+    ids=["window-left", "window-right", "chunk", "padding-none", "q_lengths-2d", "kv_lengths-float", "prefix-float", "segment-float", "segment-3d", "kv-segment-float", "positions-float", "and-empty", "or-empty", "offset-2d", "offset-float"],
 )  # fmt: skip
 def test_bad_mod_arguments_are_errors_naming_the_argument(make, match):
     with pytest.raises(ValueError, match=match):
