@@ -4,7 +4,7 @@ JAX fixes its device count when it initialises, and the rest of the test suite
 initialises it with one CPU device, so these checks run in a fresh interpreter
 with ``--xla_force_host_platform_device_count=8``. Exits non-zero on failure.
 
-Usage: python tests/ring_checks.py SECTION... (correctness, axis_types, memory, x64; each
+Usage: python tests/ring_checks.py SECTION... (correctness, mods, axis_types, memory, x64; each
 runs once, in that order, see tests/multidevice.py).
 
 ``x64`` runs last: it turns on ``jax_enable_x64`` (globally, as a user would at start-up)
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import multidevice  # noqa: E402
 from np_reference import FP32_TOL, np_attention  # noqa: E402
 
-from flax_mha import dot_product_attention  # noqa: E402
+from flax_mha import dot_product_attention, flex_attention, mods  # noqa: E402
 from flax_mha.kernels.blockwise import blockwise_attention  # noqa: E402
 from flax_mha.kernels.ring import from_zigzag, ring_attention, to_zigzag  # noqa: E402
 
@@ -153,6 +153,80 @@ def correctness() -> None:
     for name, mesh, kw in cases:
         t = time.perf_counter()
         check_case(mesh, **kw)
+        print(f"ok  {name}  ({time.perf_counter() - t:.1f}s)", flush=True)
+
+
+def check_mods_case(mesh, *, layout, causal, make_mods, param, batch_axis=None, B=2, L=128):
+    """Ring attention with mods (global positions and batch indices) vs single-device
+    `flax_mha.flex_attention` (reference, float64): outputs and the gradients of q, k,
+    v and of the array the score mod closes over, 1e-5."""
+    q, k, v, ct = _inputs(B, L, 4, 2, 8, seed=1)
+    seq = NamedSharding(mesh, P(batch_axis, "seq"))
+    q, k, v, ct = (jax.device_put(x, seq) for x in (q, k, v, ct))
+
+    def ring(q, k, v, param):
+        score_mod, mask_mod = make_mods(param)
+        return ring_attention(
+            q, k, v, mesh=mesh, axis_name="seq", is_causal=causal, layout=layout,
+            batch_axis_name=batch_axis, score_mod=score_mod, mask_mod=mask_mod,
+        )  # fmt: skip
+
+    def single(q, k, v, param):
+        score_mod, mask_mod = make_mods(param)
+        if causal:
+            mask_mod = mods.causal if mask_mod is None else mods.and_masks(mods.causal, mask_mod)
+        return flex_attention(
+            q, k, v, score_mod=score_mod, mask_mod=mask_mod, implementation="reference"
+        )
+
+    def loss(f):
+        return lambda q, k, v, p: jnp.sum(f(q, k, v, p) * ct)
+
+    argnums = (0, 1, 2, 3)
+    out = jax.jit(ring)(q, k, v, param)
+    got_g = jax.jit(jax.grad(loss(ring), argnums=argnums))(q, k, v, param)
+    with jax.enable_x64(True):
+        host = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, param)]
+        ct = jnp.asarray(np.asarray(ct, np.float64))
+        want = np.asarray(jax.jit(single)(*host))
+        want_g = [np.asarray(g) for g in jax.jit(jax.grad(loss(single), argnums=argnums))(*host)]
+    _close("out vs float64 flex_attention", out, want)
+    for name, g, w in zip(("dq", "dk", "dv", "dparam"), got_g, want_g, strict=True):
+        _close(name, g, w)
+
+
+def _alibi_window(slopes):
+    return mods.alibi(slopes), mods.sliding_window(20, 5)
+
+
+def _bias_padding(table):
+    # Per-batch key lengths: right only with the global batch index on a data axis.
+    return mods.relative_bias(table, max_distance=64), mods.padding(kv_lengths=jnp.array([100, 37]))
+
+
+def _softcap_plain(cap):
+    return mods.softcap(cap), lambda b, h, q_idx, kv_idx: (q_idx + 2 * kv_idx + b) % 5 != 0
+
+
+def mods_section() -> None:
+    devices = np.array(jax.devices()[:8])
+    seq8 = Mesh(devices, ("seq",))
+    mesh24 = Mesh(devices.reshape(2, 4), ("data", "seq"))
+    slopes = jnp.array([0.5, 0.25, 0.125, 0.0625], jnp.float32)
+    table = jax.random.normal(jax.random.key(5), (32, 4), jnp.float32)
+    cases = [
+        ("zigzag, learned ALiBi slopes, sliding window", seq8,
+         dict(layout="zigzag", causal=False, make_mods=_alibi_window, param=slopes)),
+        ("2x4 data/seq zigzag causal, T5 bias table, per-batch padding", mesh24,
+         dict(layout="zigzag", causal=True, make_mods=_bias_padding, param=table,
+              batch_axis="data")),
+        ("contiguous, learned soft-cap, plain mask function of b", seq8,
+         dict(layout="contiguous", causal=False, make_mods=_softcap_plain,
+              param=jnp.float32(3.0))),
+    ]  # fmt: skip
+    for name, mesh, kw in cases:
+        t = time.perf_counter()
+        check_mods_case(mesh, **kw)
         print(f"ok  {name}  ({time.perf_counter() - t:.1f}s)", flush=True)
 
 
@@ -316,7 +390,13 @@ def memory(L: int = int(os.environ.get("RING_MEM_L", 32768)), H: int = 32, N: in
     print("ok  temporaries O(L/n): <= 16x the per-device q shard for n = 1..8, falling with n")
 
 
-SECTIONS = {"correctness": correctness, "axis_types": axis_types, "memory": memory, "x64": x64}
+SECTIONS = {
+    "correctness": correctness,
+    "mods": mods_section,
+    "axis_types": axis_types,
+    "memory": memory,
+    "x64": x64,
+}
 
 if __name__ == "__main__":
     assert len(jax.devices()) == 8, jax.devices()

@@ -37,6 +37,16 @@ def test_eight_devices_match_single_device_outputs_and_gradients(section_output)
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("ring_checks")
+@ring_checks("mods")
+def test_eight_devices_with_mods_match_flex_attention_with_gradients_of_their_arrays(
+    section_output,
+):
+    """score_mod / mask_mod see global positions and batch indices on every shard (issue 14)."""
+    assert section_output.count("ok  ") == 3, section_output
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ring_checks")
 @ring_checks("axis_types")
 def test_explicit_and_auto_meshes_in_and_out_of_set_mesh_on_any_input_layout(section_output):
     """jax.make_mesh's default Explicit axes used to fail in shard_map's in_specs check."""

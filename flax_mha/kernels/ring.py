@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,7 @@ from flax_mha.checks import check_qkv
 from flax_mha.functional import default_scale
 from flax_mha.kernels.common import accumulation_dtype
 from flax_mha.kernels.config import BlockSizes, Config
+from flax_mha.kernels.flex import explicit_consts
 from flax_mha.kernels.ring_layout import (
     LAYOUTS,
     RingLayout,
@@ -64,7 +66,7 @@ from flax_mha.kernels.ring_layout import (
     to_zigzag,
     zigzag_order,
 )
-from flax_mha.kernels.ring_passes import RingCall, backward_body, forward_body
+from flax_mha.kernels.ring_passes import ModConsts, RingCall, backward_body, forward_body
 
 __all__ = ["LAYOUTS", "from_zigzag", "ring_attention", "to_zigzag", "zigzag_order"]
 
@@ -72,58 +74,80 @@ __all__ = ["LAYOUTS", "from_zigzag", "ring_attention", "to_zigzag", "zigzag_orde
 # --- shard_map wiring and custom VJP -------------------------------------------------
 
 
-def _shard_forward(r: RingCall, q: Array, k: Array, v: Array, kv_len: Array | None):
+def _shard_args(r: RingCall, q, k, v, kv_len, consts, *rest):
+    """The arguments of a shard_map'ed body and their specs (no lengths: none passed)."""
     seq, lse_spec = r.layout.seq_spec(), P(r.layout.batch_axis, None, r.layout.axis_name)
+    args, specs = [q, k, v], [seq, seq, seq]
     if r.has_lengths:
-        body, args = functools.partial(forward_body, r), (q, k, v, kv_len)
-        in_specs = (seq, seq, seq, P(r.layout.batch_axis))
-    else:
-        body = lambda q, k, v: forward_body(r, q, k, v, None)  # noqa: E731
-        args, in_specs = (q, k, v), (seq, seq, seq)
+        args.append(kv_len)
+        specs.append(P(r.layout.batch_axis))
+    args.append(consts)
+    specs.append(P())  # the mods' arrays: whole on every device
+    for x, spec in zip(rest, (seq, lse_spec, seq), strict=False):  # out, lse, dout
+        args.append(x)
+        specs.append(spec)
+    return args, tuple(specs)
+
+
+def _unpack(r: RingCall, args: tuple) -> tuple:
+    """(q, k, v, kv_len or None, consts, *rest) from `_shard_args`' arguments."""
+    q, k, v, *rest = args
+    kv_len = rest.pop(0) if r.has_lengths else None
+    return (q, k, v, kv_len, *rest)
+
+
+def _shard_forward(r: RingCall, q, k, v, kv_len, consts: ModConsts):
+    args, in_specs = _shard_args(r, q, k, v, kv_len, consts)
+    out_specs = (r.layout.seq_spec(), P(r.layout.batch_axis, None, r.layout.axis_name))
+
+    def body(*a):
+        return forward_body(r, *_unpack(r, a))
+
     # check_vma=False: the switch branches mix device-varying and constant
     # values, and nothing inside is differentiated by JAX (the VJP is ours).
     f = jax.shard_map(
-        body, mesh=r.layout.mesh, in_specs=in_specs, out_specs=(seq, lse_spec), check_vma=False
+        body, mesh=r.layout.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
     )
     return f(*args)
 
 
-def _shard_backward(r: RingCall, q, k, v, kv_len, out, lse, dout):
-    seq, lse_spec = r.layout.seq_spec(), P(r.layout.batch_axis, None, r.layout.axis_name)
-    if r.has_lengths:
-        body = functools.partial(backward_body, r)
-        args = (q, k, v, kv_len, out, lse, dout)
-        in_specs = (seq, seq, seq, P(r.layout.batch_axis), seq, lse_spec, seq)
-    else:
+def _shard_backward(r: RingCall, q, k, v, kv_len, consts: ModConsts, out, lse, dout):
+    args, in_specs = _shard_args(r, q, k, v, kv_len, consts, out, lse, dout)
+    seq = r.layout.seq_spec()
 
-        def body(q, k, v, out, lse, dout):
-            return backward_body(r, q, k, v, None, out, lse, dout)
+    def body(*a):
+        q, k, v, kv_len, consts, out, lse, dout = _unpack(r, a)
+        return backward_body(r, q, k, v, kv_len, out, lse, dout, consts)
 
-        args = (q, k, v, out, lse, dout)
-        in_specs = (seq, seq, seq, seq, lse_spec, seq)
     f = jax.shard_map(
-        body, mesh=r.layout.mesh, in_specs=in_specs, out_specs=(seq, seq, seq), check_vma=False
-    )
+        body, mesh=r.layout.mesh, in_specs=in_specs, out_specs=(seq, seq, seq, P()),
+        check_vma=False,
+    )  # fmt: skip
     return f(*args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(r: RingCall, q: Array, k: Array, v: Array, kv_len: Array | None) -> Array:
-    out, _ = _shard_forward(r, q, k, v, kv_len)
+def _ring(r: RingCall, q: Array, k: Array, v: Array, kv_len: Array | None, consts: ModConsts):
+    out, _ = _shard_forward(r, q, k, v, kv_len, consts)
     return out
 
 
-def _ring_fwd(r: RingCall, q, k, v, kv_len):
-    out, lse = _shard_forward(r, q, k, v, kv_len)
+def _ring_fwd(r: RingCall, q, k, v, kv_len, consts):
+    out, lse = _shard_forward(r, q, k, v, kv_len, consts)
     # Residuals are global arrays sharded like the inputs: O(L / n) per device.
-    return out, (q, k, v, kv_len, out, lse)
+    return out, (q, k, v, kv_len, consts, out, lse)
 
 
 def _ring_bwd(r: RingCall, res, dout):
-    q, k, v, kv_len, out, lse = res
+    q, k, v, kv_len, consts, out, lse = res
     dout = place(dout, r.layout.mesh, r.layout.seq_spec())  # the cotangent may come in any layout
-    dq, dk, dv = _shard_backward(r, q, k, v, kv_len, out, lse, dout)
-    return dq, dk, dv, None
+    dq, dk, dv, dscore = _shard_backward(r, q, k, v, kv_len, consts, out, lse, dout)
+    # Integer arrays of the mods (segment ids, lengths) have no gradient.
+    dscore = tuple(
+        g.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else None
+        for x, g in zip(consts.score, dscore, strict=True)
+    )
+    return dq, dk, dv, None, ModConsts(dscore, (None,) * len(consts.mask))
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
@@ -147,6 +171,8 @@ def ring_attention(
     batch_axis_name: str | tuple[str, ...] | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
+    score_mod: Callable[..., Array] | None = None,
+    mask_mod: Callable[..., Array] | None = None,
 ) -> Array:
     """Exact (grouped-query) self-attention with the sequence split over a ring of devices.
 
@@ -182,6 +208,13 @@ def ring_attention(
         (batch replicated over the other mesh axes).
       block_q: kernel query block size; None picks `config.BlockSizes.get_default`.
       block_k: kernel key block size; likewise.
+      score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` as in
+        `flax_mha.flex_attention`, seeing global batch indices and natural (global)
+        positions; float arrays it closes over get their gradients (summed over the
+        ring). Every visited pair applies it.
+      mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` likewise (True = attend),
+        combined with ``is_causal`` and the lengths. Arrays the mods close over are
+        copied whole to every device.
 
     Returns:
       [B, L, N, Hv] in the query dtype (accumulated in float32, or float64 for float64 inputs).
@@ -214,7 +247,11 @@ def ring_attention(
         # One device: the zig-zag order is the natural order; one chunk is cheaper than two.
         zigzag=layout == "zigzag" and n > 1,
     )
-    kernel = Config(sizes, 1.0 if traced_scale else scale, is_causal)
+    score_fn, mask_fn, consts = _converted_mods(score_mod, mask_mod, query, key, value)
+    consts = ModConsts(*(tuple(place(x, mesh, P()) for x in part) for part in consts))
+    kernel = Config(
+        sizes, 1.0 if traced_scale else scale, is_causal, score_mod=score_fn, mask_mod=mask_fn
+    )
     r = RingCall(ring, kernel, has_lengths=key_value_seq_lengths is not None)
     dtype = query.dtype
     query, key, value = (place(x, mesh, ring.seq_spec()) for x in (query, key, value))
@@ -228,9 +265,31 @@ def ring_attention(
     permute = ring.zigzag and natural_order
     if permute:
         query, key, value = (reorder(x, ring, inverse=False) for x in (query, key, value))
-    out = _ring(r, query, key, value, key_value_seq_lengths)
+    out = _ring(r, query, key, value, key_value_seq_lengths, consts)
     out = reorder(out, ring, inverse=True) if permute else out
     return out.astype(dtype)
+
+
+def _converted_mods(
+    score_mod: Callable[..., Array] | None,
+    mask_mod: Callable[..., Array] | None,
+    query: Array,
+    key: Array,
+    value: Array,
+) -> tuple[Callable[..., Array] | None, Callable[..., Array] | None, ModConsts]:
+    """The mods with the arrays they close over as trailing arguments, and those arrays."""
+    for name, mod in (("score_mod", score_mod), ("mask_mod", mask_mod)):
+        if mod is not None and not callable(mod):
+            raise TypeError(f"{name} should be a function, but got {type(mod).__name__}")
+    i = jnp.int32(0)
+    score_fn = mask_fn = None
+    score_consts = mask_consts = ()
+    if score_mod is not None:
+        zero = jnp.zeros((), accumulation_dtype(query, key, value))
+        score_fn, score_consts = explicit_consts(score_mod, zero, i, i, i, i)
+    if mask_mod is not None:
+        mask_fn, mask_consts = explicit_consts(mask_mod, i, i, i, i)
+    return score_fn, mask_fn, ModConsts(tuple(score_consts), tuple(mask_consts))
 
 
 def _check_ring(
