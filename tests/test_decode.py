@@ -215,7 +215,7 @@ def test_key_range_start_and_length_match_numpy_with_gradients(block_k):
         np.testing.assert_allclose(g, want, atol=FP32_TOL, rtol=FP32_TOL)
 
 
-def test_key_value_seq_starts_on_the_reference_and_an_error_where_unserved():
+def test_key_value_seq_starts_on_the_reference_and_blockwise_and_an_error_where_unserved():
     q = jnp.ones((2, 1, 2, 4))
     k = v = jax.random.normal(jax.random.key(0), (2, 40, 2, 4))
     kw = dict(key_value_seq_lengths=jnp.array([30, 40]), key_value_seq_starts=jnp.array([20, 0]))
@@ -224,7 +224,10 @@ def test_key_value_seq_starts_on_the_reference_and_an_error_where_unserved():
                                ref, atol=FP32_TOL, rtol=FP32_TOL)  # fmt: skip
     only = flax_mha.dot_product_attention(q[:1], k[:1, 20:30], v[:1, 20:30])
     np.testing.assert_allclose(ref[:1], only, atol=FP32_TOL, rtol=FP32_TOL)
-    with pytest.raises(
-        ValueError, match="blockwise' cannot be used here: it takes no key_value_seq_starts"
-    ):
-        flax_mha.dot_product_attention(q, k, v, **kw, implementation="blockwise")
+    # The blockwise kernel serves the key range as a mod (tests/test_flag_mods.py).
+    np.testing.assert_allclose(
+        flax_mha.dot_product_attention(q, k, v, **kw, implementation="blockwise"), ref,
+        atol=FP32_TOL, rtol=FP32_TOL,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="cudnn' cannot be used here: it takes no key_value_seq"):
+        flax_mha.dot_product_attention(q, k, v, **kw, implementation="cudnn")

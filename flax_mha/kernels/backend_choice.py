@@ -71,12 +71,20 @@ def _ineligible(name: str, r: Request) -> str | None:
         return "the attention weights are requested (sow_weights / module)"
     if r.custom_matmuls:
         return "precision or einsum/dot_general overrides are given"
-    if r.softcap:
-        return "it has no logit soft-capping"
-    if r.kv_starts and name != "decode":
-        return "it takes no key_value_seq_starts (the reference and the decode kernel do)"
     if name == "blockwise":
+        if r.dropout and (r.softcap or r.kv_starts):
+            return (
+                "it serves logit_cap and key_value_seq_starts as mods, which have no dropout "
+                "(the reference has)"
+            )
         return None
+    if r.softcap:
+        return "it has no logit soft-capping (the reference and the blockwise kernel do)"
+    if r.kv_starts and name != "decode":
+        return (
+            "it takes no key_value_seq_starts (the reference, the blockwise and the decode "
+            "kernel do)"
+        )
     if name == "decode":
         if r.T != 1 or not r.kv_lengths:
             return "it serves one query per sequence (T = 1) with key_value_seq_lengths"
@@ -113,7 +121,7 @@ def choose_implementation(r: Request, implementation: str | None = None) -> str:
     """The backend that runs ``r``: ``implementation`` if given (checked), else automatic.
 
     Automatic choice: the reference when the weights are wanted, precision/einsum overrides
-    or soft-capping are given, the inputs are complex, or dropout is active (it reproduces
+    are given, the inputs are complex, or dropout is active (it reproduces
     Flax's dropout stream exactly; pass ``implementation="blockwise"`` for dropout in O(L)
     memory); the decode kernel for one-query steps over a long cache given by its lengths;
     on TPU the Pallas kernel, on GPU cuDNN, when eligible; otherwise the blockwise kernel,
@@ -127,7 +135,7 @@ def choose_implementation(r: Request, implementation: str | None = None) -> str:
         if why is not None:
             raise ValueError(f"implementation={implementation!r} cannot be used here: {why}")
         return implementation
-    if r.weights or r.custom_matmuls or r.dropout or r.softcap or r.complex:
+    if r.weights or r.custom_matmuls or r.dropout or r.complex:
         return "reference"
     if r.platform == "tpu" and _ineligible("pallas_tpu", r) is None:
         return "pallas_tpu"

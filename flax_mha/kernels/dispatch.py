@@ -37,6 +37,7 @@ from flax_mha.kernels.backend_choice import Request as Request
 from flax_mha.kernels.backend_choice import choose_implementation as choose_implementation
 from flax_mha.kernels.blockwise import blockwise_attention
 from flax_mha.kernels.decode import decode_attention
+from flax_mha.kernels.flag_mods import blockwise_flag_mods
 from flax_mha.kernels.pallas_tpu import pallas_tpu_attention
 from flax_mha.kernels.reference import reference_attention, reverse_mode_only
 
@@ -245,7 +246,7 @@ class Call:
       dropout_rate: 0.0 unless dropout is active.
       dropout_rng: PRNG key when dropout is active, else None.
       broadcast_dropout: one dropout mask across batch and heads (reference only).
-      logit_cap: soft-cap of the scaled scores (reference only), or None.
+      logit_cap: soft-cap of the scaled scores (reference, or blockwise as a mod), or None.
       precision: matmul precision (reference only).
       qk_einsum: einsum override of the scores (reference only), or None.
       wv_einsum: einsum override of the weighted sum (reference only), or None.
@@ -320,6 +321,13 @@ class Call:
 
 
 def _blockwise(c: Call) -> Array:
+    if c.logit_cap is not None or c.kv_starts is not None:
+        # Options the kernel has no schedule of its own for: all the options as mods.
+        return _on_auto_axes(
+            blockwise_flag_mods, c.q, c.k, c.v, scale=c.scale, is_causal=c.is_causal,
+            window=c.window, q_lengths=c.q_lengths, kv_lengths=c.kv_lengths,
+            kv_starts=c.kv_starts, logit_cap=c.logit_cap, bias=c.bias, mask=c.mask,
+        )  # fmt: skip
     return _on_auto_axes(
         blockwise_attention, c.q, c.k, c.v, scale=c.scale, bias=c.bias, mask=c.mask,
         is_causal=c.is_causal, query_seq_lengths=c.q_lengths, key_value_seq_lengths=c.kv_lengths,
