@@ -1,11 +1,22 @@
 """`flax-mha bench`: our kernels and module against their peers, measured in one run.
 
-Reports median milliseconds (forward, forward+backward), GFLOP/s from the analytic
-FLOP count (forward ``4·B·N·T·S·H``, half if causal; backward 2.5x forward), ratios
-to each peer and to an fp32 GEMM measured in the same run (the machine's practical
-ceiling), and compiled temporary memory (``memory_analysis()``) for sizes too large
-to run. Writes ``results.md``, ``results.json`` and PNG plots to ``--out``.
-Timings are medians after a warm-up; no test asserts on them.
+The header names the CPU (model, vector extensions, usable cores, caches) and the fp32
+GEMM rate measured first in the same run (the machine's practical ceiling). Every timed
+row reports median milliseconds, GFLOP/s from an analytic FLOP count and that rate as a
+fraction of the GEMM's, and its ratio to the peer or target it is compared with:
+
+* ``kernel``: our blockwise kernel against torch SDPA and `jax.nn.dot_product_attention`
+  (attention FLOPs: forward ``4·B·N·T·S·H``, half if causal; forward+backward 3.5x);
+* ``module``: `flax_mha.MultiHeadAttention` against Flax's (and torch's): the four
+  projections (``8·B·L·D²`` forward, 3x with the backward) plus the attention;
+* ``memory``: compiled fwd+bwd temporaries (``memory_analysis()``), never run;
+* ``decode``: one cached decode step against Flax's (projections ``8·D²`` plus
+  ``4·D`` per attended position);
+* ``flex``: block masks, mask and score mods against ``torch.compile(flex_attention)``,
+  our dense-mask path and jax.nn (issue 14; `flax_mha.apps.bench_flex`).
+
+Writes ``results.md``, ``results.json`` and PNG plots to ``out``. Timings are medians
+after a warm-up; no test asserts on them.
 """
 
 from __future__ import annotations
@@ -14,29 +25,59 @@ import functools
 import json
 import os
 import platform
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_mha.apps.bench_flex import flex_rows, flex_steps, flex_tables
 from flax_mha.apps.timing import (
+    add_rates,
+    attention_flops,
     compiled_temp_bytes,
+    cpu_info,
+    cpu_model,
     first_and_second_call_s,
+    gemm_gflops,
     jit_fwd_and_grad,
     median_ms,
+    rate_cells,
 )
 from flax_mha.attention import MultiHeadAttention
 from flax_mha.kernels.dispatch import dot_product_attention
 
-__all__ = ["attention_flops", "run_bench"]
+__all__ = [
+    "DEFAULT_SECTIONS",
+    "SECTIONS",
+    "attention_flops",
+    "decode_flops",
+    "module_flops",
+    "run_bench",
+]
+
+#: Every section `run_bench` can run, in its order.
+SECTIONS = ("kernel", "module", "memory", "decode", "flex")
+#: What `run_bench` runs when not told: all but the flex rows (minutes at full size).
+DEFAULT_SECTIONS = ("kernel", "module", "memory", "decode")
 
 
-def attention_flops(B: int, N: int, T: int, S: int, H: int, causal: bool, backward: bool) -> float:
-    """Analytic FLOPs: forward 4·B·N·T·S·H (two matmuls), half if causal; fwd+bwd 3.5x."""
-    f = 4.0 * B * N * T * S * H * (0.5 if causal else 1.0)
-    return f * (3.5 if backward else 1.0)
+def module_flops(B: int, L: int, D: int, backward: bool) -> float:
+    """Analytic FLOPs of a self-attention module with D features and N·H = D.
+
+    Forward: the q, k, v and output projections ``4 · 2·B·L·D²`` plus the attention
+    ``4·B·L²·D``; forward+backward 3x the projections and 3.5x the attention.
+    """
+    proj, attn = 8.0 * B * L * D * D, 4.0 * B * L * L * D
+    return 3.0 * proj + 3.5 * attn if backward else proj + attn
+
+
+def decode_flops(attended: int, D: int) -> float:
+    """Analytic FLOPs of one decode step (B=1): projections ``8·D²`` plus ``4·D`` per
+    attended cache position."""
+    return 8.0 * D * D + 4.0 * attended * D
 
 
 def _jax_pair(fn: Callable[..., Any], *args: Any) -> tuple[Callable[[], Any], Callable[[], Any]]:
@@ -47,13 +88,6 @@ def _jax_pair(fn: Callable[..., Any], *args: Any) -> tuple[Callable[[], Any], Ca
 
 def _blockwise(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = False) -> jax.Array:
     return dot_product_attention(q, k, v, is_causal=is_causal, implementation="blockwise")
-
-
-def _gemm_gflops(n: int, repeats: int) -> float:
-    a = jax.random.normal(jax.random.key(0), (n, n))
-    f = jax.jit(lambda a: a @ a)
-    ms = median_ms(lambda: f(a), repeats)
-    return 2.0 * n**3 / (ms * 1e-3) / 1e9
 
 
 def _torch_kernels(q: np.ndarray, causal: bool):
@@ -89,10 +123,10 @@ def _attention_rows(B, L, N, H, repeats, torch_ok, progress) -> list[dict[str, A
         for name, (fwd, bwd) in peers.items():
             for backward, fn in ((False, fwd), (True, bwd)):
                 ms = median_ms(fn, repeats)
-                gflops = attention_flops(B, N, L, L, H, causal, backward) / (ms * 1e-3) / 1e9
+                flops = attention_flops(B, N, L, L, H, causal, backward)
                 pass_ = "fwd+bwd" if backward else "fwd"
                 shape = dict(B=B, L=L, N=N, H=H, causal=causal, pass_=pass_)
-                rows.append(dict(kind="kernel", impl=name, **shape, ms=ms, gflops=gflops))
+                rows.append(dict(kind="kernel", impl=name, **shape, ms=ms, flops=flops))
                 progress()
     return rows
 
@@ -128,7 +162,9 @@ def _module_rows(B, L, D, N, repeats, torch_ok, progress) -> list[dict[str, Any]
     for name, (fwd, bwd) in peers.items():
         for pass_, fn in (("fwd", fwd), ("fwd+bwd", bwd)):
             ms = median_ms(fn, repeats)
-            rows.append(dict(kind="module", impl=name, B=B, L=L, D=D, N=N, pass_=pass_, ms=ms))
+            flops = module_flops(B, L, D, pass_ == "fwd+bwd")
+            row = dict(kind="module", impl=name, B=B, L=L, D=D, N=N, pass_=pass_)
+            rows.append(dict(row, ms=ms, flops=flops))
             progress()
     return rows
 
@@ -188,7 +224,8 @@ def _decode_rows(lengths, filled_fraction, D, N, repeats, progress) -> list[dict
         for name, module in peers.items():
             ms = median_ms(_decode_step(module, params["params"], L, D, filled), repeats)
             row = dict(kind="decode", impl=name, L=L, filled=filled, D=D, N=N, ms=ms)
-            rows.append(dict(row, tokens_per_s=1e3 / ms))
+            # the new token attends to the `filled` cached positions and to itself
+            rows.append(dict(row, tokens_per_s=1e3 / ms, flops=decode_flops(filled + 1, D)))
             progress()
     return rows
 
@@ -199,7 +236,8 @@ def _long_run(L: int, N: int, H: int) -> dict[str, Any]:
     _, bwd = _jax_pair(_blockwise, q, k, v)
     first, second = first_and_second_call_s(bwd)
     row = dict(kind="long", impl="flax_mha blockwise", B=1, L=L, N=N, H=H)
-    return dict(row, first_s=first, s=second)
+    flops = attention_flops(1, N, L, L, H, False, True)
+    return dict(row, first_s=first, s=second, ms=second * 1e3, flops=flops)
 
 
 def _ours(rows: list[dict[str, Any]], impl: str, like: dict[str, Any], *keys: str) -> dict:
@@ -207,7 +245,7 @@ def _ours(rows: list[dict[str, Any]], impl: str, like: dict[str, Any], *keys: st
     return next(r for r in rows if r["impl"] == impl and all(r[k] == like[k] for k in keys))
 
 
-def _kernel_table(kern: list[dict[str, Any]], gemm: float) -> list[str]:
+def _kernel_table(kern: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| impl | B, L, N, H | causal | pass | ms | GFLOP/s | % of GEMM | ours / this |",
         "|---|---|---|---|---|---|---|---|",
@@ -216,20 +254,21 @@ def _kernel_table(kern: list[dict[str, Any]], gemm: float) -> list[str]:
         ours = _ours(kern, "flax_mha blockwise", r, "causal", "pass_")
         lines.append(
             f"| {r['impl']} | {r['B']}, {r['L']}, {r['N']}, {r['H']} | {r['causal']} | "
-            f"{r['pass_']} | {r['ms']:.1f} | {r['gflops']:.1f} | "
-            f"{100 * r['gflops'] / gemm:.0f}% "
-            f"| {ours['ms'] / r['ms']:.2f} |"
+            f"{r['pass_']} | {r['ms']:.1f} | {rate_cells(r)} | {ours['ms'] / r['ms']:.2f} |"
         )
     return lines
 
 
 def _module_table(mods: list[dict[str, Any]]) -> list[str]:
-    lines = ["| module | B, L, D, N | pass | ms | ours / this |", "|---|---|---|---|---|"]
+    lines = [
+        "| module | B, L, D, N | pass | ms | GFLOP/s | % of GEMM | ours / this |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in mods:
         ours = _ours(mods, "flax_mha.MultiHeadAttention", r, "pass_")
         lines.append(
             f"| {r['impl']} | {r['B']}, {r['L']}, {r['D']}, {r['N']} | {r['pass_']} "
-            f"| {r['ms']:.1f} | {ours['ms'] / r['ms']:.2f} |"
+            f"| {r['ms']:.1f} | {rate_cells(r)} | {ours['ms'] / r['ms']:.2f} |"
         )
     return lines
 
@@ -244,23 +283,28 @@ def _memory_table(mem: list[dict[str, Any]]) -> list[str]:
 
 def _decode_table(dec: list[dict[str, Any]]) -> list[str]:
     lines = [
-        "| decode step (B=1) | max_length | filled | D, N | ms | tokens/s | ours faster by |",
-        "|---|---|---|---|---|---|---|",
+        "| decode step (B=1) | max_length | filled | D, N | ms | tokens/s | GFLOP/s "
+        "| % of GEMM | ours faster by |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in dec:
         ours = _ours(dec, "flax_mha.MultiHeadAttention", r, "L")
         speedup = ours["tokens_per_s"] / r["tokens_per_s"]
         lines.append(
             f"| {r['impl']} | {r['L']} | {r['filled']} | {r['D']}, {r['N']} | "
-            f"{r['ms']:.2f} | {r['tokens_per_s']:.0f} | {speedup:.2f} |"
+            f"{r['ms']:.2f} | {r['tokens_per_s']:.0f} | {rate_cells(r)} | {speedup:.2f} |"
         )
     return lines
 
 
 def _markdown(rows: list[dict[str, Any]], gemm: float) -> str:
-    lines = [f"fp32 GEMM ceiling measured in this run: {gemm:.1f} GFLOP/s", ""]
+    lines = [
+        f"fp32 GEMM ceiling measured in this run: {gemm:.1f} GFLOP/s "
+        "(jitted [2048, 2048] @ [2048, 2048]); every % of GEMM below is of this rate",
+        "",
+    ]
     tables = {
-        "kernel": functools.partial(_kernel_table, gemm=gemm),
+        "kernel": _kernel_table,
         "module": _module_table,
         "memory": _memory_table,
         "decode": _decode_table,
@@ -269,11 +313,13 @@ def _markdown(rows: list[dict[str, Any]], gemm: float) -> str:
         selected = [r for r in rows if r["kind"] == kind]
         if selected:
             lines += [*table(selected), ""]
+    lines += flex_tables(rows)
     for r in rows:
         if r["kind"] == "long":
             lines.append(
                 f"Real fwd+bwd run, blockwise, B=1, L={r['L']}, N={r['N']}, H={r['H']}: "
-                f"{r['s']:.1f} s (first call with compilation {r['first_s']:.1f} s)"
+                f"{r['s']:.1f} s = {rate_cells(r).replace(' | ', ' GFLOP/s, ')} of GEMM "
+                f"(first call with compilation {r['first_s']:.1f} s)"
             )
     return "\n".join(lines) + "\n"
 
@@ -307,6 +353,32 @@ def _plots(rows: list[dict[str, Any]], out: str) -> list[str]:
     return paths
 
 
+def _header(info: dict[str, Any], torch_ok: bool, repeats: int) -> str:
+    caches = ", ".join(f"{k.upper()} {info[k]}" for k in ("l2", "l3") if info[k])
+    cpu = f"CPU: {cpu_model(info)}, {info['cores']} usable cores of {os.cpu_count()}"
+    versions = f"jax {jax.__version__}"
+    if torch_ok:
+        import torch
+
+        versions += f", torch {torch.__version__}"
+    return (
+        f"{cpu}{', ' + caches if caches else ''}\n\n"
+        f"{versions}, {platform.machine()}, backend {jax.default_backend()}, fp32, "
+        f"median of {repeats} after a warm-up"
+    )
+
+
+def _check_sections(sections: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(sections, str) or not all(isinstance(x, str) for x in sections):
+        raise TypeError(f"sections should be a sequence of names, but got {sections!r}")
+    unknown = [x for x in sections if x not in SECTIONS]
+    if unknown or not sections:
+        raise ValueError(
+            f"sections should be a non-empty selection of {SECTIONS}, but got {tuple(sections)!r}"
+        )
+    return tuple(x for x in SECTIONS if x in sections)
+
+
 def run_bench(
     out: str,
     *,
@@ -321,39 +393,118 @@ def run_bench(
     decode_filled: float = 0.125,
     long_length: int | None = None,
     repeats: int = 5,
+    sections: Sequence[str] = DEFAULT_SECTIONS,
+    use_torch: bool = True,
+    flex_lengths: tuple[int, ...] = (4096, 16384),
+    flex_causal_length: int = 4096,
+    flex_score_length: int = 2048,
+    flex_block_mask_length: int | None = 32768,
+    max_dense_gib: float = 6.0,
     say: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Runs the benchmark and writes ``results.md``, ``results.json`` and PNGs to ``out``."""
+    """Runs the benchmark and writes ``results.md``, ``results.json`` and PNGs to ``out``.
+
+    The fp32 GEMM is always measured first: every timed row's GFLOP/s is reported as a
+    fraction of it. Sizes are those of the sections that use them (see the module
+    docstring); the flex rows use ``heads`` and ``head_dim`` with B=1.
+
+    Args:
+      out: folder for the results (created).
+      batch: B of the kernel rows.
+      length: L of the kernel rows.
+      heads: N of the kernel, memory, module, decode and flex rows.
+      head_dim: H of the kernel, memory and flex rows.
+      module_length: L of the module rows.
+      model_dim: D of the module and decode rows.
+      memory_lengths: L of the memory rows (compiled, never run).
+      decode_lengths: cache lengths of the decode rows.
+      decode_filled: the filled fraction of each decode cache.
+      long_length: also run our fwd+bwd once at this L (None: not).
+      repeats: timed calls per row (median, after one warm-up call).
+      sections: which of `SECTIONS` to run; default `DEFAULT_SECTIONS` (all but flex).
+      use_torch: time torch's peers when torch is importable; False: never.
+      flex_lengths: L of the document-causal flex rows.
+      flex_causal_length: L of the mask-mod causal against is_causal rows.
+      flex_score_length: L of the sinks / relative-bias rows.
+      flex_block_mask_length: an extra L at which only create_block_mask is timed.
+      max_dense_gib: the flex rows' dense-mask paths that need more compiled
+        temporaries than this are compiled but not run.
+      say: prints the results (the tables; progress goes to stderr).
+
+    Returns:
+      The row dicts also written to ``results.json``.
+
+    Raises:
+      ValueError: for an unknown section.
+      TypeError: if ``sections`` is not a sequence of names.
+    """
     from tqdm.auto import tqdm
 
-    try:
-        import torch  # noqa: F401
+    sections = _check_sections(sections)
+    torch_ok = False
+    if use_torch:
+        try:
+            import torch  # noqa: F401
 
-        torch_ok = True
-    except ImportError:
-        torch_ok = False
+            torch_ok = True
+        except ImportError:
+            pass
     n_peers = 3 if torch_ok else 2
-    total = 4 * n_peers + 2 * n_peers + 2 * len(memory_lengths) + 2 * len(decode_lengths) + 1
+    steps = {
+        "kernel": 4 * n_peers,
+        "module": 2 * n_peers,
+        "memory": 2 * len(memory_lengths),
+        "decode": 2 * len(decode_lengths),
+        "flex": flex_steps(flex_lengths, flex_block_mask_length, torch_ok),
+    }
+    total = 1 + sum(steps[x] for x in sections)
     os.makedirs(out, exist_ok=True)
+    rows: list[dict[str, Any]] = []
     with tqdm(total=total, desc="flax-mha bench", disable=None) as bar:
-        gemm = _gemm_gflops(2048, repeats)
+
+        def note(message: str) -> None:
+            bar.write(message, file=sys.stderr)
+
+        gemm = gemm_gflops(2048, repeats)
         bar.update()
-        rows = _attention_rows(batch, length, heads, head_dim, repeats, torch_ok, bar.update)
-        rows += _module_rows(batch, module_length, model_dim, heads, repeats, torch_ok, bar.update)
-        rows += _memory_rows(memory_lengths, heads, head_dim, bar.update)
-        rows += _decode_rows(decode_lengths, decode_filled, model_dim, heads, repeats, bar.update)
+        if "kernel" in sections:
+            rows += _attention_rows(batch, length, heads, head_dim, repeats, torch_ok, bar.update)
+        if "module" in sections:
+            rows += _module_rows(
+                batch, module_length, model_dim, heads, repeats, torch_ok, bar.update
+            )
+        if "memory" in sections:
+            rows += _memory_rows(memory_lengths, heads, head_dim, bar.update)
+        if "decode" in sections:
+            rows += _decode_rows(
+                decode_lengths, decode_filled, model_dim, heads, repeats, bar.update
+            )
+        if "flex" in sections:
+            rows += flex_rows(
+                lengths=flex_lengths,
+                causal_length=flex_causal_length,
+                score_length=flex_score_length,
+                block_mask_length=flex_block_mask_length,
+                heads=heads,
+                head_dim=head_dim,
+                repeats=repeats,
+                torch_ok=torch_ok,
+                max_dense_gib=max_dense_gib,
+                progress=bar.update,
+                note=note,
+            )
     if long_length:
         say(f"real fwd+bwd run at L={long_length} ...")
         rows.append(_long_run(long_length, heads, head_dim))
-    header = (
-        f"jax {jax.__version__}, {platform.machine()}, {os.cpu_count()} cores, "
-        f"backend {jax.default_backend()}, fp32, median of {repeats}"
-    )
+    add_rates(rows, gemm)
+    info = cpu_info()
+    header = _header(info, torch_ok, repeats)
     text = header + "\n\n" + _markdown(rows, gemm)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(dict(header=header, gemm_gflops=gemm, rows=rows), f, indent=1)
+        meta = dict(header=header, cpu=info, sections=list(sections), gemm_gflops=gemm)
+        json.dump(dict(meta, rows=rows), f, indent=1)
     _plots(rows, out)
     say(text)
     return rows

@@ -1,0 +1,229 @@
+"""`flax-mha bench` (flax_mha.apps.bench): the CPU header, GEMM fractions, the flex rows.
+
+One run at tiny shapes (torch off: its first ``torch.compile`` alone takes 10-60 s)
+serves the smoke tests; timings are never asserted on, only what the report says
+about them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+
+import numpy as np
+import pytest
+
+from flax_mha.apps import bench_flex
+from flax_mha.apps.bench import run_bench
+from flax_mha.apps.timing import cpu_info, cpu_model
+
+SECTIONS = ("kernel", "module", "decode", "flex")  # memory left out: selection is shown
+
+TINY = dict(
+    batch=1, length=64, heads=2, head_dim=16, module_length=32, model_dim=32,
+    decode_lengths=(64,), repeats=1, use_torch=False, flex_lengths=(256,),
+    flex_causal_length=256, flex_score_length=256, flex_block_mask_length=512,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    printed = []
+    rows = run_bench(str(out), sections=SECTIONS, say=printed.append, **TINY)
+    saved = json.loads((out / "results.json").read_text())
+    return dict(rows=rows, text=printed[0], md=(out / "results.md").read_text(), json=saved)
+
+
+def _reference_cpu() -> tuple[str, set[str]]:
+    """The CPU model and flags as lscpu or /proc/cpuinfo state them (read here, not by
+    the code under test)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True,
+                             env=dict(os.environ, LC_ALL="C")).stdout  # fmt: skip
+        model = re.search(r"^Model name:\s*(.+)$", out, re.M)
+        flags = re.search(r"^Flags:\s*(.+)$", out, re.M)
+        if model and flags:
+            return model.group(1).strip(), set(flags.group(1).split())
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        pytest.skip("neither lscpu nor /proc/cpuinfo")
+    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    flags = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.M)
+    if not model:
+        pytest.skip("the CPU model is not stated here")
+    return model.group(1).strip(), set(flags.group(1).split()) if flags else set()
+
+
+# ----------------------------------------------------------------------------- the CPU
+
+INTEL = """Architecture:            x86_64
+Model name:              Intel(R) Xeon(R) Platinum 8480+
+CPU(s):                  4
+Flags:                   fpu sse sse2 avx fma avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8 avx512_fp16
+L2 cache:                8 MiB (4 instances)
+L3 cache:                105 MiB (1 instance)
+"""  # noqa: E501
+ARM = """Architecture:          aarch64
+Model name:            Neoverse-V1
+Flags:                 fp asimd evtstrm aes sve
+"""
+
+
+def test_cpu_info_reads_model_extensions_and_caches_from_lscpu():
+    info = cpu_info(INTEL)
+    assert info["model"] == "Intel(R) Xeon(R) Platinum 8480+"
+    ext = ["avx512f", "avx512_bf16", "avx512_fp16", "avx2", "fma", "amx_tile", "amx_bf16",
+           "amx_int8"]  # fmt: skip
+    assert info["vector_extensions"] == ext
+    assert (info["l2"], info["l3"]) == ("8 MiB (4 instances)", "105 MiB (1 instance)")
+    assert cpu_model(info) == f"Intel(R) Xeon(R) Platinum 8480+ ({', '.join(ext)})"
+    arm = cpu_info(ARM)
+    assert (arm["model"], arm["vector_extensions"], arm["l3"]) == (
+        "Neoverse-V1",
+        ["asimd", "sve"],
+        None,
+    )
+    assert cpu_model(dict(arm, vector_extensions=[])).endswith("(vector extensions unknown)")
+
+
+def test_header_names_this_cpu_and_its_vector_extensions(report):
+    model, flags = _reference_cpu()
+    first = report["md"].splitlines()[0]
+    assert first.startswith(f"CPU: {model} (")
+    for flag in ("avx512f", "avx2", "amx_tile", "asimd", "sve"):
+        assert (flag in first) == (flag in flags), flag
+    assert first == report["text"].splitlines()[0]
+    assert report["json"]["cpu"]["model"] == model
+
+
+# ------------------------------------------------------------------------ GEMM fractions
+
+
+def test_every_timed_row_has_its_fraction_of_the_gemm(report):
+    gemm = report["json"]["gemm_gflops"]
+    rows = report["json"]["rows"]
+    assert {r["kind"] for r in rows} == {"kernel", "module", "decode", *bench_flex.FLEX_KINDS}
+    timed = [r for r in rows if "ms" in r]
+    assert len(timed) >= 20
+    for r in timed:
+        if r["kind"] == "flex_block_mask":  # index work: no FLOP rate, and says so
+            assert "flops" not in r and "gemm_fraction" not in r
+            continue
+        gflops = r["flops"] / (r["ms"] * 1e-3) / 1e9
+        assert r["gflops"] == pytest.approx(gflops, rel=1e-9), r
+        assert r["gemm_fraction"] == pytest.approx(gflops / gemm, rel=1e-9), r
+    # ... and every table row that reports a time prints it (as "n/a" only if not run).
+    headers = [
+        line for line in report["md"].splitlines() if line.startswith("| ") and " ms |" in line
+    ]
+    assert len(headers) == 7  # kernel, module, decode; document, causal, score, block mask
+    for table in re.split(r"\n\n", report["md"]):
+        lines = [line for line in table.splitlines() if line.startswith("| ")]
+        if not lines or " ms |" not in lines[0] or "create_block_mask" in lines[0]:
+            continue
+        assert "| GFLOP/s | % of GEMM |" in lines[0]
+        col = lines[0].split(" | ").index("% of GEMM")
+        for line in lines[1:]:
+            assert re.fullmatch(r"\d+(\.\d+)?%|n/a", line.split(" | ")[col]), line
+
+
+def test_module_and_decode_flops_count_projections_and_attention():
+    from flax_mha.apps.bench import decode_flops, module_flops
+
+    B, L, D = 2, 16, 8
+    proj = 4 * 2 * B * L * D * D  # q, k, v, out: [B·L, D] @ [D, D]
+    attn = 2 * 2 * B * L * L * D  # q·k and p·v over N·H = D
+    assert module_flops(B, L, D, backward=False) == proj + attn
+    assert module_flops(B, L, D, backward=True) == 3 * proj + 3.5 * attn
+    assert decode_flops(10, D) == 4 * 2 * D * D + 2 * 2 * 10 * D
+
+
+# ------------------------------------------------------------------------- the flex rows
+
+
+def _table_cells(md: str, impl: str, L: int, pass_: str) -> list[str]:
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[:3] == [impl, str(L), pass_]:
+            return cells
+    raise AssertionError(f"no row {impl}, {L}, {pass_}")
+
+
+def test_flex_rows_print_the_ratio_each_target_names(report):
+    md = report["md"]
+    rows = [r for r in report["json"]["rows"] if r["kind"].startswith("flex_")]
+    ms = {(r["impl"], r["L"], r["pass_"]): r["ms"] for r in rows if "ms" in r and "pass_" in r}
+    # document-causal: ours / this against torch.compile (absent: torch off), dense, jax.nn
+    for impl, target in ((bench_flex.OURS_DENSE, "≤ 0.2"), (bench_flex.JAX_NN_DENSE, "≤ 0.1")):
+        for pass_ in ("fwd", "fwd+bwd"):
+            cells = _table_cells(md, impl, 256, pass_)
+            ratio = ms[(bench_flex.OURS, 256, pass_)] / ms[(impl, 256, pass_)]
+            assert cells[6:8] == [f"{ratio:.2f}", target]
+            assert cells[8] == ("yes" if round(ratio, 12) <= float(target[2:]) else "no")
+    assert not any(r["impl"] == bench_flex.TORCH_FLEX for r in rows)
+    assert "ours / this" in md
+    # causal mod: speed / is_causal >= 0.95
+    for pass_ in ("fwd", "fwd+bwd"):
+        cells = _table_cells(md, bench_flex.FLEX_CAUSAL, 256, pass_)
+        speed = ms[(bench_flex.IS_CAUSAL, 256, pass_)] / ms[(bench_flex.FLEX_CAUSAL, 256, pass_)]
+        assert cells[6:8] == [f"{speed:.2f}", "≥ 0.95"]
+    # sinks and learned bias: this / plain <= 1.3, forward+backward
+    for impl in (bench_flex.SINKS, bench_flex.T5_BIAS):
+        cells = _table_cells(md, impl, 256, "fwd+bwd")
+        ratio = ms[(impl, 256, "fwd+bwd")] / ms[(bench_flex.PLAIN, 256, "fwd+bwd")]
+        assert cells[6:8] == [f"{ratio:.2f}", "≤ 1.3"]
+    # create_block_mask at each document length and at the extra one
+    masks = {r["L"]: r for r in rows if r["kind"] == "flex_block_mask"}
+    assert sorted(masks) == [256, 512] and all(r["ms"] > 0 for r in masks.values())
+
+
+def test_document_mask_counts_the_pairs_it_allows():
+    for L, n in ((256, 8), (37, 5), (9, 1)):
+        seg = bench_flex.documents(L, n, seed=L)
+        assert seg.shape == (1, L) and len(np.unique(seg)) == n
+        assert np.all(np.diff(seg[0]) >= 0)  # packed: contiguous documents
+        dense = np.tril(np.ones((L, L), bool)) & (seg[0][:, None] == seg[0][None, :])
+        assert bench_flex.document_pairs(seg) == int(dense.sum())
+
+
+def test_flex_row_documents_its_mask(report):
+    doc = [r for r in report["json"]["rows"] if r["kind"] == "flex_document"]
+    seg = bench_flex.documents(256)
+    dense = np.tril(np.ones((256, 256), bool)) & (seg[0][:, None] == seg[0][None, :])
+    for r in doc:
+        assert r["density"] == pytest.approx(dense.mean(), rel=1e-12)
+        assert r["documents"] == 8
+    ours = [r for r in doc if r["impl"] == bench_flex.OURS]
+    fwd = 4 * 1 * 2 * 16 * dense.sum()  # 4·B·N·H per allowed pair
+    assert [r["flops"] for r in ours] == pytest.approx([fwd, 3.5 * fwd], rel=1e-12)
+
+
+def test_sections_select_what_runs(report, tmp_path):
+    assert report["json"]["sections"] == list(SECTIONS)
+    assert not any(r["kind"] == "memory" for r in report["rows"])
+    with pytest.raises(ValueError, match=r"sections should be .*but got \('kernels',\)"):
+        run_bench(str(tmp_path), sections=("kernels",))
+    with pytest.raises(TypeError, match="sections should be a sequence of names"):
+        run_bench(str(tmp_path), sections="flex")
+
+
+@pytest.mark.slow
+# torch.compile's own modules use torch.jit.script_method, deprecated in torch 2.13.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_torch_flex_rows_time_the_forward_and_say_why_no_backward():
+    pytest.importorskip("torch")
+    import jax
+
+    L = 128
+    seg = bench_flex.documents(L)
+    qkv = [jax.random.normal(jax.random.key(i), (1, L, 1, 16)) for i in range(3)]
+    rows = bench_flex._torch_flex_rows(seg, qkv, 1, dict(kind="flex_document", L=L), 1.0)
+    fwd, bwd = rows
+    assert fwd["pass_"] == "fwd" and fwd.get("ms", 0) > 0, str(fwd)
+    assert bwd["pass_"] == "fwd+bwd" and (bwd.get("ms", 0) > 0 or bwd["skipped"]), bwd
