@@ -21,11 +21,12 @@ from jax import Array
 
 from flax_mha import mods
 from flax_mha.kernels.block_mask import BlockMask, create_block_mask
+from flax_mha.kernels.dispatch import dot_product_attention
 from flax_mha.kernels.flex import flex_attention
 from flax_mha.masks import normalize_window
 from flax_mha.variants import alibi_slopes
 
-__all__ = ["CachedView", "programmed", "programmed_attention"]
+__all__ = ["CachedView", "check_programmed", "programmed", "programmed_attention"]
 
 
 def programmed(m: Any, segment_ids: Array | None, block_mask: BlockMask | None) -> bool:
@@ -75,7 +76,22 @@ class CachedView(NamedTuple):
     kv_ends: Array | None
 
 
-def _check(m: Any, mask: Array | None, dropout: bool, sow_weights: bool) -> None:
+def check_programmed(
+    m: Any,
+    *,
+    segment_ids: Array | None,
+    block_mask: BlockMask | None,
+    mask: Array | None,
+    dropout: bool,
+    sow_weights: bool,
+    decoding: bool,
+) -> None:
+    """The errors of `programmed_attention` for what its call asks (see there), raised
+    before any work: a module whose cache is state (NNX) checks before writing it.
+
+    Raises:
+      ValueError: for options flex attention cannot serve.
+    """
     why = None
     if mask is not None:
         why = "a mask array (express it as a mask_mod)"
@@ -83,12 +99,18 @@ def _check(m: Any, mask: Array | None, dropout: bool, sow_weights: bool) -> None
         why = "active dropout"
     elif sow_weights:
         why = "sow_weights (no [T, S] weights exist)"
-    elif m.attention_fn.__name__ != "dot_product_attention":
-        why = f"a custom attention_fn ({m.attention_fn.__name__})"
+    elif m.attention_fn is not dot_product_attention:  # its flags may be ignored otherwise
+        name = getattr(m.attention_fn, "__name__", None) or repr(m.attention_fn)
+        why = f"a custom attention_fn ({name})"
     if why is not None:
         raise ValueError(
             f"mask_mod, score_mod, segment_ids and block_mask run through flex_attention, "
             f"which cannot be combined with {why}"
+        )
+    if decoding and (segment_ids is not None or block_mask is not None):
+        raise ValueError(
+            "segment_ids and block_mask cannot be used with a decode cache (the cache holds "
+            "no segment ids; the module builds the cache's block mask itself)"
         )
 
 
@@ -127,12 +149,10 @@ def programmed_attention(
       ValueError: for options flex attention cannot serve, or ``segment_ids`` of the
         wrong shape.
     """
-    _check(m, mask, dropout, sow_weights)
-    if cached is not None and (segment_ids is not None or block_mask is not None):
-        raise ValueError(
-            "segment_ids and block_mask cannot be used with a decode cache (the cache holds "
-            "no segment ids; the module builds the cache's block mask itself)"
-        )
+    check_programmed(
+        m, segment_ids=segment_ids, block_mask=block_mask, mask=mask, dropout=dropout,
+        sow_weights=sow_weights, decoding=cached is not None,
+    )  # fmt: skip
     batch, (T, N) = query.shape[:-3], query.shape[-3:-1]
     S = key.shape[-3]
     q, k, v = (x.reshape(-1, *x.shape[-3:]) for x in (query, key, value))

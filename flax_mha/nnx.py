@@ -19,9 +19,10 @@ Letters: ``T`` query length, ``S`` key length, ``N`` heads, ``K`` kv heads, ``H`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,10 +33,23 @@ from flax.nnx.nn import dtypes, initializers
 from flax.nnx.nn.linear import default_kernel_init
 from jax import Array
 
-from flax_mha import functional
+from flax_mha import functional, mods
 from flax_mha.attention import _accepted_kwargs
+from flax_mha.attention_mods import (
+    CachedView,
+    check_programmed,
+    programmed,
+    programmed_attention,
+)
 from flax_mha.cache import KVCache
-from flax_mha.checks import as_full_rank, check_attention_fields, check_positive_int, check_triple
+from flax_mha.checks import (
+    as_full_rank,
+    check_attention_fields,
+    check_lengths,
+    check_positive_int,
+    check_triple,
+)
+from flax_mha.kernels.block_mask import BlockMask
 from flax_mha.kernels.dispatch import dot_product_attention
 from flax_mha.masks import combine_masks, normalize_window
 from flax_mha.variants import DEFAULT_ROPE_BASE, alibi_bias, alibi_slopes, apply_rope
@@ -161,6 +175,29 @@ class _CacheScope:
             variable.set_value(value)
 
 
+class _ModsView(NamedTuple):
+    """The fields `flax_mha.attention_mods.programmed_attention` reads of a module, as one
+    call of ours sees them (the call's ``is_causal``, its lengths as a padding mod)."""
+
+    mask_mod: Callable[..., Array] | None
+    score_mod: Callable[..., Array] | None
+    is_causal: bool
+    local_window_size: int | tuple[int, int] | None
+    logit_softcap: float | None
+    use_alibi: bool
+    num_heads: int
+    attention_fn: Callable[..., Array]
+
+
+def _cached_view(cache: KVCache, q_pos: Array, lengths: Array | None) -> CachedView:
+    """Where a decoding call's queries sit in ``cache`` (framework-free: a `KVCache`, the
+    queries' positions [T] or [batch..., T], and the prompt lengths of a ragged prefill)."""
+    B = math.prod(cache.batch)
+    first = jnp.broadcast_to(q_pos[..., 0], cache.batch).reshape(B).astype(jnp.int32)
+    ends = None if lengths is None else (first + lengths.reshape(B)).astype(jnp.int32)
+    return CachedView(first, cache.max_length, ends)
+
+
 def _resolve_inputs(
     inputs_q: Array, inputs_k: Array | None, inputs_v: Array | None
 ) -> tuple[Array, Array]:
@@ -231,6 +268,12 @@ class MultiHeadAttention(nnx.Module):
       logit_softcap: soft-cap scaled scores to ``cap * tanh(scores / cap)``.
       learned_scale: a learned per-head multiplier of the queries (param
         ``per_head_scale`` [N], initialised to 1).
+      mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (`flax_mha.mods`); attention
+        then runs through `flax_mha.flex_attention`, as in `flax_mha.MultiHeadAttention`
+        (see `flax_mha.attention_mods`): the options above become mods.
+      score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score``, likewise. An
+        `flax.nnx.Module` whose ``__call__`` is a score mod becomes a submodule: its
+        params (a learned bias table) are in this module's state and get gradients.
 
     Raises:
       ValueError: for a bad head count, feature size, dropout rate or variant option.
@@ -283,6 +326,8 @@ class MultiHeadAttention(nnx.Module):
         use_alibi: bool = False,
         logit_softcap: float | None = None,
         learned_scale: bool = False,
+        mask_mod: Callable[..., Array] | None = None,
+        score_mod: Callable[..., Array] | None = None,
     ):
         check_positive_int("in_features", in_features)
         check_positive_int("in_kv_features", in_kv_features, allow_none=True)
@@ -316,6 +361,8 @@ class MultiHeadAttention(nnx.Module):
         self.use_alibi = use_alibi
         self.logit_softcap = logit_softcap
         self.learned_scale = learned_scale
+        self.mask_mod = mask_mod
+        self.score_mod = score_mod
         check_attention_fields(self)
         if self.qkv_features % num_heads:
             raise ValueError(
@@ -378,6 +425,8 @@ class MultiHeadAttention(nnx.Module):
         query_seq_lengths: Array | None = None,
         key_value_seq_lengths: Array | None = None,
         prompt_lengths: Array | None = None,
+        segment_ids: Array | None = None,
+        block_mask: BlockMask | None = None,
     ) -> Array:
         """Applies multi-head attention.
 
@@ -406,6 +455,12 @@ class MultiHeadAttention(nnx.Module):
             Not with ``decode`` (the cache knows its lengths).
           prompt_lengths: with ``decode``, on a prefill call: int [batch...] true lengths of
             right-padded prompts; each sequence then continues from its own length.
+          segment_ids: int [batch..., T] document ids of packed sequences
+            (self-attention): a token sees only its own document. Runs through
+            `flax_mha.flex_attention`, as do the ``mask_mod`` / ``score_mod`` arguments
+            (the sequence lengths then become a padding mod).
+          block_mask: a `flax_mha.BlockMask` of this call's mask, built once per batch
+            and shared by the layers; None: built from the mask mods when possible.
 
         Returns:
           [batch..., T, out_features] output.
@@ -414,7 +469,10 @@ class MultiHeadAttention(nnx.Module):
           TypeError: for non-floating inputs.
           ValueError: for inconsistent shapes or feature sizes, a mask that does not
             broadcast, ``decode`` or ``deterministic`` given nowhere, dropout without rngs,
-            or decoding without `init_cache`.
+            or decoding without `init_cache`; with mods, for what flex attention cannot
+            serve (a mask array, active dropout, ``sow_weights``, a custom
+            ``attention_fn``; ``segment_ids``, ``block_mask`` or ``query_seq_lengths``
+            with the cache).
         """
         inputs_k, inputs_v = _resolve_inputs(inputs_q, inputs_k, inputs_v)
         self._check_inputs(inputs_q, inputs_k, inputs_v)
@@ -428,6 +486,14 @@ class MultiHeadAttention(nnx.Module):
         q_pos, k_pos = self._positions(query, key, cache)
         query, key = self._rope(query, key, q_pos, k_pos, decode)
         self._check_mask(mask, query, key, cache)
+        if programmed(self, segment_ids, block_mask):
+            heads = self._programmed(
+                query, key, value, cache, q_pos, mask=mask, is_causal=is_causal,
+                segment_ids=segment_ids, block_mask=block_mask, deterministic=deterministic,
+                sow_weights=sow_weights, prompt_lengths=prompt_lengths,
+                lengths=(query_seq_lengths, key_value_seq_lengths),
+            )  # fmt: skip
+            return self.out(heads, out_sharding=out_sharding)
         key, value, options = self._cached(
             cache, key, value, q_pos, mask, prompt_lengths, is_causal or self.is_causal
         )
@@ -606,6 +672,75 @@ class MultiHeadAttention(nnx.Module):
             mask = jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, visible.shape))
         return key, value, options | {"mask": combine_masks(mask, visible)}
 
+    def _programmed(
+        self,
+        query: Array,
+        key: Array,
+        value: Array,
+        cache: KVCache | None,
+        q_pos: Array,
+        *,
+        mask: Array | None,
+        is_causal: bool,
+        segment_ids: Array | None,
+        block_mask: BlockMask | None,
+        deterministic: bool | None,
+        sow_weights: bool,
+        prompt_lengths: Any,
+        lengths: tuple[Array | None, Array | None],
+    ) -> Array:
+        """The programmable path: `flax_mha.attention_mods.programmed_attention`, shared
+        with the linen module. Every error is raised before the cache is written."""
+        dropout = self.dropout_rate > 0.0 and not self._deterministic(deterministic)
+        view = self._mods_view(query, is_causal, lengths, decoding=cache is not None)
+        check_programmed(
+            view, segment_ids=segment_ids, block_mask=block_mask, mask=mask, dropout=dropout,
+            sow_weights=sow_weights, decoding=cache is not None,
+        )  # fmt: skip
+        cached = None
+        if cache is not None:
+            key, value = cache.write(key, value, q_pos)
+            ragged = cache.set_lengths(_CacheScope(self), prompt_lengths, q_pos)
+            cached = _cached_view(cache, q_pos, ragged)
+        return programmed_attention(
+            view, query, key, value, segment_ids=segment_ids, block_mask=block_mask,
+            mask=mask, dropout=dropout, sow_weights=sow_weights, cached=cached,
+        )  # fmt: skip
+
+    def _mods_view(
+        self,
+        query: Array,
+        is_causal: bool,
+        lengths: tuple[Array | None, Array | None],
+        decoding: bool,
+    ) -> _ModsView:
+        """This call's fields for `programmed_attention`: the call's ``is_causal`` too, and
+        its sequence lengths as `flax_mha.mods.padding` before the module's mask mod."""
+        mask_mod = self.mask_mod
+        q_lengths, kv_lengths = lengths
+        if q_lengths is not None and decoding:
+            raise ValueError(
+                "query_seq_lengths should be None with decode=True and mods (the mods see "
+                "cache positions); pass prompt_lengths for a ragged batch"
+            )
+        if q_lengths is not None or kv_lengths is not None:
+            batch = query.shape[:-3]
+            flat = [None if n is None else check_lengths(name, n, batch).reshape(-1)
+                    for name, n in (("query_seq_lengths", q_lengths),
+                                    ("key_value_seq_lengths", kv_lengths))]  # fmt: skip
+            padding = mods.padding(*flat)
+            mask_mod = padding if mask_mod is None else mods.and_masks(padding, mask_mod)
+        return _ModsView(
+            mask_mod=mask_mod,
+            score_mod=self.score_mod,
+            is_causal=bool(is_causal or self.is_causal),
+            local_window_size=self.local_window_size,
+            logit_softcap=self.logit_softcap,
+            use_alibi=self.use_alibi,
+            num_heads=self.num_heads,
+            attention_fn=self.attention_fn,
+        )
+
     def _variants(
         self, q_pos: Array, k_pos: Array, decode: bool, window_done: bool
     ) -> dict[str, Any]:
@@ -625,10 +760,10 @@ class MultiHeadAttention(nnx.Module):
             options["window_mask"] = in_window[..., None, :, :]
         return options
 
-    def _dropout(self, deterministic: bool | None, rngs: Any) -> tuple[bool, Array | None]:
-        """``(deterministic, dropout_rng)`` of this call, by Flax's rules."""
+    def _deterministic(self, deterministic: bool | None) -> bool:
+        """Whether this call has no dropout: the argument, else the attribute (Flax's rule)."""
         if self.dropout_rate <= 0.0:  # `deterministic` is only needed with dropout
-            return True, None
+            return True
         deterministic = self.deterministic if deterministic is None else deterministic
         if deterministic is None:
             raise ValueError(
@@ -636,7 +771,11 @@ class MultiHeadAttention(nnx.Module):
                 "MultiHeadAttention or its __call__ (or set by .eval()/.train()), but got None "
                 "for both"
             )
-        if deterministic:
+        return bool(deterministic)
+
+    def _dropout(self, deterministic: bool | None, rngs: Any) -> tuple[bool, Array | None]:
+        """``(deterministic, dropout_rng)`` of this call, by Flax's rules."""
+        if self._deterministic(deterministic):
             return True, None
         stream = self.rngs if rngs is None else rngs
         if isinstance(stream, rnglib.Rngs):

@@ -13,6 +13,7 @@ from flax import nnx
 from np_reference import FP32_TOL, np_attention
 
 import flax_mha
+from flax_mha import mods
 from flax_mha.nnx import MultiHeadAttention
 
 TOL = dict(atol=FP32_TOL, rtol=FP32_TOL)
@@ -80,7 +81,7 @@ def test_constructor_signature_is_flaxs_then_keyword_extras_with_defaults():
     extras = ours[len(theirs) :]
     assert [p.name for p in extras] == ["is_causal", "local_window_size", "use_rope",
                                         "rope_base", "use_alibi", "logit_softcap",
-                                        "learned_scale"]  # fmt: skip
+                                        "learned_scale", "mask_mod", "score_mod"]  # fmt: skip
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not p.empty
                for p in extras)  # fmt: skip
 
@@ -517,6 +518,249 @@ def test_windowed_decode_equals_the_windowed_full_pass():
     step = nnx.jit(lambda m, xt: m(xt))
     steps = jnp.concatenate([step(ours, x[:, t : t + 1]) for t in range(L)], axis=1)
     np.testing.assert_allclose(steps, jitted(ours, x, decode=False, is_causal=True), **TOL)
+
+
+# --- Programmable attention: mask/score mods, segment ids, block masks (issue 14) -----------
+#
+# The NNX module runs the linen module's programmable path (`flax_mha.attention_mods`):
+# given the same params, outputs and gradients equal the linen module's, and the dense-mask
+# cases equal our own dense path too (which the tests above tie to Flax's module).
+
+MB, MT, MD, MN = 2, 24, 16, 4  # batch, length, features, heads
+SEG = jnp.array([[0] * 9 + [1] * 15, [0] * 20 + [2] * 4], jnp.int32)
+
+
+def _every_third(b, h, q_idx, kv_idx):  # a plain function: no block rule
+    return (q_idx + kv_idx) % 3 != 0
+
+
+def _doc_mask(seg):
+    return (seg[:, :, None] == seg[:, None, :])[:, None]
+
+
+def _linen_twin(ours, fields):
+    """The linen module with ``fields`` and ``ours``' params."""
+    params = nnx.to_pure_dict(nnx.state(ours, nnx.Param))
+    return flax_mha.MultiHeadAttention(num_heads=ours.num_heads, **fields), {"params": params}
+
+
+def _nnx_loss_and_grads(ours, x, **call):
+    def loss(m, x):
+        return jnp.sum(m(x, **call) ** 2)
+
+    value, (g_params, g_x) = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(ours, x)
+    return value, nnx.to_pure_dict(g_params), g_x
+
+
+def _linen_loss_and_grads(linen, variables, x, **call):
+    def loss(v, x):
+        return jnp.sum(linen.apply(v, x, **call) ** 2)
+
+    value, (g_vars, g_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x)
+    return value, g_vars["params"], g_x
+
+
+def _assert_same_loss_and_grads(a, b):
+    np.testing.assert_allclose(a[0], b[0], **TOL)
+    assert_trees_close(a[1], b[1])
+    np.testing.assert_allclose(a[2], b[2], **TOL)
+
+
+MOD_CASES = {
+    "segments": (dict(), dict(segment_ids=SEG), dict()),
+    "segments_causal_gqa_alibi_softcap": (
+        dict(is_causal=True, num_kv_heads=2, use_alibi=True, logit_softcap=5.0),
+        dict(segment_ids=SEG), dict()),
+    "segments_window_rope": (dict(local_window_size=(5, 2), use_rope=True),
+                             dict(segment_ids=SEG), dict()),
+    "chunked_mod_causal_call_arg": (dict(mask_mod=mods.chunked(8)),
+                                    dict(segment_ids=SEG, is_causal=True),
+                                    dict(is_causal=True)),
+    "plain_function_mod": (dict(mask_mod=_every_third), dict(), dict()),
+    "score_mod_qk_norm": (dict(score_mod=mods.softcap(0.7), normalize_qk=True), dict(), dict()),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", MOD_CASES)
+def test_mods_equal_the_linen_module_on_the_same_params(case):
+    fields, call, linen_only = MOD_CASES[case]
+    ours = MultiHeadAttention(MN, MD, decode=False, rngs=nnx.Rngs(0), **fields)
+    x = rand(0, (MB, MT, MD))
+    linen, variables = _linen_twin(ours, fields | linen_only)
+    linen_call = {k: v for k, v in call.items() if k != "is_causal"}
+    _assert_same_loss_and_grads(
+        _nnx_loss_and_grads(ours, x, **call),
+        _linen_loss_and_grads(linen, variables, x, **linen_call),
+    )
+
+
+def test_segment_ids_and_mods_equal_our_dense_path():
+    # Independent of the linen module: the same mask as an array through attention_fn.
+    ours = MultiHeadAttention(MN, MD, decode=False, mask_mod=_every_third, rngs=nnx.Rngs(0))
+    dense = MultiHeadAttention(MN, MD, decode=False, rngs=nnx.Rngs(1))
+    nnx.update(dense, nnx.state(ours))
+    x = rand(0, (MB, MT, MD))
+    t = jnp.arange(MT)
+    mask = _doc_mask(SEG) & ((t[:, None] + t[None, :]) % 3 != 0)[None, None]
+    _assert_same_loss_and_grads(_nnx_loss_and_grads(ours, x, segment_ids=SEG, is_causal=True),
+                                _nnx_loss_and_grads(dense, x, mask=mask, is_causal=True))  # fmt: skip
+
+
+def test_sequence_lengths_become_a_padding_mod():
+    ours = MultiHeadAttention(MN, MD, decode=False, mask_mod=mods.chunked(8), rngs=nnx.Rngs(0))
+    dense = MultiHeadAttention(MN, MD, decode=False, rngs=nnx.Rngs(1))
+    nnx.update(dense, nnx.state(ours))
+    x = rand(0, (MB, MT, MD))
+    q_len, kv_len = jnp.array([MT, 10]), jnp.array([17, MT])
+    t = jnp.arange(MT)
+    chunks = (t[:, None] // 8 == t[None, :] // 8)[None, None]
+    lengths = dict(query_seq_lengths=q_len, key_value_seq_lengths=kv_len)
+    got = jitted(ours, x, **lengths)
+    np.testing.assert_allclose(got, jitted(dense, x, mask=chunks, **lengths), **TOL)
+    np.testing.assert_allclose(got[1, 10:], jnp.broadcast_to(ours.out.bias[...], (MT - 10, MD)))
+
+
+class _RelativeBias(nnx.Module):
+    """A score mod with a learned T5 bias table: an NNX submodule of the attention."""
+
+    def __init__(self, rngs):
+        self.table = nnx.Param(jax.random.normal(rngs.params(), (8, MN)))
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        return mods.relative_bias(self.table[...], max_distance=16)(score, b, h, q_idx, kv_idx)
+
+
+def test_a_score_mod_module_is_a_submodule_whose_table_gets_its_gradient():
+    ours = MultiHeadAttention(MN, MD, decode=False, score_mod=_RelativeBias(nnx.Rngs(1)),
+                              rngs=nnx.Rngs(0))  # fmt: skip
+    x = rand(0, (MB, MT, MD))
+    state = nnx.to_pure_dict(nnx.state(ours, nnx.Param))
+    table = state.pop("score_mod")["table"]
+    _, grads, _ = _nnx_loss_and_grads(ours, x)
+
+    def dense_loss(params, table):  # the same bias as a [1, N, T, T] array, on the dense path
+        rel = jnp.arange(MT)[None, :] - jnp.arange(MT)[:, None]
+        bias = table[mods.t5_bucket(rel, num_buckets=8, max_distance=16)].transpose(2, 0, 1)
+
+        def attention_fn(q, k, v, **kwargs):
+            return flax_mha.dot_product_attention(q, k, v, bias=bias[None], **kwargs)
+
+        linen = flax_mha.MultiHeadAttention(num_heads=MN, attention_fn=attention_fn)
+        return jnp.sum(linen.apply({"params": params}, x) ** 2)
+
+    g_params, g_table = jax.jit(jax.grad(dense_loss, argnums=(0, 1)))(state, table)
+    assert float(jnp.abs(g_table).max()) > 0
+    np.testing.assert_allclose(grads["score_mod"]["table"], g_table, **TOL)
+    assert_trees_close({k: v for k, v in grads.items() if k != "score_mod"}, g_params)
+
+
+def test_a_block_mask_built_once_serves_layers_under_nnx_jit():
+    mask_mod = mods.and_masks(mods.causal, mods.document(SEG))
+    block_mask = flax_mha.create_block_mask(mask_mod, MB, None, MT, MT, block_size=8)
+    ours = MultiHeadAttention(MN, MD, decode=False, mask_mod=mask_mod, rngs=nnx.Rngs(0))
+    dense = MultiHeadAttention(MN, MD, decode=False, rngs=nnx.Rngs(1))
+    nnx.update(dense, nnx.state(ours))
+    x = rand(0, (MB, MT, MD))
+
+    @nnx.jit
+    def two_layers(m, x, block_mask):
+        return m(m(x, block_mask=block_mask), block_mask=block_mask)
+
+    mask = _doc_mask(SEG) & jnp.tril(jnp.ones((1, 1, MT, MT), bool))
+    np.testing.assert_allclose(two_layers(ours, x, block_mask),
+                               jitted(dense, jitted(dense, x, mask=mask), mask=mask), **TOL)  # fmt: skip
+
+
+# Decoding with mods: a model trained with a mod decodes with it.
+DECODE_MOD_CASES = {
+    "window_mod": dict(mask_mod=mods.sliding_window(3)),
+    "chunked_alibi_gqa": dict(mask_mod=mods.chunked(4), use_alibi=True, num_kv_heads=2),
+    "softcap_window_rope": dict(score_mod=mods.softcap(0.5), local_window_size=(4, 0),
+                                use_rope=True),
+    "plain_function": dict(mask_mod=lambda b, h, q, kv: (q - kv) % 3 != 2),
+    "score_module": dict(score_mod=_RelativeBias(nnx.Rngs(1))),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", DECODE_MOD_CASES)
+def test_decoding_with_mods_equals_the_full_causal_forward(case):
+    # Prefill 5 tokens, then 6 one-token steps; each output equals the full causal pass.
+    L = 11
+    ours = MultiHeadAttention(MN, MD, decode=True, rngs=nnx.Rngs(0), **DECODE_MOD_CASES[case])
+    x = rand(3, (MB, L, MD))
+    full = jitted(ours, x, decode=False, is_causal=True)
+    ours.init_cache((MB, 16, MD))
+    step = nnx.jit(lambda m, xt: m(xt))
+    outs = [step(ours, x[:, :5])] + [step(ours, x[:, t : t + 1]) for t in range(5, L)]
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, **TOL)
+    assert int(ours.cache_index[...]) == L
+
+
+@pytest.mark.parametrize("case", ["window_mod", "chunked_alibi_gqa"])
+def test_ragged_prefill_with_mods_then_steps_equal_each_sequence_alone(case):
+    lengths = [3, 6]
+    ours = MultiHeadAttention(MN, MD, decode=True, rngs=nnx.Rngs(0), **DECODE_MOD_CASES[case])
+    x = rand(4, (MB, 10, MD))
+    alone = [jitted(ours, x[b : b + 1, : lengths[b] + 4], decode=False, is_causal=True)[0]
+             for b in range(MB)]  # fmt: skip
+    prompt = jnp.where(jnp.arange(6)[None, :, None] < jnp.array(lengths)[:, None, None],
+                       x[:, :6], 0.0)  # fmt: skip
+    ours.init_cache((MB, 12, MD))
+    out = nnx.jit(lambda m, p, n: m(p, prompt_lengths=n))(ours, prompt, jnp.array(lengths))
+    outs = [[out[b, : lengths[b]]] for b in range(MB)]
+    step = nnx.jit(lambda m, xt: m(xt))
+    for i in range(4):
+        out = step(ours, jnp.stack([x[b, lengths[b] + i] for b in range(MB)])[:, None])
+        for b in range(MB):
+            outs[b].append(out[b])
+    for b in range(MB):
+        np.testing.assert_allclose(jnp.concatenate(outs[b]), alone[b], **TOL)
+
+
+MODS_BAD = [
+    ("mask", dict(), dict(mask=jnp.ones((1, 1, MT, MT), bool)), "mask array"),
+    ("dropout", dict(dropout_rate=0.1), dict(deterministic=False), "active dropout"),
+    ("sow", dict(), dict(sow_weights=True), "sow_weights"),
+    ("partial attention_fn",
+     dict(attention_fn=functools.partial(flax_mha.dot_product_attention, implementation="blockwise")),
+     dict(), r"custom attention_fn \(functools.partial"),
+    ("flax's attention_fn", dict(attention_fn=nnx.dot_product_attention), dict(),
+     r"custom attention_fn \(dot_product_attention\)"),
+    ("segment shape", dict(), dict(segment_ids=SEG[:, :-1]),
+     r"segment_ids should have shape \(2, 24\)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "kw", "call", "match"), MODS_BAD, ids=[b[0] for b in MODS_BAD])
+def test_options_flex_attention_cannot_serve_are_errors_as_in_linen(name, kw, call, match):
+    ours = MultiHeadAttention(MN, MD, decode=False, rngs=nnx.Rngs(0), **kw)
+    x = rand(0, (MB, MT, MD))
+    with pytest.raises(ValueError, match=match):
+        nnx.eval_shape(lambda m: m(x, **(dict(segment_ids=SEG) | call)), ours)
+    if name not in ("partial attention_fn", "flax's attention_fn"):
+        return
+    # Before this check, the linen module raised AttributeError for a partial and silently
+    # ran flex attention instead of Flax's function: both now raise this error.
+    linen = flax_mha.MultiHeadAttention(num_heads=MN, mask_mod=mods.causal, **kw)
+    with pytest.raises(ValueError, match=match):
+        linen.init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [(dict(segment_ids=SEG[:, :1]), "segment_ids and block_mask cannot be used with a decode"),
+     (dict(query_seq_lengths=jnp.array([1, 1])), "query_seq_lengths should be None with decode"),
+     (dict(sow_weights=True), "sow_weights")],
+    ids=["segment_ids", "query_lengths", "sow"],
+)  # fmt: skip
+def test_decoding_errors_with_mods_leave_the_cache_untouched(call, match):
+    ours = MultiHeadAttention(MN, MD, decode=True, mask_mod=mods.sliding_window(3),
+                              rngs=nnx.Rngs(0))  # fmt: skip
+    ours.init_cache((MB, 8, MD))
+    before = nnx.to_pure_dict(nnx.state(ours, nnx.Cache))
+    with pytest.raises(ValueError, match=match):
+        ours(rand(0, (MB, 1, MD)), **call)
+    assert_trees_close(nnx.to_pure_dict(nnx.state(ours, nnx.Cache)), before, atol=0, rtol=0)
 
 
 # --- Bad input: errors in JAX's voice, at trace time ------------------------------------------
