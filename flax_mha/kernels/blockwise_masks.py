@@ -125,8 +125,8 @@ class Tiles(NamedTuple):
       score_consts: the arrays ``cfg.score_mod`` takes after its indices.
       mask_consts: the arrays ``cfg.mask_mod`` takes after its indices.
       lists: the `BlockLists` of a block mask in this pass's orientation, or None.
-      offsets: ``(q_offset, kv_offset, b_offset)`` int32 scalars added to the query, key
-        and batch indices the mods see (a ring step's shard positions), or None (0).
+      offsets: ``(q_offset, kv_offset[, b_offset])`` int32 scalars added to the query,
+        key (and batch) indices the mods see (a ring step's shard positions), or None (0).
     """
 
     cfg: Config
@@ -143,7 +143,7 @@ class Tiles(NamedTuple):
     score_consts: tuple[Array, ...] = ()
     mask_consts: tuple[Array, ...] = ()
     lists: BlockLists | None = None
-    offsets: tuple[Array, Array, Array] | None = None
+    offsets: tuple[Array, ...] | None = None
 
     def view(self, s: Array) -> Array:
         """Splits M = G * bq of a [bc, kc, M, bk] (or [bc, kc, bk, M]) tile into (G, bq)."""
@@ -218,7 +218,9 @@ class Tiles(NamedTuple):
         q = jnp.asarray(i, i32) * geo.bq + jnp.arange(geo.bq, dtype=i32)
         kv = jnp.asarray(j, i32) * geo.bk + jnp.arange(geo.bk, dtype=i32)
         if self.offsets is not None:
-            q, kv, b = q + self.offsets[0], kv + self.offsets[1], b + self.offsets[2]
+            q, kv = q + self.offsets[0], kv + self.offsets[1]
+            if len(self.offsets) > 2:
+                b = b + self.offsets[2]
         return b, h, q, kv
 
     def _on_tile(self, fn: Callable[..., Array], score: Array | None, c, i, j, consts) -> Array:
@@ -348,9 +350,9 @@ class Operands(NamedTuple):
       mask_consts: the arrays the config's mask mod closes over.
       block_classes: int8 [Bb, Nb, nq, nk] classes of a block mask
         (`flax_mha.kernels.block_mask`), on the config's exact blocks, or None.
-      offsets: ``(q_offset, kv_offset, b_offset)`` int32 scalars: the global positions
-        of this call's first query and key, and the global index of its first batch
-        entry, as the mods see them (ring attention's shards), or None (0, 0, 0).
+      offsets: ``(q_offset, kv_offset[, b_offset])`` int32 scalars: the global positions
+        of this call's first query and key (and the global index of its first batch
+        entry), as the mods see them (ring attention's shards), or None (zeros).
     """
 
     bias: Array | None = None
@@ -361,7 +363,7 @@ class Operands(NamedTuple):
     score_consts: tuple[Array, ...] = ()
     mask_consts: tuple[Array, ...] = ()
     block_classes: Array | None = None
-    offsets: tuple[Array, Array, Array] | None = None
+    offsets: tuple[Array, ...] | None = None
 
     def positional_only(self) -> bool:
         """No bias, mask, lengths or block mask: only the config's causal mask / window."""
