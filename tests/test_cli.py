@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,3 +147,102 @@ def test_print_config_prints_the_resolved_config_and_exits(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "use_rope: true" in out and "num_steps: 7" in out and "d_model: 64" in out
     assert not workdir.exists()  # nothing trained, nothing written
+
+
+# --------------------------------------------------------------------------- the LM job
+# Issue 15: `flax-mha train --config configs/lm.py` and `flax-mha generate` take the same
+# overrides, --print-config and one-line errors as the default job. Nothing here trains
+# (tests/test_lm.py trains one tiny LM through the CLI and generates from it).
+
+LM_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "lm.py")
+
+
+def _one_line_error(argv, capsys, code=2):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == code
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_lm_print_config_applies_overrides_and_trains_nothing(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    argv = ["train", "--config", LM_CONFIG, "--workdir", str(workdir), "--print-config",
+            "--config.num_train_steps=7", "--config.model.d_model=64"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "task: lm" in out and "num_train_steps: 7" in out and "d_model: 64" in out
+    assert "num_kv_heads: 2" in out and "use_rope: true" in out
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--config.num_train_steps=many"], "--config.num_train_steps should be a int, but got "
+                                            "'many'"),
+        (["--config.model.nope=1"], "unknown config field config.model.nope (known: d_ff, "),
+        (["--config.batch_size=0"], "config.batch_size should be >= 1, but got 0"),
+        (["--config.max_documents=0"], "config.max_documents should be -1 (all) or >= 1, but got 0"),
+        (["--config.model.num_kv_heads=3"], "config.model.num_kv_heads (3) should be a positive "
+                                            "divisor of num_heads (8)"),
+        (["--config.learning_rate=-1"], "config.learning_rate should be > 0, but got -1.0"),
+        (["--mesh", "data=2"], "--mesh is not an option of the LM job"),
+        (["--no-resume"], "--resume/--no-resume is not an option of the LM job"),
+    ],
+)  # fmt: skip
+def test_lm_train_bad_input_is_a_one_line_error_before_any_work(tmp_path, capsys, extra, message):
+    workdir = tmp_path / "run"
+    err = _one_line_error(["train", "--config", LM_CONFIG, "--workdir", str(workdir), *extra],
+                          capsys)  # fmt: skip
+    assert f"flax-mha train: error: {message}" in err
+    assert not workdir.exists()
+
+
+def test_lm_train_refuses_an_encoder_decoder_workdir(tmp_path, capsys):
+    (tmp_path / "checkpoints").mkdir()
+    err = _one_line_error(["train", "--config", LM_CONFIG, "--workdir", str(tmp_path)], capsys)
+    assert f"workdir '{tmp_path}' holds another run" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["x", "--max-new-tokens", "0"], "argument --max-new-tokens: should be a positive int, "
+                                         "but got '0'"),
+        (["x", "--temperature", "-1"], "argument --temperature: should be a number >= 0, but got "
+                                       "'-1'"),
+        (["x", "--temperature", "hot"], "argument --temperature: should be a number >= 0, but "
+                                        "got 'hot'"),
+        (["x", "--top-k", "0"], "argument --top-k: should be an int in [1, 258], but got '0'"),
+        (["x", "--top-k", "300"], "argument --top-k: should be an int in [1, 258], but got '300'"),
+        (["x", "--seed", "-3"], "argument --seed: should be an int >= 0, but got '-3'"),
+        (["x", "--top-k", "5"], "--top-k 5 needs --temperature > 0"),
+        ([], "the following arguments are required: PROMPT"),
+    ],
+)  # fmt: skip
+def test_generate_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, message):
+    err = _one_line_error(["generate", "--workdir", str(tmp_path), *argv], capsys)
+    assert f"flax-mha generate: error: {message}" in err
+
+
+def test_generate_needs_a_finished_lm_workdir(tmp_path, capsys):
+    import json
+
+    from flax_mha.train.lm import default_lm_config
+
+    missing = tmp_path / "missing"
+    err = _one_line_error(["generate", "--workdir", str(missing), "Return"], capsys)
+    assert f"workdir should be an LM run's folder, but '{missing}' does not exist" in err
+    other = tmp_path / "encoder_decoder"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model": {"d_model": 8}, "train": {}}))
+    err = _one_line_error(["generate", "--workdir", str(other), "Return"], capsys)
+    assert "workdir should hold an LM run (config.json with task 'lm'" in err
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text(default_lm_config().to_json())
+    err = _one_line_error(["generate", "--workdir", str(unfinished), "Return"], capsys)
+    assert "should hold the LM's params.msgpack, but reading it failed" in err

@@ -1,9 +1,11 @@
-"""The `flax-mha` command line: ``flax-mha demo | train | predict | bench``.
+"""The `flax-mha` command line: ``flax-mha demo | train | predict | generate | bench``.
 
 ``flax-mha train [--config FILE] [--workdir DIR] [--config.group.field=VALUE ...]``
 loads an ml_collections ``get_config()`` file (default: `flax_mha.train.default_config`,
 which ``configs/default.py`` re-exports) and applies the overrides, cast to the type of
-the field they replace, the way ``ml_collections.config_flags`` does without absl.
+the field they replace, the way ``ml_collections.config_flags`` does without absl. A
+config whose ``task`` is ``"lm"`` (``configs/lm.py``) trains the byte-level language
+model instead (`flax_mha.train.lm.train_lm`); ``flax-mha generate`` samples from it.
 """
 
 from __future__ import annotations
@@ -137,6 +139,8 @@ def _nullable_fields() -> set[str]:
 
 def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     config = apply_overrides(load_config(args.config), overrides)
+    if config.get("task") == "lm":
+        return _train_lm(args, config)
     if args.resume is not None:
         config.train.resume = args.resume
     if args.no_progress:
@@ -146,6 +150,8 @@ def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     if args.print_config:
         print(config, end="")
         return 0
+    if args.workdir is None:
+        args.workdir = DEFAULT_WORKDIR
     import time
 
     from flax_mha.train import train_and_evaluate, validate_config
@@ -155,6 +161,63 @@ def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     state = train_and_evaluate(config, args.workdir, force=args.force)
     _print_summary(config, args.workdir, int(state.step), time.perf_counter() - tic)
     return 0
+
+
+DEFAULT_WORKDIR, LM_WORKDIR = "runs/default", "runs/lm"
+
+
+def _train_lm(args: argparse.Namespace, config: ml_collections.ConfigDict) -> int:
+    """``flax-mha train`` of a config with ``task == "lm"``: `flax_mha.train.lm.train_lm`."""
+    from flax_mha.train import lm
+
+    for flag, given in (("--resume/--no-resume", args.resume is not None),
+                        ("--force", args.force), ("--mesh", args.mesh is not None)):  # fmt: skip
+        if given:
+            raise ValueError(
+                f"{flag} is not an option of the LM job (it runs on one device, keeps no "
+                "checkpoints and starts afresh)"
+            )
+    if args.print_config:
+        print(config, end="")
+        return 0
+    workdir = LM_WORKDIR if args.workdir is None else args.workdir
+    lm.validate_lm_config(config)  # before jax compiles anything
+    lm.check_workdir(workdir)
+    final = lm.train_lm(config, workdir)
+    _print_lm_summary(config, workdir, final)
+    return 0
+
+
+EXAMPLE_PROMPTS = ("Return the", "Raise ValueError if")
+
+
+def _print_lm_summary(
+    config: ml_collections.ConfigDict, workdir: str, final: dict[str, float]
+) -> None:
+    """A finished LM run's result, where its outputs went, and the `generate` command."""
+    from flax_mha.train.lm import _duration
+
+    bpb, unigram = final["eval_bits_per_byte"], final["unigram_bits_per_byte"]
+    ratio = bpb / unigram
+    verdict = "met" if ratio <= 0.6 else "not met"
+    speed = final.get("mean_tokens_per_sec")
+    speed = f", {speed:.0f} tokens/s" if speed else ""
+    print(
+        f"finished: {final['step']} steps in {_duration(final['seconds'])}{speed}; held-out "
+        f"{bpb:.3f} bits/byte, unigram {unigram:.3f} ({ratio:.2f}x; target <= 0.6x {verdict})"
+    )
+    print(f"outputs in {workdir}{os.sep}:")
+    outputs = [
+        ("metrics.jsonl", "one JSON line per log step (loss, tokens/s, held-out bits/byte)"),
+        ("curves.png", "training loss and held-out bits per byte against the unigram's"),
+        ("params.msgpack", "the trained parameters"),
+        ("config.json", "the run's config (generate rebuilds the model from it)"),
+    ]
+    for name, what in outputs:
+        if os.path.exists(os.path.join(workdir, name)):
+            print(f"  {name:<16} {what}")
+    prompts = " ".join(shlex.quote(p) for p in EXAMPLE_PROMPTS)
+    print(f"try it: flax-mha generate --workdir {shlex.quote(workdir)} {prompts}")
 
 
 EXAMPLE_DIGITS = "3 1 4 1 5 9 2 6 5 3"
@@ -220,6 +283,29 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from flax_mha.train import lm
+
+    if args.top_k is not None and args.temperature == 0:
+        raise ValueError(
+            f"--top-k {args.top_k} needs --temperature > 0 (the default, 0, is greedy decoding)"
+        )
+    texts = lm.generate_text(
+        args.workdir,
+        list(args.prompts),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    for i, (prompt, text) in enumerate(zip(args.prompts, texts, strict=True)):
+        if i:
+            print()
+        print(f"--- {prompt!r}")
+        print(text)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from flax_mha.apps.bench import run_bench
 
@@ -265,13 +351,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._fill_text(text, width, indent)
 
 
-def _int_type(low: int, should: str) -> Callable[[str], int]:
+def _int_type(low: int, should: str, high: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < low:
+        if value is None or value < low or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"should be {should}, but got {text!r}")
         return value
 
@@ -281,6 +367,19 @@ def _int_type(low: int, should: str) -> Callable[[str], int]:
 
 _positive_int = _int_type(1, "a positive int")
 _non_negative_int = _int_type(0, "an int >= 0")
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"should be a number >= 0, but got {text!r}")
+    return value
+
+
+_non_negative_float.__name__ = "a number >= 0"
 
 
 def _version() -> str:
@@ -343,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a training run's folder, or one checkpoint folder (WORKDIR/checkpoints/STEP)",
     )
     predict.set_defaults(func=_predict)
+    _add_generate_parser(sub)
     _add_bench_parser(sub)
     return parser
 
@@ -355,8 +455,10 @@ def _as_typed(value: Any) -> str:
 
 
 def _config_fields_epilog() -> str:
-    """The default config's fields and values, as the --help of `flax-mha train` lists them."""
+    """The default config's fields and values, as the --help of `flax-mha train` lists them
+    (and those of the language model's, ``configs/lm.py``)."""
     from flax_mha.train.default_config import get_config
+    from flax_mha.train.lm import default_lm_config
 
     def lines(node: Any, prefix: str) -> list[str]:
         out = []
@@ -373,6 +475,9 @@ def _config_fields_epilog() -> str:
             "--config.GROUP.FIELD=VALUE,",
             "see them resolved with --print-config):",
             *lines(get_config(), ""),
+            "",
+            "config fields of the language model (--config configs/lm.py):",
+            *lines(default_lm_config(), ""),
         ]
     )
 
@@ -380,11 +485,14 @@ def _config_fields_epilog() -> str:
 def _add_train_parser(sub: Any) -> None:
     train = sub.add_parser(
         "train",
-        help="train a Transformer on the built-in task (resumes from the workdir)",
+        help="train a Transformer on the built-in task (resumes from the workdir), or the "
+        "language model with --config configs/lm.py",
         description="Trains the encoder-decoder Transformer on a built-in task, resuming "
         "from the latest checkpoint in the workdir. Overrides: --config.group.field=VALUE, "
         "e.g. --config.model.num_heads=2. Ctrl-C saves a checkpoint and stops; the same "
-        "command resumes.",
+        "command resumes. With --config configs/lm.py (a config whose task is 'lm') it "
+        "trains the byte-level language model on the standard library's docstrings "
+        "instead (no checkpoints: a run starts afresh; then try flax-mha generate).",
         epilog=_config_fields_epilog(),
         formatter_class=_HelpFormatter,
     )
@@ -395,7 +503,10 @@ def _add_train_parser(sub: Any) -> None:
         "the same as configs/default.py)",
     )
     train.add_argument(
-        "--workdir", default="runs/default", help="folder for checkpoints, metrics and plots"
+        "--workdir",
+        default=None,
+        help=f"folder for checkpoints, metrics and plots ({LM_WORKDIR} for the language "
+        f"model) (default: {DEFAULT_WORKDIR})",
     )
     train.add_argument(
         "--resume",
@@ -423,6 +534,40 @@ def _add_train_parser(sub: Any) -> None:
         help="print the config with the overrides and flags applied, and exit",
     )
     train.set_defaults(func=_train)
+
+
+def _add_generate_parser(sub: Any) -> None:
+    from flax_mha import corpus
+
+    generate = sub.add_parser(
+        "generate",
+        help="continue text prompts with a trained language model (configs/lm.py)",
+        description="Loads the language model a `flax-mha train --config configs/lm.py` run "
+        "left in the workdir and continues each prompt, byte by byte, until the end of the "
+        "document or --max-new-tokens: greedy by default, sampled with --temperature "
+        "(and --top-k). Prompts of different lengths run as one batch (a ragged prefill).",
+        epilog='example: flax-mha generate --workdir runs/lm "Return the" "Raise ValueError if"',
+        formatter_class=_HelpFormatter,
+    )
+    generate.add_argument("prompts", nargs="+", metavar="PROMPT", help="text to continue")
+    generate.add_argument("--workdir", default=LM_WORKDIR, help="the LM run's folder")
+    generate.add_argument(
+        "--max-new-tokens", type=_positive_int, default=200, help="bytes generated per prompt"
+    )
+    generate.add_argument(
+        "--temperature",
+        type=_non_negative_float,
+        default=0.0,
+        help="0: greedy decoding; > 0: sample from softmax(logits / T)",
+    )
+    generate.add_argument(
+        "--top-k",
+        type=_int_type(1, f"an int in [1, {corpus.VOCAB_SIZE}]", corpus.VOCAB_SIZE),
+        default=None,
+        help="sample among the k most likely bytes only (with --temperature > 0)",
+    )
+    generate.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the sampling")
+    generate.set_defaults(func=_generate)
 
 
 def _add_bench_parser(sub: Any) -> None:
