@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import jax
@@ -133,7 +134,10 @@ def test_cli_generate_prints_each_prompts_continuation(lm_run, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     texts = lm.generate_text(workdir, PROMPTS, max_new_tokens=12)
-    want = "\n\n".join(f"--- {p!r}\n{t}" for p, t in zip(PROMPTS, texts, strict=True)) + "\n"
+    # Control characters but newline and tab are shown escaped (a sampled byte must not
+    # drive the terminal).
+    shown = [re.sub(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", lambda c: repr(c[0])[1:-1], t) for t in texts]
+    want = "\n\n".join(f"--- {p!r}\n{t}" for p, t in zip(PROMPTS, shown, strict=True)) + "\n"
     assert out == want
 
 

@@ -18,6 +18,7 @@ import importlib.util
 import os
 import shlex
 import sys
+import unicodedata
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -302,8 +303,16 @@ def _generate(args: argparse.Namespace) -> int:
         if i:
             print()
         print(f"--- {prompt!r}")
-        print(text)
+        print(_printable(text))
     return 0
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters other than newline and tab escaped (a sampled
+    byte could otherwise move the cursor or clear the terminal)."""
+    return "".join(
+        c if c in "\n\t" or unicodedata.category(c) != "Cc" else repr(c)[1:-1] for c in text
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:
