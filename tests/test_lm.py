@@ -73,7 +73,7 @@ LM_CONFIG = str(ROOT / "configs" / "lm.py")
 TINY_LM = [
     "--config.max_documents=30", "--config.num_train_steps=4", "--config.eval_every=2",
     "--config.log_every=1", "--config.batch_size=2", "--config.row_length=64",
-    "--config.eval_rows=2", "--config.model.d_model=32", "--config.model.d_ff=64",
+    "--config.eval_rows=3", "--config.model.d_model=32", "--config.model.d_ff=64",
     "--config.model.num_heads=4", "--config.model.num_kv_heads=2",
     "--config.model.num_decoder_layers=1", "--config.model.max_len=96",
 ]  # fmt: skip
@@ -109,6 +109,9 @@ def test_the_cli_trains_the_lm_prints_progress_and_a_summary(lm_run):
     assert "tokens_per_sec" not in records[0]
     assert all(r["tokens_per_sec"] > 0 for r in records[1:])
     assert [r["step"] for r in records if "eval_bits_per_byte" in r] == [2, 4]
+    # 3 rows in batches of 2: the last batch is padded with empty rows, which count nothing.
+    assert all(0 < r["eval_bits_per_byte"] < 12 for r in records if "eval_bits_per_byte" in r)
+    assert "; 3 of the " in out
     config = json.loads((workdir / "config.json").read_text())
     assert config["task"] == "lm" and config["num_train_steps"] == 4
     assert config["model"]["d_model"] == 32  # the overrides reached the run
@@ -117,11 +120,13 @@ def test_the_cli_trains_the_lm_prints_progress_and_a_summary(lm_run):
     docs = corpus.stdlib_documents(max_documents=30)
     unigram = corpus.unigram_bits_per_byte(docs["train"], docs["held_out"])
     lines = out.splitlines()
-    assert any(f"{unigram:.3f} bits/byte on the held-out documents" in x for x in lines)
+    baseline = next(x for x in lines if x.startswith("unigram byte model of the train split: "))
+    assert baseline.endswith(f"; {unigram:.3f} on all held-out documents)")
+    on_evaluated = baseline.split(": ")[1].split()[0]  # the same bytes as the LM's
     assert any(x.startswith("compiling the training step") for x in lines)
     last = records[-1]
     step4 = next(x for x in lines if x.startswith("step 4/4"))
-    assert f"held-out {last['eval_bits_per_byte']:.3f} bits/byte (unigram {unigram:.3f}" in step4
+    assert f"held-out {last['eval_bits_per_byte']:.3f} bits/byte (unigram {on_evaluated}:" in step4
     assert f"tokens/s {last['tokens_per_sec']:.0f}" in step4
     assert any(x.startswith("finished: 4 steps in ") for x in lines)
     assert f"outputs in {workdir}" in out
@@ -178,6 +183,20 @@ def test_generate_text_checks_its_arguments(tmp_path, kwargs, message):
     args = dict(prompts=["x"]) | kwargs
     with pytest.raises(ValueError, match=message):  # before it reads the workdir
         lm.generate_text(tmp_path / "missing", args.pop("prompts"), **args)
+
+
+def test_the_unigram_baseline_scores_the_bytes_the_lm_loss_scores():
+    rows = corpus.pack(["ab", "cde"], 8)  # c d e EOS a b EOS pad: scored d e EOS b EOS
+    # Training split "aab": a 2, b 1, EOS 1, each of the 257 symbols + 1: 261 in all.
+    want = -(3 * math.log2(2 / 261) + 2 * math.log2(1 / 261)) / 5  # b, EOS x2; d, e
+    np.testing.assert_allclose(lm.unigram_bits_on_rows(["aab"], rows), want, rtol=1e-12)
+    # Over whole documents it is corpus.unigram_bits_per_byte's model without their
+    # first bytes (which nothing predicts).
+    docs = ["hello world", "abc", "x y z"]
+    held = ["world", "hello"]
+    packed = corpus.pack(held, 16)
+    ref = corpus.unigram_bits_per_byte(docs, [h[1:] for h in held])  # same bytes scored
+    np.testing.assert_allclose(lm.unigram_bits_on_rows(docs, packed), ref, rtol=1e-12)
 
 
 def test_too_few_documents_for_a_held_out_split_is_an_error(tmp_path):
