@@ -12,7 +12,10 @@ The layout follows Flax's ``examples/wmt``, one job per module:
   checkpoints, `start_state`, `restore_params`;
 * `flax_mha.train.workdir`: the run's lock, ``config.json`` and what a resume may change,
   ``metrics.jsonl``;
-* `flax_mha.train.loop`: `train_and_evaluate(config, workdir)`.
+* `flax_mha.train.loop`: `train_and_evaluate(config, workdir)`;
+* `flax_mha.train.lm`: the second main job, a byte-level `TransformerLM` trained on the
+  standard library's docstrings packed with segment ids (`train_lm`, `generate_text`;
+  ``flax-mha train --config configs/lm.py`` and ``flax-mha generate``).
 
 Plots of a run are in `flax_mha.viz`.
 
