@@ -17,6 +17,7 @@ Public API (everything else is internal):
   `length_mask`.
 """
 
+from flax_mha import autotune as autotune
 from flax_mha import jitted as jitted
 from flax_mha import mods as mods
 from flax_mha import nnx as nnx

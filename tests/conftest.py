@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import multidevice  # noqa: E402
 
+os.environ["FLAX_MHA_AUTOTUNE"] = "off"  # fixed kernel defaults: no tuning cache, no machine
 # Silent rank promotion hides shape bugs: make it an error everywhere in the tests.
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

@@ -7,10 +7,7 @@ machine with `cpu_info`, so their numbers mean the same thing.
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +15,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import Array
+
+# The machine reader lives with the kernels (which derive their defaults from it).
+from flax_mha.kernels.machine import VECTOR_EXTENSIONS as VECTOR_EXTENSIONS
+from flax_mha.kernels.machine import cpu_info as cpu_info
+from flax_mha.kernels.machine import cpu_model as cpu_model
+from flax_mha.kernels.machine import parse_colon_lines as parse_colon_lines
 
 __all__ = [
     "VECTOR_EXTENSIONS",
@@ -33,22 +36,6 @@ __all__ = [
     "parse_colon_lines",
     "rate_cells",
 ]
-
-#: CPU flags worth naming beside a speed figure (x86 as lscpu spells them, then Arm).
-VECTOR_EXTENSIONS = (
-    "avx512f",
-    "avx512_bf16",
-    "avx512_fp16",
-    "avx512_vnni",
-    "avx2",
-    "fma",
-    "amx_tile",
-    "amx_bf16",
-    "amx_int8",
-    "asimd",
-    "sve",
-    "sve2",
-)
 
 
 def median_ms(fn: Callable[[], Any], repeats: int) -> float:
@@ -134,73 +121,3 @@ def gemm_gflops(n: int, repeats: int) -> float:
     f = jax.jit(lambda a: a @ a)
     ms = median_ms(lambda: f(a), repeats)
     return 2.0 * n**3 / (ms * 1e-3) / 1e9
-
-
-def _lscpu() -> dict[str, str]:
-    try:
-        out = subprocess.run(
-            ["lscpu"], capture_output=True, text=True, check=True, timeout=10,
-            env=dict(os.environ, LC_ALL="C"),
-        ).stdout  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return parse_colon_lines(out)
-
-
-def _proc_cpuinfo() -> dict[str, str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = parse_colon_lines(f.read().split("\n\n")[0])
-    except OSError:
-        return {}
-    # x86 says "model name" and "flags", Arm "Features" (and often no model name).
-    return {"Model name": info.get("model name", ""), "Flags": info.get("flags", "")
-            or info.get("Features", "")}  # fmt: skip
-
-
-def parse_colon_lines(text: str) -> dict[str, str]:
-    """``{"key": "value"}`` of the ``key: value`` lines of ``text`` (lscpu, /proc/cpuinfo)."""
-    pairs = (line.split(":", 1) for line in text.splitlines() if ":" in line)
-    return {k.strip(): v.strip() for k, v in pairs}
-
-
-def cpu_info(lscpu_text: str | None = None) -> dict[str, Any]:
-    """The CPU this process runs on: model, vector extensions, cores, caches.
-
-    Read from ``lscpu`` (or /proc/cpuinfo, or `platform.processor`); unknown fields are
-    None, an unknown flag list an empty one.
-
-    Args:
-      lscpu_text: ``lscpu``'s output to parse instead of running it (for tests).
-
-    Returns:
-      ``dict(model=str, vector_extensions=list[str] (those of `VECTOR_EXTENSIONS` present,
-      in its order), cores=int (usable by this process), l2=str | None, l3=str | None)``.
-    """
-    info = parse_colon_lines(lscpu_text) if lscpu_text is not None else _lscpu()
-    if not info.get("Model name") or "Flags" not in info:
-        fallback = _proc_cpuinfo() if lscpu_text is None else {}
-        info = {**fallback, **{k: v for k, v in info.items() if v}}
-    flags = set(info.get("Flags", "").split())
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return dict(
-        model=info.get("Model name") or platform.processor() or "unknown CPU",
-        vector_extensions=[f for f in VECTOR_EXTENSIONS if f in flags],
-        cores=cores,
-        l2=info.get("L2 cache") or None,
-        l3=info.get("L3 cache") or None,
-    )
-
-
-def cpu_model(info: dict[str, Any] | None = None) -> str:
-    """``"<model> (<vector extensions>)"``, e.g. ``"AMD EPYC (avx512f, avx2, fma)"``.
-
-    Args:
-      info: a `cpu_info` result; None: this machine's.
-    """
-    info = cpu_info() if info is None else info
-    ext = ", ".join(info["vector_extensions"]) or "vector extensions unknown"
-    return f"{info['model']} ({ext})"

@@ -12,11 +12,14 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from flax_mha.kernels import machine
+
 __all__ = [
     "BLOCKWISE_MIN_CPU_ELEMENTS",
     "DECODE_MIN_LENGTH",
     "IMPLEMENTATIONS",
     "Request",
+    "blockwise_min_cpu_elements",
     "choose_implementation",
 ]
 
@@ -24,10 +27,22 @@ __all__ = [
 #: materialising implementation and is an alias of ``"reference"`` here.
 IMPLEMENTATIONS = ("reference", "xla", "blockwise", "decode", "cudnn", "pallas_tpu")
 
-#: On CPU the blockwise kernel is chosen when T * S is at least this: below it the
-#: materialising reference is as fast or faster (forward+backward at T = S = 256: 8.5 vs
-#: 12.2 ms; at 320 level; at 384 the kernel is 1.2-3.2x faster; benchmarks/RESULTS.md).
-BLOCKWISE_MIN_CPU_ELEMENTS = 320 * 320
+#: On the reference machine (2 cores, 32 MiB of L3) the blockwise kernel is chosen when
+#: T * S is at least this: below it the materialising reference is as fast or faster
+#: (forward+backward at T = S = 256: 8.5 vs 12.2 ms; at 320 level; at 384 the kernel is
+#: 1.2-3.2x faster; benchmarks/RESULTS.md). The automatic choice uses
+#: `blockwise_min_cpu_elements`: the tuning cache's threshold for this CPU, else one
+#: derived from its L3 (this value with 32 MiB or more).
+BLOCKWISE_MIN_CPU_ELEMENTS = machine.REFERENCE_DEFAULTS.blockwise_min_cpu_elements
+
+
+def blockwise_min_cpu_elements(dtype: Any = None) -> int:
+    """The CPU dispatch threshold on ``T * S`` for ``dtype`` inputs (None: float32).
+
+    The tuning cache's winner for this CPU and dtype if it has one (`flax_mha.autotune`),
+    else the threshold derived from the machine (`machine.derive_defaults`).
+    """
+    return machine.blockwise_min_cpu_elements(dtype)
 
 
 #: The decode kernel is chosen for one-query steps over caches at least this long
@@ -125,7 +140,8 @@ def choose_implementation(r: Request, implementation: str | None = None) -> str:
     Flax's dropout stream exactly; pass ``implementation="blockwise"`` for dropout in O(L)
     memory); the decode kernel for one-query steps over a long cache given by its lengths;
     on TPU the Pallas kernel, on GPU cuDNN, when eligible; otherwise the blockwise kernel,
-    except on CPU for small T * S where the reference is as fast.
+    except on CPU for T * S below `blockwise_min_cpu_elements`, where the reference is as
+    fast.
 
     Raises:
       ValueError: if the requested backend cannot serve the request (with the reason).
@@ -143,6 +159,6 @@ def choose_implementation(r: Request, implementation: str | None = None) -> str:
         return "cudnn"
     if r.S >= DECODE_MIN_LENGTH and _ineligible("decode", r) is None:
         return "decode"
-    if r.platform == "cpu" and r.T * r.S < BLOCKWISE_MIN_CPU_ELEMENTS:
+    if r.platform == "cpu" and r.T * r.S < blockwise_min_cpu_elements(r.dtype):
         return "reference"
     return "blockwise"

@@ -1,8 +1,9 @@
 """The blockwise kernel's knobs as values: `BlockSizes` and the static `Config`.
 
 As in Pallas's ``flash_attention.py``, block sizes are a frozen dataclass that
-checks itself when it is made and knows the default for the platform
-(`BlockSizes.get_default`); every caller that leaves a size open (the public
+checks itself when it is made and knows the default for the device
+(`BlockSizes.get_default`: tuned by `flax_mha.autotune` or derived from the machine,
+`flax_mha.kernels.machine`); every caller that leaves a size open (the public
 kernel entry points, ring attention, the test helpers) resolves it here, once
 (`BlockSizes.resolve`). `Config` bundles them with the other static options of
 one kernel call; it is hashable, so it can be a ``nondiff_argnums`` of a
@@ -14,29 +15,45 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 
-__all__ = ["TILE_ELEMENTS", "BlockSizes", "Config", "chunk_pairs"]
+from flax_mha.kernels import machine
 
-#: Values in one logits tile on CPU (16 MiB of float32, half the machine's L3; see
-#: `blockwise_tiles.chunks`). Read at call time, so tests may shrink it.
-TILE_ELEMENTS = 2**22
+# TILE_ELEMENTS comes from the module's __getattr__ unless set on the module.
+__all__ = ["TILE_ELEMENTS", "BlockSizes", "Config", "chunk_pairs", "tile_elements"]  # noqa: F822
 
-# Default block sizes. On CPU the tile of one GEMM holds a chunk of (batch, kv head)
-# pairs (`blockwise_tiles.chunks`, ~TILE_ELEMENTS float32 values in all); per pair, query
-# blocks of up to 1024 rows against key blocks of up to 2048 keys, so that a pair's tile
-# is large: XLA:CPU's tile GEMMs run faster on few large pairs than on many small ones
-# (fwd+bwd 414 vs 581 ms with 32 pairs of 256 x 512 at B=4, L=2048, N=8, H=64;
-# benchmarks/RESULTS.md). Causal attention uses 512 x 1024 blocks: smaller blocks skip
-# more of the upper triangle.
-_MAX_PAIR_TILE = 2**21
-_FULL_BLOCKS, _CAUSAL_BLOCKS = (1024, 2048), (512, 1024)
-_MIN_BLOCK_Q = 16
+# Values in one logits tile on CPU: ``config.TILE_ELEMENTS``, read at call time (tests
+# may set it on the module). Unless set, it is the tuning cache's winner for this device
+# or the tile derived from the machine (`tile_elements`, `machine.derive_defaults`:
+# 16 MiB of float32, half of a 32 MiB L3, is 2**22).
+#
+# Default block sizes (`BlockSizes.get_default`, `machine.derive_defaults`). On CPU the
+# tile of one GEMM holds a chunk of (batch, kv head) pairs (`blockwise_tiles.chunks`); per
+# pair, query blocks of up to 1024 rows against key blocks of up to 2048 keys on the
+# reference machine (half the tile per pair), so that a pair's tile is large: XLA:CPU's
+# tile GEMMs run faster on few large pairs than on many small ones (fwd+bwd 414 vs 581 ms
+# with 32 pairs of 256 x 512 at B=4, L=2048, N=8, H=64; benchmarks/RESULTS.md). Causal
+# attention uses 512 x 1024 blocks: smaller blocks skip more of the upper triangle.
+#
 # On GPU/TPU, where this kernel is only the fallback and batch/head sharding is common,
 # a tile holds every pair (no loop over pairs, so no dynamic slice can cut a sharded
 # axis) and the blocks shrink instead: a B * N * bq * bk tile of ~2**22 values, bk = 2 bq.
 _ALL_PAIRS_MIN_BLOCK, _ALL_PAIRS_MAX_BLOCK = 64, 256
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TILE_ELEMENTS":  # not set on the module: this machine's
+        return machine.tile_elements()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def tile_elements() -> int:
+    """Values in one logits tile: ``TILE_ELEMENTS`` if set on this module, else the tuned
+    or machine-derived size (`machine.tile_elements`)."""
+    pinned = globals().get("TILE_ELEMENTS")
+    return machine.tile_elements() if pinned is None else pinned
 
 
 def chunk_pairs() -> bool:
@@ -73,23 +90,39 @@ class BlockSizes:
 
     @classmethod
     def get_default(
-        cls, batch: int, num_heads: int, *, num_kv_heads: int | None = None, is_causal: bool = False
+        cls,
+        batch: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        is_causal: bool = False,
+        dtype: Any = None,
     ) -> BlockSizes:
-        """The platform's default for ``batch`` x ``num_heads`` heads.
+        """The default for ``batch`` x ``num_heads`` heads on this device.
 
-        On CPU: 1024 x 2048 (causal 512 x 1024) per (batch, kv head) pair; with
-        grouped-query attention the G query heads of a kv head are stacked as rows,
-        so ``block_q`` shrinks by G. On other platforms every pair shares one tile,
-        so the blocks depend on ``batch * num_heads`` (at most 256 x 512).
+        The tuning cache's winners for this device, attention kind and ``dtype`` (None:
+        float32) if it has some (`flax_mha.autotune`), else the machine's defaults
+        (`machine.derive_defaults`). On CPU those are per (batch, kv head) pair: 1024 x
+        2048 (causal 512 x 1024) with a 32 MiB L3; with grouped-query attention the G
+        query heads of a kv head are stacked as rows, so ``block_q`` shrinks by G. On
+        other platforms every pair shares one tile, so the blocks depend on ``batch *
+        num_heads`` (at most 256 x 512).
         """
+        tuned = machine.tuned_blocks(is_causal, dtype)
         if not chunk_pairs():
-            side = math.sqrt(TILE_ELEMENTS / (2 * max(1, batch * num_heads)))
+            if tuned is not None:
+                return cls(*tuned)
+            side = math.sqrt(tile_elements() / (2 * max(1, batch * num_heads)))
             side = 2 ** round(math.log2(side))
             side = min(max(side, _ALL_PAIRS_MIN_BLOCK), _ALL_PAIRS_MAX_BLOCK)
             return cls(side, 2 * side)
-        block_q, block_k = _CAUSAL_BLOCKS if is_causal else _FULL_BLOCKS
+        defaults = machine.defaults()
+        if tuned is None:
+            tuned = defaults.causal_blocks if is_causal else defaults.full_blocks
+        block_q, block_k = tuned
         groups = num_heads // (num_kv_heads or num_heads)
-        while block_q > _MIN_BLOCK_Q and groups * block_q * block_k > _MAX_PAIR_TILE:
+        pair_tile = max(defaults.pair_tile_elements, block_q * block_k)
+        while block_q > defaults.min_block_q and groups * block_q * block_k > pair_tile:
             block_q //= 2
         return cls(block_q, block_k)
 
@@ -103,11 +136,12 @@ class BlockSizes:
         num_heads: int,
         num_kv_heads: int | None = None,
         is_causal: bool = False,
+        dtype: Any = None,
     ) -> BlockSizes:
         """``block_q`` and ``block_k`` as given, with `get_default`'s for those left None."""
         if block_q is None or block_k is None:
             default = cls.get_default(
-                batch, num_heads, num_kv_heads=num_kv_heads, is_causal=is_causal
+                batch, num_heads, num_kv_heads=num_kv_heads, is_causal=is_causal, dtype=dtype
             )
             block_q = default.block_q if block_q is None else block_q
             block_k = default.block_k if block_k is None else block_k
