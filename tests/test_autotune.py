@@ -405,6 +405,17 @@ def test_the_tune_command_reports_the_winners_and_where_they_went(monkeypatch, t
     assert f"Saved to {tmp_path / 'x.json'}" in said[-1] and "FLAX_MHA_CACHE_DIR" in said[-1]
 
 
+def test_flax_mha_tune_passes_its_options_to_run_tune(monkeypatch):
+    from flax_mha.apps import cli, tune
+
+    seen = []
+    monkeypatch.setattr(tune, "run_tune", lambda options: seen.append(options) or 0)
+    assert cli.main(["tune", "--quick", "--out", "t.json"]) == 0
+    assert (seen[0].quick, seen[0].out) == (True, "t.json")
+    assert cli.main(["tune"]) == 0
+    assert (seen[1].quick, seen[1].out) == (False, None)
+
+
 def test_the_kernels_and_autotune_do_not_import_the_apps():
     code = (
         "import sys, flax_mha, flax_mha.autotune, flax_mha.kernels.machine\n"

@@ -1,4 +1,4 @@
-"""The `flax-mha` command line: ``flax-mha demo | train | predict | generate | bench``.
+"""The `flax-mha` command line: ``flax-mha demo | train | predict | generate | bench | tune``.
 
 ``flax-mha train [--config FILE] [--workdir DIR] [--config.group.field=VALUE ...]``
 loads an ml_collections ``get_config()`` file (default: `flax_mha.train.default_config`,
@@ -338,6 +338,12 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from flax_mha.apps.tune import run_tune
+
+    return run_tune(args)
+
+
 class _Parser(argparse.ArgumentParser):
     """An argparse parser whose usage errors are one line (and point to ``--help``)."""
 
@@ -453,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=_predict)
     _add_generate_parser(sub)
     _add_bench_parser(sub)
+    _add_tune_parser(sub)
     return parser
 
 
@@ -618,6 +625,29 @@ def _add_bench_parser(sub: Any) -> None:
     bench.add_argument("--repeats", type=_positive_int, default=5, help="timed runs per case")
     bench.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     bench.set_defaults(func=_bench)
+
+
+def _add_tune_parser(sub: Any) -> None:
+    tune = sub.add_parser(
+        "tune",
+        help="measure the kernel's block sizes, tile size and CPU threshold on this device",
+        description="Races candidate block sizes (full and causal attention, forward and "
+        "forward+backward), tile sizes and the CPU reference/blockwise threshold on this "
+        "device, and caches the winners, which the kernels then use (FLAX_MHA_AUTOTUNE=off "
+        "turns that off; see flax_mha.autotune).",
+        formatter_class=_HelpFormatter,
+    )
+    tune.add_argument(
+        "--quick", action="store_true", help="tiny sizes (a smoke test; saved only with --out)"
+    )
+    tune.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE",
+        help="the cache file to write (default: tuning.json in $FLAX_MHA_CACHE_DIR, else in "
+        "$XDG_CACHE_HOME/flax_mha or ~/.cache/flax_mha)",
+    )
+    tune.set_defaults(func=_tune)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
