@@ -46,7 +46,7 @@ import numpy as np
 
 from flax_mha.kernels import config as kernel_config
 from flax_mha.kernels.blockwise import blockwise_attention
-from flax_mha.kernels.blockwise_tiles import geometry
+from flax_mha.kernels.blockwise_tiles import chunks, geometry
 from flax_mha.kernels.dispatch import dot_product_attention
 from flax_mha.kernels.machine import CACHE_DIR_ENV as CACHE_DIR_ENV
 from flax_mha.kernels.machine import MODE_ENV as MODE_ENV
@@ -77,6 +77,7 @@ __all__ = [
     "cache_path",
     "derive_defaults",
     "describe",
+    "distinct_tiles",
     "load",
     "reset",
     "save",
@@ -118,6 +119,22 @@ def block_candidates(
         if min(bq, bk) >= 1 and blocks not in seen:
             seen.add(blocks)
             out.append((bq, bk))
+    return out
+
+
+def distinct_tiles(
+    tiles: Sequence[int], batch: int, length: int, num_heads: int, block_q: int, block_k: int
+) -> list[int]:
+    """``tiles`` without those that group the pairs as an earlier one does at this shape
+    (`blockwise_tiles.chunks`): they would compile to the same computation."""
+    bq, bk = geometry(length, length, block_q, block_k)[:2]
+    seen, out = set(), []
+    for t in tiles:
+        with _tile(t):
+            grouping = chunks(batch, num_heads, bq, bk)
+        if grouping not in seen:
+            seen.add(grouping)
+            out.append(t)
     return out
 
 
@@ -229,7 +246,7 @@ def autotune(
     threshold_batch: int | None = None,
     threshold_heads: int | None = None,
     repeats: int | None = None,
-    margin: float = 0.03,
+    margin: float = 0.05,
     budget_s: float = 240.0,
     path: str | Path | None = None,
     save_to_cache: bool | None = None,
@@ -370,8 +387,10 @@ def autotune(
             if tiles:
                 q, k = winners.get(("full", pass_), defaults.full_blocks)
                 cases = {
-                    str(t): _timed(_blockwise(scale, False, q, k), pass_, qkv, t) for t in tiles
+                    str(t): _timed(_blockwise(scale, False, q, k), pass_, qkv, t)
+                    for t in distinct_tiles(tiles, batch, length, num_heads, q, k)
                 }
+                bar.update((len(tiles) - len(cases)) * (1 + repeats))
                 ms = runner.run(_Race(f"tile {pass_}", cases))
                 if ms is not None:
                     values["tile_elements"] = int(_winner(ms, str(tiles[0]), margin))

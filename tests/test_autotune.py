@@ -121,6 +121,15 @@ def test_block_candidates_start_with_the_default_and_differ_at_the_length():
     assert autotune.block_candidates(REFERENCE_DEFAULTS, False, 512) == [(1024, 2048)]
 
 
+def test_tiles_that_group_the_pairs_alike_are_raced_once():
+    tiles = (2**22, 2**21, 2**23)
+    # B=2, N=8, 1024 x 2048 blocks: 2, 1 and 4 pairs per tile.
+    assert autotune.distinct_tiles(tiles, 2, 2048, 8, 1024, 2048) == list(tiles)
+    # At L=256 with 2 heads every tile holds both pairs: one computation.
+    assert autotune.distinct_tiles(tiles, 1, 256, 2, 64, 128) == [2**22]
+    assert autotune.distinct_tiles((64, 2**22), 1, 256, 2, 64, 128) == [64, 2**22]
+
+
 @pytest.mark.parametrize(
     "wins, side",
     [
