@@ -185,7 +185,7 @@ def kernel_config(
     """
     sizes = BlockSizes.resolve(
         block_q, block_k, batch=query.shape[0], num_heads=query.shape[2],
-        num_kv_heads=key.shape[2], is_causal=is_causal,
+        num_kv_heads=key.shape[2], is_causal=is_causal, dtype=query.dtype,
     )  # fmt: skip
     cfg = Config(sizes, scale, is_causal, local_window, dropout_rate)
     if cfg.dropout_rate > 0.0 and dropout_rng is None:
@@ -362,8 +362,9 @@ def blockwise_mods_with_lse(
         sizes = BlockSizes(*block_size)
     else:
         sizes = BlockSizes.resolve(
-            None, None, batch=query.shape[0], num_heads=query.shape[2], num_kv_heads=key.shape[2]
-        )
+            None, None, batch=query.shape[0], num_heads=query.shape[2],
+            num_kv_heads=key.shape[2], dtype=query.dtype,
+        )  # fmt: skip
     cfg = Config(
         sizes, scale, score_mod=score_mod, mask_mod=mask_mod, exact_blocks=block_classes is not None
     )

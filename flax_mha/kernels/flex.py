@@ -32,7 +32,7 @@ from jax import Array
 
 from flax_mha.checks import check_qkv
 from flax_mha.kernels import online_softmax
-from flax_mha.kernels.backend_choice import BLOCKWISE_MIN_CPU_ELEMENTS
+from flax_mha.kernels.backend_choice import blockwise_min_cpu_elements
 from flax_mha.kernels.block_mask import BlockMask
 from flax_mha.kernels.blockwise import blockwise_mods_with_lse
 from flax_mha.kernels.common import accumulation_dtype
@@ -293,7 +293,7 @@ def flex_attention(
     if implementation == "cudnn" and isinstance(cudnn, str):
         raise ValueError(f"implementation='cudnn' cannot serve this call: {cudnn}")
     if implementation is None:
-        large = T * S >= BLOCKWISE_MIN_CPU_ELEMENTS
+        large = T * S >= blockwise_min_cpu_elements(query.dtype)
         # Below the CPU threshold the materialising reference is faster, block mask or
         # not (a small model's training step: 24 vs 170 ms with the kernel).
         implementation = "blockwise" if large else "reference"

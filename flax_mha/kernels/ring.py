@@ -237,7 +237,7 @@ def ring_attention(
     n_batch = 1 if batch_axes is None else math.prod(mesh.shape[ax] for ax in batch_axes)
     sizes = BlockSizes.resolve(
         block_q, block_k, batch=query.shape[0] // n_batch, num_heads=query.shape[2],
-        num_kv_heads=key.shape[2], is_causal=is_causal,
+        num_kv_heads=key.shape[2], is_causal=is_causal, dtype=query.dtype,
     )  # fmt: skip
     ring = RingLayout(
         mesh=mesh,
