@@ -187,7 +187,7 @@ def test_lm_print_config_applies_overrides_and_trains_nothing(tmp_path, capsys):
         (["--config.batch_size=0"], "config.batch_size should be >= 1, but got 0"),
         (["--config.max_documents=0"], "config.max_documents should be -1 (all) or >= 1, but got 0"),
         (["--config.model.num_kv_heads=3"], "config.model.num_kv_heads (3) should be a positive "
-                                            "divisor of num_heads (8)"),
+                                            "divisor of num_heads (4)"),
         (["--config.learning_rate=-1"], "config.learning_rate should be > 0, but got -1.0"),
         (["--mesh", "data=2"], "--mesh is not an option of the LM job"),
         (["--no-resume"], "--resume/--no-resume is not an option of the LM job"),

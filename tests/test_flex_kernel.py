@@ -115,3 +115,22 @@ def test_cudnn_flags_say_what_they_cannot_express():
     assert "'document'" in cudnn_flags(mods.document(seg), None, None, B)
     assert "score_mod" in cudnn_flags(None, mods.softcap(2.0), None, B)
     assert "not a built-in" in cudnn_flags(lambda b, h, i, j: i >= j, None, None, B)
+
+
+def test_the_causal_mod_alone_runs_the_kernels_causal_schedule():
+    # mods.causal (with or without its block mask) is served by the triangle schedule of
+    # is_causal=True: the same computation, so the same bits, outputs and gradients.
+    q, k, v = _qkv(64, 64, seed=7)
+    block_mask = flax_mha.create_block_mask(mods.causal, None, None, 64, 64, block_size=16)
+
+    def flex(q, k, v):
+        return flax_mha.flex_attention(q, k, v, block_mask=block_mask, implementation="blockwise")
+
+    def flag(q, k, v):
+        return flax_mha.dot_product_attention(q, k, v, is_causal=True, implementation="blockwise")
+
+    np.testing.assert_array_equal(flex(q, k, v), flag(q, k, v))
+    g_flex = jax.grad(lambda *x: jnp.sum(flex(*x) ** 2), argnums=(0, 1, 2))(q, k, v)
+    g_flag = jax.grad(lambda *x: jnp.sum(flag(*x) ** 2), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_flex, g_flag, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -98,7 +98,7 @@ def test_configs_lm_is_the_default_lm_config():
     assert config.to_dict() == lm.default_lm_config().to_dict()
     lm.validate_lm_config(config)
     m = config.model
-    assert (m.use_rope, m.positional_encoding, m.num_heads, m.num_kv_heads) == (True, "none", 8, 2)
+    assert (m.use_rope, m.positional_encoding, m.num_heads, m.num_kv_heads) == (True, "none", 4, 2)
 
 
 def test_the_cli_trains_the_lm_prints_progress_and_a_summary(lm_run):

@@ -316,14 +316,27 @@ def _printable(text: str) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from flax_mha.apps.bench import run_bench
+    from flax_mha.apps.bench import DEFAULT_SECTIONS, SECTIONS, run_bench
 
+    common = dict(use_torch=not args.no_torch)
     if args.quick:
         sizes = dict(batch=1, length=256, module_length=64, model_dim=64, repeats=2)
-        run_bench(args.out, **sizes, memory_lengths=(512, 2048), decode_lengths=(256, 1024))
+        flex = dict(flex_lengths=(384,), flex_causal_length=384, flex_score_length=384,
+                    flex_block_mask_length=1024)  # fmt: skip
+        run_bench(
+            args.out, **sizes, **flex, **common, memory_lengths=(512, 2048),
+            decode_lengths=(256, 1024), sections=tuple(args.sections or DEFAULT_SECTIONS),
+        )  # fmt: skip
         return 0
     run_bench(
         args.out,
+        **common,
+        sections=tuple(args.sections or SECTIONS),
+        flex_lengths=tuple(args.flex_lengths),
+        flex_causal_length=args.flex_causal_length,
+        flex_score_length=args.flex_score_length,
+        flex_block_mask_length=args.block_mask_length,
+        max_dense_gib=args.max_dense_gib,
         batch=args.batch,
         length=args.length,
         heads=args.heads,
@@ -623,6 +636,39 @@ def _add_bench_parser(sub: Any) -> None:
         "--long", type=_positive_int, default=None, help="also run fwd+bwd once at this L"
     )
     bench.add_argument("--repeats", type=_positive_int, default=5, help="timed runs per case")
+    bench.add_argument(
+        "--sections",
+        nargs="+",
+        choices=("kernel", "module", "memory", "decode", "flex"),
+        default=None,
+        help="sections to run (default: all; with --quick: all but flex)",
+    )
+    bench.add_argument("--no-torch", action="store_true", help="leave out torch's rows")
+    bench.add_argument(
+        "--flex-lengths",
+        type=_positive_int,
+        nargs="+",
+        default=[4096, 16384],
+        help="L of the document-causal flex rows",
+    )
+    bench.add_argument(
+        "--flex-causal-length", type=_positive_int, default=4096, help="L of the causal-mod row"
+    )
+    bench.add_argument(
+        "--flex-score-length", type=_positive_int, default=2048, help="L of the score-mod rows"
+    )
+    bench.add_argument(
+        "--block-mask-length",
+        type=_positive_int,
+        default=32768,
+        help="L of the create_block_mask row",
+    )
+    bench.add_argument(
+        "--max-dense-gib",
+        type=float,
+        default=6.0,
+        help="dense-mask paths needing more compiled temporaries are compiled, not run",
+    )
     bench.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     bench.set_defaults(func=_bench)
 

@@ -49,9 +49,9 @@ __all__ = [
 def default_lm_config() -> ml_collections.ConfigDict:
     """The default language-model run of issue 15 (``configs/lm.py`` returns it).
 
-    A byte-level `TransformerLM` with grouped-query attention (8 query heads sharing 2
+    A byte-level `TransformerLM` with grouped-query attention (4 query heads sharing 2
     key/value heads) and rotary embeddings (no absolute positions), pre-LN, 4 blocks of
-    ``d_model`` 256 and ``d_ff`` 1024 (2.9 M parameters), trained with AdamW (warmup then
+    ``d_model`` 128 and ``d_ff`` 512 (0.79 M parameters), trained with AdamW (warmup then
     cosine decay, gradients clipped at norm 1) on rows of 512 bytes packed from every
     module's docstrings of the standard library (`flax_mha.corpus`).
 
@@ -59,7 +59,7 @@ def default_lm_config() -> ml_collections.ConfigDict:
 
     * ``task``: ``"lm"`` (what makes `flax-mha train` run `train_lm`);
     * ``seed``: parameters and batches (batch ``s`` is a function of ``(seed, s)``);
-    * ``row_length``, ``batch_size``: rows of bytes per step (16 x 512);
+    * ``row_length``, ``batch_size``: rows of bytes per step (8 x 512);
     * ``num_train_steps``, ``learning_rate``, ``warmup_steps``, ``weight_decay``;
     * ``log_every``: steps between progress lines (loss, tokens/s);
     * ``eval_every``, ``eval_rows``: held-out bits per byte every so many steps, on
@@ -70,31 +70,31 @@ def default_lm_config() -> ml_collections.ConfigDict:
     * ``model``: `flax_mha.models.TransformerConfig` fields (``vocab_size`` is 258).
 
     Targets (issue 15): held-out bits per byte <= 0.6 x those of the unigram byte model
-    of the training split, in under 10 minutes on a 2-core CPU. Measured there (AMD EPYC,
-    2 cores, load 1.2): a step of these defaults takes 1.8 s, so 1200 steps take about
-    37 minutes; ``model.d_model=128, d_ff=512, num_heads=4`` with ``batch_size=8`` takes
-    0.45 s per step.
+    of the training split, in under 10 minutes on a 2-core CPU. The size is chosen for
+    that: on an AMD EPYC with 2 cores a step takes about 0.4 s (1000 steps in about 7
+    minutes), where d_model 256 / d_ff 1024 / 16 x 512 bytes took 1.8 s (benchmarks/
+    RESULTS.md, "The language model").
     """
     c = ml_collections.ConfigDict()
     c.task = "lm"
     c.seed = 0
     c.row_length = 512
-    c.batch_size = 16
-    c.num_train_steps = 1200
-    c.learning_rate = 2e-3
+    c.batch_size = 8
+    c.num_train_steps = 1000
+    c.learning_rate = 3e-3
     c.warmup_steps = 100
     c.weight_decay = 0.01
     c.log_every = 50
-    c.eval_every = 200
+    c.eval_every = 250
     c.eval_rows = 64
     c.max_documents = -1  # -1: every module of the standard library
     c.model = ml_collections.ConfigDict(
         dict(
-            d_model=256,
-            num_heads=8,
+            d_model=128,
+            num_heads=4,
             num_kv_heads=2,
             num_decoder_layers=4,
-            d_ff=1024,
+            d_ff=512,
             use_rope=True,
             positional_encoding="none",
             pre_ln=True,
