@@ -148,9 +148,7 @@ def _torch_flex_rows(
 
     q, k, v = (torch.tensor(np.asarray(x)).transpose(1, 2).contiguous() for x in qkv)
     try:
-        # _compile=True: torch builds the block mask without materialising the L x L
-        # mask (eagerly it evaluates int64 index grids of L x L: > 24 GiB at L=16384).
-        bm = torch_block_mask(mask_mod, None, None, L, L, device="cpu", _compile=True)
+        bm = torch_block_mask(mask_mod, None, None, L, L, device="cpu")
         compiled = torch.compile(torch_flex)
 
         def fwd():
