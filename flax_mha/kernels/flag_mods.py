@@ -132,7 +132,7 @@ def blockwise_flag_mods(
     Returns:
       [B, T, N, Hv] in the query dtype.
     """
-    from flax_mha.kernels.flex import explicit_consts  # flex imports the kernels too
+    from flax_mha.kernels.flex import explicit_mods  # flex imports the kernels too
 
     B, T, N, _ = query.shape
     S = key.shape[1]
@@ -142,14 +142,8 @@ def blockwise_flag_mods(
         block_size = default_block_size(T, S)
         block_mask = create_block_mask(mask_mod, B, None, T, S, block_size=block_size)
         classes = block_mask.classes
-    i = jnp.int32(0)
-    score_fn = mask_fn = None
-    score_consts = mask_consts = ()
-    if score_mod is not None:
-        zero = jnp.zeros((), accumulation_dtype(query, key, value))
-        score_fn, score_consts = explicit_consts(score_mod, zero, i, i, i, i)
-    if mask_mod is not None:
-        mask_fn, mask_consts = explicit_consts(mask_mod, i, i, i, i)
+    acc = accumulation_dtype(query, key, value)
+    score_fn, score_consts, mask_fn, mask_consts = explicit_mods(score_mod, mask_mod, acc)
     out, _ = blockwise_mods_with_lse(
         query, key, value, scale=scale, score_mod=score_fn, score_consts=tuple(score_consts),
         mask_mod=mask_fn, mask_consts=tuple(mask_consts), block_classes=classes,

@@ -42,6 +42,7 @@ __all__ = [
     "FLEX_IMPLEMENTATIONS",
     "cudnn_attention",
     "cudnn_flags",
+    "explicit_mods",
     "flex_attention",
     "reference_flex_attention",
 ]
@@ -185,6 +186,24 @@ def explicit_consts(
     return converted, consts
 
 
+def explicit_mods(
+    score_mod: Callable[..., Array] | None, mask_mod: Callable[..., Array] | None, score_dtype: Any
+) -> tuple[Callable[..., Array] | None, tuple, Callable[..., Array] | None, tuple]:
+    """Both mods through `explicit_consts`: ``(score_fn, score_consts, mask_fn, mask_consts)``.
+
+    The kernels' form of the mods (None stays None, with no arrays); ``score_dtype`` is the
+    dtype of the scores the score mod is traced with.
+    """
+    i = jnp.int32(0)
+    score_fn = mask_fn = None
+    score_consts = mask_consts = ()
+    if score_mod is not None:
+        score_fn, score_consts = explicit_consts(score_mod, jnp.zeros((), score_dtype), i, i, i, i)
+    if mask_mod is not None:
+        mask_fn, mask_consts = explicit_consts(mask_mod, i, i, i, i)
+    return score_fn, tuple(score_consts), mask_fn, tuple(mask_consts)
+
+
 def _check_block_mask(block_mask: Any, B: int, N: int, T: int, S: int) -> None:
     if not isinstance(block_mask, BlockMask):
         raise TypeError(
@@ -324,13 +343,7 @@ def flex_attention(
             out, lse = _add_sinks(out, lse, sinks)
         return (out, lse) if return_lse else out
     acc = accumulation_dtype(query, key, value)
-    i = jnp.int32(0)
-    score_fn, score_consts = (None, ())
-    if score_mod is not None:
-        score_fn, score_consts = explicit_consts(score_mod, jnp.zeros((), acc), i, i, i, i)
-    mask_fn, mask_consts = (None, ())
-    if mask_mod is not None:
-        mask_fn, mask_consts = explicit_consts(mask_mod, i, i, i, i)
+    score_fn, score_consts, mask_fn, mask_consts = explicit_mods(score_mod, mask_mod, acc)
     out, lse = blockwise_mods_with_lse(
         query, key, value, scale=scale, score_mod=score_fn, score_consts=tuple(score_consts),
         mask_mod=mask_fn, mask_consts=tuple(mask_consts),

@@ -56,7 +56,7 @@ from flax_mha.checks import check_qkv
 from flax_mha.functional import default_scale
 from flax_mha.kernels.common import accumulation_dtype
 from flax_mha.kernels.config import BlockSizes, Config
-from flax_mha.kernels.flex import explicit_consts
+from flax_mha.kernels.flex import explicit_mods
 from flax_mha.kernels.ring_layout import (
     LAYOUTS,
     RingLayout,
@@ -281,15 +281,9 @@ def _converted_mods(
     for name, mod in (("score_mod", score_mod), ("mask_mod", mask_mod)):
         if mod is not None and not callable(mod):
             raise TypeError(f"{name} should be a function, but got {type(mod).__name__}")
-    i = jnp.int32(0)
-    score_fn = mask_fn = None
-    score_consts = mask_consts = ()
-    if score_mod is not None:
-        zero = jnp.zeros((), accumulation_dtype(query, key, value))
-        score_fn, score_consts = explicit_consts(score_mod, zero, i, i, i, i)
-    if mask_mod is not None:
-        mask_fn, mask_consts = explicit_consts(mask_mod, i, i, i, i)
-    return score_fn, mask_fn, ModConsts(tuple(score_consts), tuple(mask_consts))
+    acc = accumulation_dtype(query, key, value)
+    score_fn, score_consts, mask_fn, mask_consts = explicit_mods(score_mod, mask_mod, acc)
+    return score_fn, mask_fn, ModConsts(score_consts, mask_consts)
 
 
 def _check_ring(
