@@ -143,11 +143,21 @@ class _Ref:
 
     @property
     def value(self) -> Any:
-        return self.variable.get_value()
+        if _HAS_GET_VALUE:
+            return self.variable.get_value()
+        return self.variable.value  # flax < 0.12.x's get_value (0.12.0 has only .value)
 
     @value.setter
     def value(self, value: Any) -> None:
-        self.variable.set_value(value)
+        if _HAS_GET_VALUE:
+            self.variable.set_value(value)
+        else:
+            self.variable.value = value
+
+
+#: Whether this flax's `nnx.Variable` has ``get_value`` / ``set_value`` (0.12.0 has not:
+#: an attribute it lacks is looked up on the array it holds, a tracer under `nnx.jit`).
+_HAS_GET_VALUE = hasattr(nnx.Variable, "get_value")
 
 
 class _CacheScope:
@@ -165,14 +175,14 @@ class _CacheScope:
 
     def get_variable(self, collection: str, name: str) -> Any:
         variable = getattr(self.module, name, None)
-        return None if variable is None else variable.get_value()
+        return None if variable is None else _Ref(variable).value
 
     def put_variable(self, collection: str, name: str, value: Any) -> None:
         variable = getattr(self.module, name, None)
         if variable is None:
             setattr(self.module, name, nnx.Cache(value))
         else:
-            variable.set_value(value)
+            _Ref(variable).value = value
 
 
 class _ModsView(NamedTuple):
