@@ -185,24 +185,35 @@ def _is_orbax_leftover(unraisable: Any) -> bool:
     return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
 
 
+def _filter_orbax_leftovers() -> None:
+    """Installs (once per process) the unraisable hook that drops orbax's leftovers.
+
+    Called before each read, not after a failure: TensorStore's threads can call back into
+    the closed loop while the read is still failing, before the error reaches us.
+    """
+    if getattr(sys.unraisablehook, "_flax_mha_filter", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not _is_orbax_leftover(unraisable):
+            previous(unraisable)
+
+    hook._flax_mha_filter = True
+    sys.unraisablehook = hook
+
+
 def _collect_orbax_leftovers() -> None:
     """Quiets what a failed orbax read leaves behind (hundreds of lines of tracebacks).
 
     Its asyncio tasks outlive their event loop: collected later, each logs "Task exception
     was never retrieved"; and TensorStore completes the abandoned reads from its threads,
     each calling back into the closed loop ("Event loop is closed", raised where nothing
-    can catch it). The tasks are collected now with asyncio's log muted; from then on the
-    process's unraisable hook drops those two kinds (and passes on everything else).
+    can catch it). The tasks are collected now with asyncio's log muted; the hook that
+    `_filter_orbax_leftovers` installed drops those two kinds (and passes on everything
+    else).
     """
-    if not getattr(sys.unraisablehook, "_flax_mha_filter", False):
-        previous = sys.unraisablehook
-
-        def hook(unraisable: Any) -> None:
-            if not _is_orbax_leftover(unraisable):
-                previous(unraisable)
-
-        hook._flax_mha_filter = True
-        sys.unraisablehook = hook
+    _filter_orbax_leftovers()
     log = logging.getLogger("asyncio")
     level = log.level
     log.setLevel(logging.CRITICAL)
@@ -255,6 +266,7 @@ def _try_restore(
     forced_changes: str,
 ) -> tuple[TrainState | None, str]:
     """(the restored and verified state, "") or (None, what is wrong with the checkpoint)."""
+    _filter_orbax_leftovers()
     try:
         restored = restore(manager, state, step)
     except Exception as e:  # orbax and TensorStore raise many types for unreadable files
@@ -380,6 +392,7 @@ def _read_params(step_dir: str) -> tuple[Any, int]:
     """
     item = epath.Path(step_dir) / _ITEM
     handler = ocp.PyTreeCheckpointHandler()
+    _filter_orbax_leftovers()
     try:
         metadata = handler.metadata(item)
         tree = getattr(metadata, "tree", metadata)  # orbax >= 0.11.20 wraps the tree
