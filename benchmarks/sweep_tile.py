@@ -19,6 +19,15 @@ import jax.numpy as jnp
 
 from flax_mha.kernels import config
 from flax_mha.kernels.blockwise import blockwise_attention
+from flax_mha.kernels.blockwise_tiles import chunks, geometry
+
+
+def pairs_per_tile(B: int, L: int, N: int, causal: bool) -> int:
+    """(batch, kv head) pairs one logits tile holds at the default blocks (`chunks`)."""
+    blocks = config.BlockSizes.get_default(B, N, is_causal=causal)
+    bq, bk = geometry(L, L, blocks.block_q, blocks.block_k)[:2]
+    ch = chunks(B, N, bq, bk)
+    return ch.bc * ch.kc
 
 
 def main() -> None:
@@ -38,12 +47,14 @@ def main() -> None:
     scale = H**-0.5
     print(f"B={B} L={L} N={N} H={H} fp32, default tile 2**{config.TILE_ELEMENTS.bit_length() - 1}, "
           f"median of {args.runs} ms")  # fmt: skip
-    print("| tile | full fwd | full fwd+bwd | causal fwd | causal fwd+bwd |\n|---|---|---|---|---|")
+    print("| tile | pairs per tile (full / causal) | full fwd | full fwd+bwd | causal fwd "
+          "| causal fwd+bwd |\n|---|---|---|---|---|---|")  # fmt: skip
     default = config.TILE_ELEMENTS
     try:
         for log2 in args.tiles:
             config.TILE_ELEMENTS = 2**log2
-            cells = []
+            pairs = [pairs_per_tile(B, L, N, causal) for causal in (False, True)]
+            cells = [" / ".join(map(str, pairs))]
             for causal in (False, True):
 
                 def fwd(q, k, v, causal=causal):
