@@ -258,7 +258,7 @@ def test_with_tuning_off_nothing_is_read(tuning, monkeypatch):
     assert blocks(4, 8, is_causal=True) == REFERENCE_BLOCKS["causal"]
     assert blocks(4, 8, num_kv_heads=2) == REFERENCE_BLOCKS["gqa4"]
     assert machine.defaults() == REFERENCE_DEFAULTS
-    assert machine.tile_elements() == 2**22
+    assert machine.tile_elements() == 2**21
     assert backend_choice.blockwise_min_cpu_elements() == 320 * 320
     assert choose_implementation(cpu_request(300)) == "reference"
     assert choose_implementation(cpu_request(320)) == "blockwise"
@@ -350,7 +350,8 @@ def test_the_machines_measured_derive_todays_defaults():
     assert (epyc.l2_bytes, epyc.l3_bytes) == (2**20, 32 * 2**20)
     assert epyc.key == "cpu: AMD EPYC [avx512f, avx512_bf16, avx512_vnni, avx2, fma] x2"
     assert derive_defaults(epyc) == REFERENCE_DEFAULTS
-    assert REFERENCE_DEFAULTS.tile_elements == 2**22  # half of a 32 MiB L3 in float32
+    # A pair's tile is a quarter of a 32 MiB L3 in float32, and a tile holds one pair.
+    assert REFERENCE_DEFAULTS.tile_elements == REFERENCE_DEFAULTS.pair_tile_elements == 2**21
     # A larger L3 gives no tile larger than was measured; 32 MiB per socket is 32 MiB.
     assert derived(XEON, cores=4) == REFERENCE_DEFAULTS
     assert derived(TWO_SOCKETS, cores=128) == dataclasses.replace(REFERENCE_DEFAULTS, min_block_q=8)
@@ -358,11 +359,11 @@ def test_the_machines_measured_derive_todays_defaults():
 
 def test_smaller_caches_derive_smaller_tiles_blocks_and_thresholds():
     assert derived(DESKTOP, cores=8) == Defaults(
-        tile_elements=2**21, pair_tile_elements=2**20, full_blocks=(512, 1024),
+        tile_elements=2**20, pair_tile_elements=2**20, full_blocks=(512, 1024),
         causal_blocks=(256, 512), min_block_q=8, blockwise_min_cpu_elements=224 * 224,
     )  # fmt: skip
     assert derived(LAPTOP) == Defaults(
-        tile_elements=2**20, pair_tile_elements=2**19, full_blocks=(512, 1024),
+        tile_elements=2**19, pair_tile_elements=2**19, full_blocks=(512, 1024),
         causal_blocks=(256, 512), min_block_q=8, blockwise_min_cpu_elements=160 * 160,
     )  # fmt: skip
     # An unknown L3 (many Arm CPUs do not state it): the reference's sizes, Neon's lanes.

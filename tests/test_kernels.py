@@ -598,11 +598,12 @@ def test_causal_and_window_skip_blocks():
     assert default_block_sizes(4, 8) == (1024, 2048)
     assert default_block_sizes(4, 8, is_causal=True) == (512, 1024)
     assert default_block_sizes(4, 8, num_kv_heads=2) == (256, 2048)
-    # A tile holds as many pairs as fit in 2**22 float32 values, (bc, kc, nb, nkc):
-    # 2 here (1 batch entry x 2 kv heads, 4 x 4 chunks).
-    assert blockwise_tiles.chunks(4, 8, 1024, 2048) == (1, 2, 4, 4)
+    # A tile holds as many pairs as fit in 2**21 float32 values, (bc, kc, nb, nkc): one
+    # at the full default blocks (4 x 8 chunks), all 32 at 32 x 32, and at 512 x 1024 up
+    # to 4: the kv heads (5) have no divisor in 2..4, so 3 batch entries of one kv head.
+    assert blockwise_tiles.chunks(4, 8, 1024, 2048) == (1, 1, 4, 8)
     assert blockwise_tiles.chunks(4, 8, 32, 32) == (4, 8, 1, 1)
-    assert blockwise_tiles.chunks(3, 5, 512, 1024) == (1, 5, 3, 1)
+    assert blockwise_tiles.chunks(3, 5, 512, 1024) == (3, 1, 1, 5)
 
 
 def _compiled_flops(fn, *specs) -> float:

@@ -27,19 +27,20 @@ __all__ = ["TILE_ELEMENTS", "BlockSizes", "Config", "chunk_pairs", "tile_element
 # Values in one logits tile on CPU: ``config.TILE_ELEMENTS``, read at call time (tests
 # may set it on the module). Unless set, it is the tuning cache's winner for this device
 # or the tile derived from the machine (`tile_elements`, `machine.derive_defaults`:
-# 16 MiB of float32, half of a 32 MiB L3, is 2**22).
+# one pair of 2**21 float32 values, a quarter of a 32 MiB L3).
 #
 # Default block sizes (`BlockSizes.get_default`, `machine.derive_defaults`). On CPU the
 # tile of one GEMM holds a chunk of (batch, kv head) pairs (`blockwise_tiles.chunks`); per
 # pair, query blocks of up to 1024 rows against key blocks of up to 2048 keys on the
-# reference machine (half the tile per pair), so that a pair's tile is large: XLA:CPU's
+# reference machine (one pair per tile), so that a pair's tile is large: XLA:CPU's
 # tile GEMMs run faster on few large pairs than on many small ones (fwd+bwd 414 vs 581 ms
 # with 32 pairs of 256 x 512 at B=4, L=2048, N=8, H=64; benchmarks/RESULTS.md). Causal
 # attention uses 512 x 1024 blocks: smaller blocks skip more of the upper triangle.
 #
 # On GPU/TPU, where this kernel is only the fallback and batch/head sharding is common,
 # a tile holds every pair (no loop over pairs, so no dynamic slice can cut a sharded
-# axis) and the blocks shrink instead: a B * N * bq * bk tile of ~2**22 values, bk = 2 bq.
+# axis) and the blocks shrink instead: a B * N * bq * bk tile of ~2**22 values
+# (`machine.ALL_PAIRS_TILE_ELEMENTS`, unless ``TILE_ELEMENTS`` is set here), bk = 2 bq.
 _ALL_PAIRS_MIN_BLOCK, _ALL_PAIRS_MAX_BLOCK = 64, 256
 
 
@@ -112,7 +113,8 @@ class BlockSizes:
         if not chunk_pairs():
             if tuned is not None:
                 return cls(*tuned)
-            side = math.sqrt(tile_elements() / (2 * max(1, batch * num_heads)))
+            tile = globals().get("TILE_ELEMENTS") or machine.ALL_PAIRS_TILE_ELEMENTS
+            side = math.sqrt(tile / (2 * max(1, batch * num_heads)))
             side = 2 ** round(math.log2(side))
             side = min(max(side, _ALL_PAIRS_MIN_BLOCK), _ALL_PAIRS_MAX_BLOCK)
             return cls(side, 2 * side)

@@ -47,6 +47,7 @@ __all__ = [
     "MODE_ENV",
     "MODES",
     "PASSES",
+    "ALL_PAIRS_TILE_ELEMENTS",
     "REFERENCE_DEFAULTS",
     "REFERENCE_MACHINE",
     "SHAPE_CLASSES",
@@ -278,52 +279,55 @@ class Defaults:
 
 
 #: The machine the defaults were measured on (benchmarks/RESULTS.md): two cores, AVX-512,
-#: 32 MiB of L3. A 2-core AMD EPYC with 32 MiB of L3 and an Intel Xeon (whose 16 MiB
-#: tile is documented as half its L3) both derive `REFERENCE_DEFAULTS`.
+#: 32 MiB of L3. A 2-core AMD EPYC with 32 MiB of L3 and an Intel Xeon (whose L3 is larger
+#: than any measured size) both derive `REFERENCE_DEFAULTS`.
 REFERENCE_MACHINE = Machine(
     platform="cpu", model="reference", vector_extensions=("avx512f", "avx2", "fma"),
     cores=2, l2_bytes=2**20, l3_bytes=32 * 2**20,
 )  # fmt: skip
 
-# The tile: half of one L3 instance in float32 values (16 MiB of a 32 MiB L3: 2**22), a
-# power of two, at most the largest size measured (2**22; a larger L3 gives no tile larger
-# than measured) and at least 2**20.
-_TILE_MIN, _TILE_MAX = 2**20, 2**22
-# The dispatch threshold follows the tile: the reference's fp32 logits at B * N = 32
+# A pair's tile: a quarter of one L3 instance in float32 values (8 MiB of a 32 MiB L3:
+# 2**21), a power of two, at most the largest size measured (a larger L3 gives no tile
+# larger than measured) and at least 2**19. The CPU tile holds one pair at the full
+# blocks (four at the causal ones): on both hosts measured, an AMD EPYC and an Intel Xeon
+# (benchmarks/sweep_tile.py, RESULTS.md), one pair per tile was faster than two on one
+# core (5-12%) and no slower on two.
+_PAIR_TILE_MIN, _PAIR_TILE_MAX = 2**19, 2**21
+# The dispatch threshold follows half the L3: the reference's fp32 logits at B * N = 32
 # pairs (the measured shape) stop fitting in cache between L = 320 (13 MB) and 384 (19 MB;
 # the reference's forward jumps 5.2 -> 18 ms, benchmarks/RESULTS.md). Its side scales as
-# the square root of the tile, on a multiple of 32: 320 at a tile of 2**22.
+# the square root of the cache, on a multiple of 32: 320 at a 32 MiB L3.
 _THRESHOLD_SIDE_AT_MAX_TILE = 320
 
 
 def derive_defaults(machine: Machine) -> Defaults:
     """The kernel's defaults on ``machine``, derived from its L3 cache and vector width.
 
-    On CPU: the tile is half of one L3 instance in float32 values, as a power of two
-    between 2**20 and 2**22 (2**22 if the L3 is unknown); a pair's tile is half the tile
-    (two pairs per tile, as measured on 2 cores), ``block_q x block_k`` with
-    ``block_k = 2 block_q``, the largest powers of two within it; causal blocks are
-    half as long on each side (they skip more of the upper triangle); ``block_q`` shrinks
-    to one vector of float32 lanes at the least (16 with AVX-512, 8 with AVX2); the
-    dispatch threshold is ``(320 sqrt(tile / 2**22))²`` on a multiple of 32.
+    On CPU: a (batch, kv head) pair's tile is a quarter of one L3 instance in float32
+    values, as a power of two between 2**19 and 2**21 (2**21 if the L3 is unknown),
+    filled by ``block_q x block_k`` with ``block_k = 2 block_q``, the largest powers of
+    two within it; the tile holds one such pair; causal blocks are half as long on each
+    side (they skip more of the upper triangle, and a tile holds four pairs of them);
+    ``block_q`` shrinks to one vector of float32 lanes at the least (16 with AVX-512, 8
+    with AVX2); the dispatch threshold is ``(320 sqrt(pair tile / 2**21))²`` on a
+    multiple of 32.
 
-    The core count does not enter: the measurements behind these rules ran on 2 cores,
-    and a tile's GEMMs are shared by all cores (it lives in the shared L3). Run
-    `flax_mha.autotune.autotune` to measure a machine's own sizes.
+    The core count does not enter: the measurements behind these rules ran on 1 and 2
+    cores, and a tile's GEMMs are shared by all cores. Run `flax_mha.autotune.autotune`
+    to measure a machine's own sizes.
 
-    Off CPU the tile stays 2**22 values (`config.BlockSizes.get_default` spreads it over
-    every pair) and the CPU fields are the reference's.
+    Off CPU the CPU fields are the reference's (`config.BlockSizes.get_default` spreads
+    a tile of `ALL_PAIRS_TILE_ELEMENTS` over every pair there).
     """
     if machine.platform != "cpu":
         return REFERENCE_DEFAULTS
     l3 = machine.l3_bytes
-    tile = _TILE_MAX if l3 is None else _pow2_floor(l3 // 8)
-    tile = min(max(tile, _TILE_MIN), _TILE_MAX)
-    pair_tile = tile // 2
+    pair_tile = _PAIR_TILE_MAX if l3 is None else _pow2_floor(l3 // 16)
+    pair_tile = min(max(pair_tile, _PAIR_TILE_MIN), _PAIR_TILE_MAX)
     block_q = 2 ** ((pair_tile.bit_length() - 2) // 2)  # block_q * 2 block_q <= pair_tile
-    side = 32 * round(_THRESHOLD_SIDE_AT_MAX_TILE / 32 * math.sqrt(tile / _TILE_MAX))
+    side = 32 * round(_THRESHOLD_SIDE_AT_MAX_TILE / 32 * math.sqrt(pair_tile / _PAIR_TILE_MAX))
     return Defaults(
-        tile_elements=tile,
+        tile_elements=pair_tile,
         pair_tile_elements=pair_tile,
         full_blocks=(block_q, 2 * block_q),
         causal_blocks=(block_q // 2, block_q),
@@ -336,11 +340,11 @@ def _pow2_floor(n: int) -> int:
     return 2 ** (max(1, n).bit_length() - 1)
 
 
-#: What the kernels used before they read the machine, and what ``FLAX_MHA_AUTOTUNE=off``
-#: gives: 2**22 values per tile, 1024 x 2048 blocks (causal 512 x 1024), 2**21 per pair,
-#: ``block_q`` >= 16, the reference below T * S = 320².
+#: What ``FLAX_MHA_AUTOTUNE=off`` gives, and what the reference machine derives: one pair
+#: of 2**21 values per tile (2**22, two pairs, until 2026-12-06), 1024 x 2048 blocks
+#: (causal 512 x 1024), ``block_q`` >= 16, the reference below T * S = 320².
 REFERENCE_DEFAULTS = Defaults(
-    tile_elements=2**22, pair_tile_elements=2**21, full_blocks=(1024, 2048),
+    tile_elements=2**21, pair_tile_elements=2**21, full_blocks=(1024, 2048),
     causal_blocks=(512, 1024), min_block_q=16, blockwise_min_cpu_elements=320 * 320,
 )  # fmt: skip
 
@@ -351,6 +355,10 @@ MODE_ENV, CACHE_DIR_ENV = "FLAX_MHA_AUTOTUNE", "FLAX_MHA_CACHE_DIR"
 MODES = ("on", "fwd", "machine", "off")
 #: Passes a winner is measured for: the forward alone, forward and backward together.
 PASSES = ("fwd", "fwd+bwd")
+#: Off CPU (GPU, TPU), where the blockwise kernel is only the fallback, one tile of this
+#: many values holds every (batch, kv head) pair (`config.BlockSizes.get_default`).
+ALL_PAIRS_TILE_ELEMENTS = 2**22
+
 #: Shape classes: block sizes per attention kind; "all" holds the per-device knobs (tile
 #: size, dispatch threshold).
 SHAPE_CLASSES = ("full", "causal", "all")
