@@ -30,13 +30,15 @@ import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import Array
+from jax import Array, lax
 
 __all__ = [
     "BlockBounds",
     "MaskMod",
+    "TileForm",
     "alibi",
     "and_masks",
     "causal",
@@ -492,6 +494,25 @@ def t5_bucket(
     return ret + jnp.where(is_small, n, large)
 
 
+class TileForm(NamedTuple):
+    """A score mod's form for whole tiles, which the blockwise kernel uses instead of
+    vectorising the scalar function (`relative_bias` has one: its table's gradient is a
+    few masked sums and a small contraction, not a scatter-add per entry).
+
+    Attributes:
+      scalar: ``scalar(score, b, h, q_idx, kv_idx, *consts)``: the mod with its arrays
+        explicit (what the other backends vectorise).
+      consts: the arrays, in order (the kernels return their gradients).
+      tile: ``tile(s, b, h, q_idx, kv_idx, *consts, transposed=)`` on a tile ``s`` of
+        [bc, kc, G, bq, bk] (transposed: [bc, kc, bk, G, bq]) with the tile's batch [bc],
+        head [kc, G], query [bq] and key [bk] indices; equal to ``scalar`` at every entry.
+    """
+
+    scalar: Callable[..., Array]
+    consts: tuple[Array, ...]
+    tile: Callable[..., Array]
+
+
 def relative_bias(table: Array, *, bidirectional: bool = True, max_distance: int = 128) -> ScoreMod:
     """T5 relative-position bias from a learned table: ``score + table[bucket(kv - q), h]``.
 
@@ -499,17 +520,117 @@ def relative_bias(table: Array, *, bidirectional: bool = True, max_distance: int
       table: float [num_buckets, N] (a parameter; the kernels return its gradient).
       bidirectional: buckets for keys after the query too (encoder); False: decoder.
       max_distance: distances beyond it share the last bucket.
+
+    The returned function carries a `TileForm` (attribute ``tile_form``) that the
+    blockwise kernel uses.
     """
     table = jnp.asarray(table)  # a NumPy array cannot be indexed by traced buckets
-    num_buckets = table.shape[0]
+    rule = _T5Rule(bidirectional, int(max_distance))
 
-    def fn(score, b, h, q_idx, kv_idx):
-        bucket = t5_bucket(
-            kv_idx - q_idx,
-            bidirectional=bidirectional,
-            num_buckets=num_buckets,
-            max_distance=max_distance,
-        )
+    def scalar(score, b, h, q_idx, kv_idx, table):
+        bucket = rule.buckets(table.shape[0])[rule.index(kv_idx - q_idx)]
         return score + table[bucket, h].astype(score.dtype)
 
+    def fn(score, b, h, q_idx, kv_idx):
+        return scalar(score, b, h, q_idx, kv_idx, table)
+
+    fn.tile_form = TileForm(scalar, (table,), rule.tile)
     return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class _T5Rule:
+    """T5 buckets as a lookup table over ``kv - q`` clipped to ``[-max_distance,
+    max_distance]`` (every distance beyond shares its side's last bucket), and the tile
+    form of `relative_bias` built on it."""
+
+    bidirectional: bool
+    max_distance: int
+
+    def buckets(self, num_buckets: int) -> Array:
+        """int32 [2 max_distance + 1]: the bucket of each clipped distance."""
+        D = self.max_distance
+        d = jnp.arange(-D, D + 1, dtype=jnp.int32)
+        return t5_bucket(
+            d, bidirectional=self.bidirectional, num_buckets=num_buckets, max_distance=D
+        )
+
+    def index(self, d: Array) -> Array:
+        """Where distance ``d = kv - q`` is in `buckets`."""
+        D = self.max_distance
+        return jnp.clip(d, -D, D) + D
+
+    def tile(self, s, b, h, q_idx, kv_idx, table, *, transposed: bool) -> Array:
+        return _t5_tile_add(s, h, q_idx, kv_idx, table, self, transposed)
+
+
+def _t5_tile_bias(rule: _T5Rule, h, q_idx, kv_idx, table, transposed: bool) -> Array:
+    """The bias of a tile: [kc, G, bq, bk], or [kc, bk, G, bq] transposed."""
+    by_distance = jnp.take(table.T[h], rule.buckets(table.shape[0]), axis=-1)  # [kc, G, 2D+1]
+    if transposed:
+        idx = rule.index(kv_idx[:, None] - q_idx[None, :])  # [bk, bq]
+        return jnp.take(by_distance, idx, axis=-1).transpose(0, 2, 1, 3)
+    return jnp.take(by_distance, rule.index(kv_idx[None, :] - q_idx[:, None]), axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _t5_tile_add(s, h, q_idx, kv_idx, table, rule: _T5Rule, transposed: bool) -> Array:
+    return s + _t5_tile_bias(rule, h, q_idx, kv_idx, table, transposed)[None].astype(s.dtype)
+
+
+def _t5_tile_add_fwd(s, h, q_idx, kv_idx, table, rule, transposed):
+    out = _t5_tile_add(s, h, q_idx, kv_idx, table, rule, transposed)
+    return out, (h, q_idx, kv_idx, table)
+
+
+def _t5_tile_add_bwd(rule: _T5Rule, transposed: bool, res, g):
+    """The table's gradient without a scatter-add per entry.
+
+    ``g`` summed over the tile's batch entries, per bucket: distances at or beyond
+    ``max_distance`` on either side (one bucket each) by two masked sums over the tile;
+    the band ``|kv - q| < max_distance`` through windows of R rows (the band's columns
+    for those rows, cut from ``g`` padded by a window's width so that no window is
+    clamped: inside every window the distance is ``w - i`` plus a constant), summed over
+    the windows, then contracted with a one-hot of the bucket of each (i, w).
+    """
+    h, q_idx, kv_idx, table = res
+    nb, D = table.shape[0], rule.max_distance
+    x = jnp.sum(g, axis=0)  # [kc, G, bq, bk] or [kc, bk, G, bq]
+    kc, G = h.shape
+    if transposed:  # rows are keys, columns queries: kv - q = row - col
+        rows_at, cols_at, sign = kv_idx, q_idx, 1
+    else:  # rows are queries, columns keys: kv - q = col - row
+        x = x.reshape(kc * G, x.shape[2], 1, x.shape[3])
+        rows_at, cols_at, sign = q_idx, kv_idx, -1
+    P, rows, Gm, cols = x.shape
+    acc = x.dtype
+    d = sign * (rows_at[:, None] - cols_at[None, :])  # kv - q, [rows, cols]
+    far_before = jnp.sum(jnp.where((d <= -D)[None, :, None, :], x, 0.0), axis=(1, 3))
+    far_after = jnp.sum(jnp.where((d >= D)[None, :, None, :], x, 0.0), axis=(1, 3))
+    # The band: R rows per window, W = R + 2D - 2 columns from the first within reach.
+    R = next(r for r in (64, 32, 16, 8, 4, 2, 1) if rows % r == 0)
+    W = R + 2 * D - 2
+    xp = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (W, W)))
+    first = rows_at[0] - cols_at[0] - D + 1 + W  # window 0's first column in xp
+    starts = jnp.clip(first + R * jnp.arange(rows // R), 0, cols + W)
+
+    def window(r, start):
+        return lax.dynamic_slice(xp, (0, r * R, 0, start), (P, R, Gm, W))
+
+    band = jnp.sum(jax.vmap(window)(jnp.arange(rows // R), starts), axis=0)  # [P, R, Gm, W]
+    col_minus_row = jnp.arange(W)[None, :] - jnp.arange(R)[:, None] - D + 1  # [R, W]
+    dist = -sign * col_minus_row
+    bucket = rule.buckets(nb)[rule.index(dist)]
+    in_band = (jnp.abs(dist) < D)[..., None]
+    is_bucket = bucket[..., None] == jnp.arange(nb)[None, None]
+    onehot = jnp.where(in_band & is_bucket, 1.0, 0.0).astype(acc)  # [R, W, nb]
+    per_bucket = jnp.einsum("pigw,iwn->pgn", band, onehot, precision=lax.Precision.HIGHEST)
+    by_distance = rule.buckets(nb)
+    per_bucket = per_bucket.at[:, :, by_distance[0]].add(far_before)
+    per_bucket = per_bucket.at[:, :, by_distance[-1]].add(far_after)
+    dth = per_bucket.reshape(kc, G, nb)
+    dtable = jnp.zeros_like(table).at[:, h].add(jnp.moveaxis(dth, -1, 0).astype(table.dtype))
+    return g, None, None, None, dtable
+
+
+_t5_tile_add.defvjp(_t5_tile_add_fwd, _t5_tile_add_bwd)

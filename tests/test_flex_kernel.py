@@ -134,3 +134,62 @@ def test_the_causal_mod_alone_runs_the_kernels_causal_schedule():
     g_flag = jax.grad(lambda *x: jnp.sum(flag(*x) ** 2), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g_flex, g_flag, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _np_t5_oracle(q, k, v, table, buckets, dout):
+    """float64 attention with ``score + table[buckets, h]`` and its gradients, the
+    table's by `np.add.at` over every (batch, head, query, key) entry."""
+    q, k, v, table, dout = (np.asarray(a, np.float64) for a in (q, k, v, table, dout))
+    G = q.shape[2] // k.shape[2]
+    k2, v2 = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)
+    scale = 1 / np.sqrt(q.shape[-1])
+    bias = table[buckets].transpose(2, 0, 1)  # [N, T, S]
+    s = np.einsum("btnh,bsnh->bnts", q, k2) * scale + bias[None]
+    w = np.exp(s - s.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    out = np.einsum("bnts,bsnh->btnh", w, v2)
+    dw = np.einsum("btnh,bsnh->bnts", dout, v2)
+    ds = w * (dw - np.sum(w * dw, axis=-1, keepdims=True))
+    dq = scale * np.einsum("bnts,bsnh->btnh", ds, k2)
+    dk = scale * np.einsum("bnts,btnh->bsnh", ds, q).reshape(*k.shape[:3], G, -1).sum(3)
+    dv = np.einsum("bnts,btnh->bsnh", w, dout).reshape(*v.shape[:3], G, -1).sum(3)
+    dtable = np.zeros_like(table)
+    np.add.at(dtable, (buckets[None], np.arange(q.shape[2])[:, None, None]), ds.sum(0))
+    return out, (dq, dk, dv, dtable)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_the_t5_bias_tile_form_and_its_table_gradient_match_the_float64_oracle(
+    bidirectional, monkeypatch
+):
+    # Long enough for every part of the tile form's gradient: distances beyond
+    # max_distance on both sides (two masked sums), band windows cut at the tiles' edges,
+    # tiles with no band at all; GQA, so the forward and backward tiles stack 2 heads.
+    T, D = 320, 40
+    q, k, v = _qkv(T=T, S=T, seed=3)
+    table = jax.random.normal(jax.random.key(4), (32, N))
+    dout = jax.random.normal(jax.random.key(5), q.shape)
+    calls = []
+    tile = mods._T5Rule.tile
+    monkeypatch.setattr(mods._T5Rule, "tile", lambda *a, **kw: calls.append(1) or tile(*a, **kw))
+
+    # Every block full: the block mask only sets the tiles, 64 queries x 128 keys.
+    everything = flax_mha.create_block_mask(
+        lambda b, h, q_idx, kv_idx: q_idx >= 0, None, None, T, T, block_size=(64, 128)
+    )
+
+    def loss(q, k, v, table):
+        score_mod = mods.relative_bias(table, bidirectional=bidirectional, max_distance=D)
+        out = flax_mha.flex_attention(
+            q, k, v, score_mod=score_mod, block_mask=everything, implementation="blockwise"
+        )
+        return jnp.sum(out * dout), out
+
+    grads, out = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, table)
+    assert calls, "the blockwise kernel did not use relative_bias's tile form"
+    d = np.arange(T)[None, :] - np.arange(T)[:, None]  # kv - q
+    buckets = np.asarray(mods.t5_bucket(d, bidirectional=bidirectional, max_distance=D))
+    want, want_grads = _np_t5_oracle(q, k, v, table, buckets, dout)
+    np.testing.assert_allclose(out, want, **TOL)
+    for name, got, exp in zip(("dq", "dk", "dv", "dtable"), grads, want_grads, strict=True):
+        np.testing.assert_allclose(got, exp, **TOL, err_msg=name)

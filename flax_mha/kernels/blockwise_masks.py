@@ -229,6 +229,9 @@ class Tiles(NamedTuple):
         The tile's axes are (b, kv head, G, q, kv), or (b, kv head, kv, G, q) transposed;
         ``fn`` takes ``(score, b, h, q_idx, kv_idx, *consts)`` (no score when None).
         """
+        tile = getattr(fn, "tile", None)  # a score mod's form for whole tiles
+        if tile is not None and score is not None:
+            return tile(score, *self.indices(c, i, j), *consts, transposed=self.transposed)
         order = ("b", "kh", "kv", "g", "q") if self.transposed else ("b", "kh", "g", "q", "kv")
         f = fn
         for axis in reversed(order):

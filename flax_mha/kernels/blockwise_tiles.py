@@ -14,9 +14,9 @@ and their ``put`` / ``add`` inverses). A tile holds a *chunk* of the
 
 On CPU `chunks` picks ``bc`` and ``kc`` so that one logits tile ``C * M * bk``
 holds about `config.TILE_ELEMENTS` float32 values (8 MiB, a quarter of a 32 MiB
-L3: one pair at the default full blocks). Few pairs with large per-head tiles beat many pairs with small ones on
-XLA:CPU: the GEMMs run faster per flop (benchmarks/RESULTS.md). On GPU/TPU a
-tile holds every pair (`config.chunk_pairs`).
+L3: one pair at the default full blocks). Few pairs with large per-head tiles
+beat many pairs with small ones on XLA:CPU: the GEMMs run faster per flop
+(benchmarks/RESULTS.md). On GPU/TPU a tile holds every pair (`config.chunk_pairs`).
 
 Bias and mask arrays are the exception: they are O(T * S) anyway and are
 blocked once, ``[Bb, Nb, Tb, Sb]`` with size-1 dims allowed ->

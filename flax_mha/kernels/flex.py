@@ -186,6 +186,17 @@ def explicit_consts(
     return converted, consts
 
 
+class _WithTile:
+    """A score mod with explicit arrays and a form for whole tiles (``tile``), which
+    `blockwise_masks.Tiles` calls instead of vectorising the scalar function."""
+
+    def __init__(self, scalar: Callable[..., Array], tile: Callable[..., Array]):
+        self.scalar, self.tile = scalar, tile
+
+    def __call__(self, *args: Array) -> Array:
+        return self.scalar(*args)
+
+
 def explicit_mods(
     score_mod: Callable[..., Array] | None, mask_mod: Callable[..., Array] | None, score_dtype: Any
 ) -> tuple[Callable[..., Array] | None, tuple, Callable[..., Array] | None, tuple]:
@@ -197,7 +208,10 @@ def explicit_mods(
     i = jnp.int32(0)
     score_fn = mask_fn = None
     score_consts = mask_consts = ()
-    if score_mod is not None:
+    form = getattr(score_mod, "tile_form", None)  # `flax_mha.mods.TileForm`
+    if form is not None:
+        score_fn, score_consts = _WithTile(form.scalar, form.tile), form.consts
+    elif score_mod is not None:
         score_fn, score_consts = explicit_consts(score_mod, jnp.zeros((), score_dtype), i, i, i, i)
     if mask_mod is not None:
         mask_fn, mask_consts = explicit_consts(mask_mod, i, i, i, i)
