@@ -620,12 +620,12 @@ def _t5_tile_add_bwd(rule: _T5Rule, transposed: bool, res, g):
     band = jnp.sum(jax.vmap(window)(jnp.arange(rows // R), starts), axis=0)  # [P, R, Gm, W]
     col_minus_row = jnp.arange(W)[None, :] - jnp.arange(R)[:, None] - D + 1  # [R, W]
     dist = -sign * col_minus_row
-    bucket = rule.buckets(nb)[rule.index(dist)]
+    by_distance = rule.buckets(nb)
+    bucket = by_distance[rule.index(dist)]
     in_band = (jnp.abs(dist) < D)[..., None]
     is_bucket = bucket[..., None] == jnp.arange(nb)[None, None]
     onehot = jnp.where(in_band & is_bucket, 1.0, 0.0).astype(acc)  # [R, W, nb]
     per_bucket = jnp.einsum("pigw,iwn->pgn", band, onehot, precision=lax.Precision.HIGHEST)
-    by_distance = rule.buckets(nb)
     per_bucket = per_bucket.at[:, :, by_distance[0]].add(far_before)
     per_bucket = per_bucket.at[:, :, by_distance[-1]].add(far_after)
     dth = per_bucket.reshape(kc, G, nb)

@@ -293,11 +293,11 @@ REFERENCE_MACHINE = Machine(
 # (benchmarks/sweep_tile.py, RESULTS.md), one pair per tile was faster than two on one
 # core (5-12%) and no slower on two.
 _PAIR_TILE_MIN, _PAIR_TILE_MAX = 2**19, 2**21
-# The dispatch threshold follows half the L3: the reference's fp32 logits at B * N = 32
-# pairs (the measured shape) stop fitting in cache between L = 320 (13 MB) and 384 (19 MB;
-# the reference's forward jumps 5.2 -> 18 ms, benchmarks/RESULTS.md). Its side scales as
-# the square root of the cache, on a multiple of 32: 320 at a 32 MiB L3.
-_THRESHOLD_SIDE_AT_MAX_TILE = 320
+# The dispatch threshold follows the pair tile (a quarter of the L3): the reference's fp32
+# logits at B * N = 32 pairs (the measured shape) stop fitting in cache between L = 320
+# (13 MB) and 384 (19 MB; the reference's forward jumps 5.2 -> 18 ms, RESULTS.md). Its
+# side scales as the square root of the pair tile, on a multiple of 32: 320 at 2**21.
+_THRESHOLD_SIDE_AT_MAX_PAIR_TILE = 320
 
 
 def derive_defaults(machine: Machine) -> Defaults:
@@ -325,7 +325,7 @@ def derive_defaults(machine: Machine) -> Defaults:
     pair_tile = _PAIR_TILE_MAX if l3 is None else _pow2_floor(l3 // 16)
     pair_tile = min(max(pair_tile, _PAIR_TILE_MIN), _PAIR_TILE_MAX)
     block_q = 2 ** ((pair_tile.bit_length() - 2) // 2)  # block_q * 2 block_q <= pair_tile
-    side = 32 * round(_THRESHOLD_SIDE_AT_MAX_TILE / 32 * math.sqrt(pair_tile / _PAIR_TILE_MAX))
+    side = 32 * round(_THRESHOLD_SIDE_AT_MAX_PAIR_TILE / 32 * math.sqrt(pair_tile / _PAIR_TILE_MAX))
     return Defaults(
         tile_elements=pair_tile,
         pair_tile_elements=pair_tile,
