@@ -586,48 +586,54 @@ def _t5_tile_add_fwd(s, h, q_idx, kv_idx, table, rule, transposed):
 def _t5_tile_add_bwd(rule: _T5Rule, transposed: bool, res, g):
     """The table's gradient without a scatter-add per entry.
 
-    ``g`` summed over the tile's batch entries, per bucket: distances at or beyond
-    ``max_distance`` on either side (one bucket each) by two masked sums over the tile;
-    the band ``|kv - q| < max_distance`` through windows of R rows (the band's columns
-    for those rows, cut from ``g`` padded by a window's width so that no window is
-    clamped: inside every window the distance is ``w - i`` plus a constant), summed over
-    the windows, then contracted with a one-hot of the bucket of each (i, w).
+    ``g`` summed over the tile's batch entries, then per window of R rows (the tile's
+    rows in blocks of R): the band of columns that holds every distance
+    ``|kv - q| < max_distance`` of those rows (W = R + 2 max_distance - 2 columns, cut
+    from ``g`` padded by W so that no window is clamped; inside a window the distance is
+    ``w - i`` plus a constant), and the columns left and right of it, which all lie at or
+    beyond ``max_distance`` (one bucket each side): rectangles, summed from the R-row
+    column sums. The windows are summed (a product with ones: XLA:CPU reduces a leading
+    axis slowly) and contracted with a one-hot of the bucket of each (i, w).
     """
     h, q_idx, kv_idx, table = res
     nb, D = table.shape[0], rule.max_distance
     x = jnp.sum(g, axis=0)  # [kc, G, bq, bk] or [kc, bk, G, bq]
     kc, G = h.shape
     if transposed:  # rows are keys, columns queries: kv - q = row - col
-        rows_at, cols_at, sign = kv_idx, q_idx, 1
+        rows_at, cols_at, sign = kv_idx, q_idx, -1
     else:  # rows are queries, columns keys: kv - q = col - row
         x = x.reshape(kc * G, x.shape[2], 1, x.shape[3])
-        rows_at, cols_at, sign = q_idx, kv_idx, -1
+        rows_at, cols_at, sign = q_idx, kv_idx, 1
     P, rows, Gm, cols = x.shape
     acc = x.dtype
-    d = sign * (rows_at[:, None] - cols_at[None, :])  # kv - q, [rows, cols]
-    far_before = jnp.sum(jnp.where((d <= -D)[None, :, None, :], x, 0.0), axis=(1, 3))
-    far_after = jnp.sum(jnp.where((d >= D)[None, :, None, :], x, 0.0), axis=(1, 3))
-    # The band: R rows per window, W = R + 2D - 2 columns from the first within reach.
     R = next(r for r in (64, 32, 16, 8, 4, 2, 1) if rows % r == 0)
-    W = R + 2 * D - 2
+    W, nw = R + 2 * D - 2, rows // R
+    # The band |kv - q| < D of row r: columns r + e - D < col < r + e + D.
+    e = rows_at[0] - cols_at[0]
+    first = e - D + 1 + R * jnp.arange(nw)  # window w's first column (maybe outside)
     xp = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (W, W)))
-    first = rows_at[0] - cols_at[0] - D + 1 + W  # window 0's first column in xp
-    starts = jnp.clip(first + R * jnp.arange(rows // R), 0, cols + W)
+    starts = jnp.clip(first + W, 0, cols + W)  # in xp; a clipped window holds only zeros
 
     def window(r, start):
         return lax.dynamic_slice(xp, (0, r * R, 0, start), (P, R, Gm, W))
 
-    band = jnp.sum(jax.vmap(window)(jnp.arange(rows // R), starts), axis=0)  # [P, R, Gm, W]
+    windows = jax.vmap(window)(jnp.arange(nw), starts)  # [nw, P, R, Gm, W]
+    band = (jnp.ones((nw,), acc) @ windows.reshape(nw, -1)).reshape(windows.shape[1:])
     col_minus_row = jnp.arange(W)[None, :] - jnp.arange(R)[:, None] - D + 1  # [R, W]
-    dist = -sign * col_minus_row
     by_distance = rule.buckets(nb)
-    bucket = by_distance[rule.index(dist)]
-    in_band = (jnp.abs(dist) < D)[..., None]
-    is_bucket = bucket[..., None] == jnp.arange(nb)[None, None]
-    onehot = jnp.where(in_band & is_bucket, 1.0, 0.0).astype(acc)  # [R, W, nb]
+    bucket = by_distance[rule.index(sign * col_minus_row)]  # far entries: an end bucket
+    onehot = jnp.where(bucket[..., None] == jnp.arange(nb)[None, None], 1.0, 0.0).astype(acc)
     per_bucket = jnp.einsum("pigw,iwn->pgn", band, onehot, precision=lax.Precision.HIGHEST)
-    per_bucket = per_bucket.at[:, :, by_distance[0]].add(far_before)
-    per_bucket = per_bucket.at[:, :, by_distance[-1]].add(far_after)
+    # Left and right of each window: col - row <= e - D and >= e + D.
+    blocks = jnp.sum(x.reshape(P, nw, R, Gm, cols), axis=2)  # [P, nw, Gm, cols]
+    col = jnp.arange(cols)[None, :]
+    is_left = (col < first[:, None])[None, :, None]
+    is_right = (col >= first[:, None] + W)[None, :, None]
+    left = jnp.sum(jnp.where(is_left, blocks, 0.0), axis=(1, 3))  # [P, Gm]
+    right = jnp.sum(jnp.where(is_right, blocks, 0.0), axis=(1, 3))
+    before, after = (left, right) if sign > 0 else (right, left)
+    per_bucket = per_bucket.at[:, :, by_distance[0]].add(before)
+    per_bucket = per_bucket.at[:, :, by_distance[-1]].add(after)
     dth = per_bucket.reshape(kc, G, nb)
     dtable = jnp.zeros_like(table).at[:, h].add(jnp.moveaxis(dth, -1, 0).astype(table.dtype))
     return g, None, None, None, dtable

@@ -163,8 +163,9 @@ def test_the_t5_bias_tile_form_and_its_table_gradient_match_the_float64_oracle(
     bidirectional, monkeypatch
 ):
     # Long enough for every part of the tile form's gradient: distances beyond
-    # max_distance on both sides (two masked sums), band windows cut at the tiles' edges,
-    # tiles with no band at all; GQA, so the forward and backward tiles stack 2 heads.
+    # max_distance on both sides (inside the band windows and in the rectangles left and
+    # right of them), windows past the tiles' edges, tiles with no band at all; GQA, so
+    # the forward and backward tiles stack 2 heads.
     T, D = 320, 40
     q, k, v = _qkv(T=T, S=T, seed=3)
     table = jax.random.normal(jax.random.key(4), (32, N))
