@@ -1,11 +1,48 @@
 """Test-wide JAX strictness, and the multi-device checks run in subprocesses (tests/multidevice.py)."""
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-import jax
-import pytest
+
+def _share_compilations() -> str | None:
+    """One persistent JAX compilation cache per test session, in a fresh temporary folder.
+
+    Many tests compile the same programs: the same small models and kernels in several
+    files, and the training run of the CLI tests again in its subprocesses. With the
+    cache they compile each once per session, in this process, in pytest-xdist's workers
+    and in the subprocesses they start (which inherit the environment). A fresh folder
+    per session, so a run never reads another run's compilations. A cache of a size
+    turns on JAX's file lock (``filelock``): concurrent writers and readers are safe.
+    Nothing is done when the caller set a cache folder, or when ``filelock`` is missing.
+
+    Returns:
+      The folder, when this process made it (and removes it at the end).
+    """
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return None
+    try:
+        import filelock  # noqa: F401
+    except ImportError:
+        return None
+    path = tempfile.mkdtemp(prefix="flax_mha_tests_jax_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(2**32)
+    return path
+
+
+_CACHE_DIR = _share_compilations()  # before JAX reads its configuration
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+if _CACHE_DIR is not None:  # the same, in case a plugin imported JAX before this file
+    jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    jax.config.update("jax_compilation_cache_max_size", 2**32)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import multidevice  # noqa: E402
@@ -46,6 +83,8 @@ def pytest_collection_finish(session):
 
 def pytest_sessionfinish(session):
     _RUNNER.close()
+    if _CACHE_DIR is not None:
+        shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter):
