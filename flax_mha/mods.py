@@ -618,7 +618,9 @@ def _t5_tile_add_bwd(rule: _T5Rule, transposed: bool, res, g):
         return lax.dynamic_slice(xp, (0, r * R, 0, start), (P, R, Gm, W))
 
     windows = jax.vmap(window)(jnp.arange(nw), starts)  # [nw, P, R, Gm, W]
-    band = (jnp.ones((nw,), acc) @ windows.reshape(nw, -1)).reshape(windows.shape[1:])
+    ones = jnp.ones((nw,), acc)  # HIGHEST: a TPU's default would round g to bf16
+    band = jnp.matmul(ones, windows.reshape(nw, -1), precision=lax.Precision.HIGHEST)
+    band = band.reshape(windows.shape[1:])  # [P, R, Gm, W]
     col_minus_row = jnp.arange(W)[None, :] - jnp.arange(R)[:, None] - D + 1  # [R, W]
     by_distance = rule.buckets(nb)
     bucket = by_distance[rule.index(sign * col_minus_row)]  # far entries: an end bucket
