@@ -497,7 +497,7 @@ def t5_bucket(
 class TileForm(NamedTuple):
     """A score mod's form for whole tiles, which the blockwise kernel uses instead of
     vectorising the scalar function (`relative_bias` has one: its table's gradient is a
-    few masked sums and a small contraction, not a scatter-add per entry).
+    few sums over windows and rectangles and a small contraction, not a scatter-add per entry).
 
     Attributes:
       scalar: ``scalar(score, b, h, q_idx, kv_idx, *consts)``: the mod with its arrays

@@ -29,11 +29,18 @@ def _share_compilations() -> str | None:
         return None
     path = tempfile.mkdtemp(prefix="flax_mha_tests_jax_cache_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = path
-    # Only compilations of 1 s or more (JAX's default): writing every small one costs more
-    # than it saves (0.1 s: generation, decode and variants tests 250 -> 267 s; 1 s: 240 s).
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1.0"
-    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(2**32)
+    for name, value in _CACHE_SETTINGS.items():
+        os.environ[name.upper()] = str(value)
     return path
+
+
+#: Only compilations of 1 s or more (JAX's default): writing every small one costs more
+#: than it saves (0.1 s: generation, decode and variants tests 250 -> 267 s; 1 s: 240 s).
+#: A size limit turns on the cache's file lock.
+_CACHE_SETTINGS = {
+    "jax_persistent_cache_min_compile_time_secs": 1.0,
+    "jax_compilation_cache_max_size": 2**32,
+}
 
 
 _CACHE_DIR = _share_compilations()  # before JAX reads its configuration
@@ -43,8 +50,8 @@ import pytest  # noqa: E402
 
 if _CACHE_DIR is not None:  # the same, in case a plugin imported JAX before this file
     jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    jax.config.update("jax_compilation_cache_max_size", 2**32)
+    for _name, _value in _CACHE_SETTINGS.items():
+        jax.config.update(_name, _value)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import multidevice  # noqa: E402
