@@ -2,11 +2,15 @@
 
 Greedy decoding (``temperature=0``) and sampling (``temperature > 0``, optional
 ``top_k``) for `Transformer` (from encoded inputs) and `TransformerLM` (from a
-prompt). The loop is a `jax.lax.scan`, so the whole generation compiles once.
+prompt). The loop is a `jax.lax.scan` and both functions are jitted: a generation
+compiles once per model, input shapes and static arguments (``max_len`` /
+``max_new_tokens``, ``eos_id``, ``temperature``, ``top_k``, ``return_logits``), and a
+call with new prompts of the same shapes runs the compiled program.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -43,12 +47,22 @@ def next_token(
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+#: ``jax.jit`` of a generation function: the model (Flax modules are hashable), the number
+#: of tokens and the sampling settings are static.
+_jit_generation = functools.partial(
+    jax.jit,
+    static_argnums=(0, 3),
+    static_argnames=("eos_id", "temperature", "top_k", "return_logits"),
+)
+
+
 def _empty_cache(model: Any, *args: Any, method: Any = None) -> Any:
     """Zero-filled cache collection of ``model`` for ``args`` (shapes only, no compute)."""
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, method=method)["cache"])
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
+@_jit_generation
 def generate(
     model: Transformer,
     params: Any,
@@ -107,6 +121,7 @@ def generate(
     return (tokens, logits) if return_logits else tokens
 
 
+@_jit_generation
 def generate_lm(
     model: TransformerLM,
     params: Any,

@@ -114,3 +114,30 @@ def test_lm_config_with_gqa_rope_window_generates_with_the_fast_cache():
         nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         np.testing.assert_array_equal(new[:, t], nxt)
         seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
+
+
+@pytest.mark.parametrize("which", ["generate", "generate_lm"])
+def test_generation_is_jitted_and_new_prompts_of_a_shape_reuse_the_program(which, monkeypatch):
+    """A second call with new inputs of the same shapes runs no Python (no retrace) and
+    equals the unjitted function's result."""
+    import flax_mha.generation as G
+
+    calls = []
+    real = G.next_token
+    monkeypatch.setattr(G, "next_token", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = CFG.replace(vocab_size=13)  # a model no other test compiled
+    if which == "generate":
+        model, fn = M.Transformer(cfg), G.generate
+        x1, x2 = jnp.array([[3, 4, 5, 0]]), jnp.array([[7, 8, 9, 2]])
+        params = model.init(jax.random.key(0), x1, x1)["params"]
+    else:
+        model, fn = M.TransformerLM(cfg), G.generate_lm
+        x1, x2 = jnp.array([[3, 4, 5]]), jnp.array([[9, 2, 6]])
+        params = model.init(jax.random.key(0), x1)["params"]
+    kw = dict(rng=jax.random.key(1), temperature=1.0, top_k=5)
+    fn(model, params, x1, 4, **kw)
+    traced = len(calls)
+    assert traced > 0
+    second = fn(model, params, x2, 4, **kw)
+    assert len(calls) == traced, "the second call of the same shapes traced again"
+    np.testing.assert_array_equal(second, fn.__wrapped__(model, params, x2, 4, **kw))

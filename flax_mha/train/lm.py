@@ -456,14 +456,6 @@ def load_lm(workdir: str | os.PathLike) -> tuple[TransformerLM, Any, ml_collecti
     return model, params, config
 
 
-# One compiled generation per (model, prompt shape, length, sampling), across calls.
-_generate = jax.jit(
-    generate_lm,
-    static_argnums=(0, 3),
-    static_argnames=("eos_id", "temperature", "top_k", "return_logits"),
-)
-
-
 def generate_text(
     workdir: str | os.PathLike,
     prompts: list[str],
@@ -530,7 +522,7 @@ def generate_text(
         for r, i in enumerate(group):
             batch[r, : lengths[i]] = encoded[i]
         kwargs = {"prompt_lengths": jnp.asarray([lengths[i] for i in group])} if ragged else {}
-        new = _generate(
+        new = generate_lm(
             model, params, jnp.asarray(batch), max_new_tokens, eos_id=EOS_ID,
             rng=jax.random.key(seed), temperature=float(temperature), top_k=top_k, **kwargs,
         )  # fmt: skip

@@ -117,10 +117,6 @@ def eval_step(state: TrainState, batch: dict[str, Array]) -> dict[str, Array]:
     return _metrics(logits, batch["targets"], state.label_smoothing)
 
 
-# Greedy decoding compiled once per (model, length); Flax modules are hashable.
-_greedy = jax.jit(generate, static_argnums=(0, 3))
-
-
 def _batches(examples: dict[str, np.ndarray], batch_size: int) -> Iterable[tuple[dict, int]]:
     """Fixed-size batches (one compilation) and the number of real rows in each.
 
@@ -158,7 +154,7 @@ def evaluate(
         m = jax.device_get(eval_step(state, batch))
         for k in sums:
             sums[k] += float(m[k])
-        out = np.asarray(_greedy(model, state.params, jnp.asarray(batch["inputs"]), T))
+        out = np.asarray(generate(model, state.params, jnp.asarray(batch["inputs"]), T))
         exact += int(np.sum(np.all(out == batch["targets"], axis=1)[:real]))
     return {
         "eval_loss": sums["loss_sum"] / sums["tokens"],
