@@ -68,10 +68,6 @@ def pytest_configure(config):
         "markers", "checks(script, section, env=None): the test reads SECTION of tests/SCRIPT "
         "(run in a subprocess, see tests/multidevice.py) from the section_output fixture",
     )  # fmt: skip
-    # Without pytest-xdist installed the mark is unknown; with it, this line is a repeat.
-    config.addinivalue_line(
-        "markers", "xdist_group(name): pytest-xdist runs the group in one worker"
-    )
 
 
 def _checks(item) -> tuple[str, str, dict[str, str]] | None:

@@ -320,7 +320,6 @@ def _ring_main() -> None:
     print("ring conformance ok")
 
 
-@pytest.mark.xdist_group("conformance_ring")
 @pytest.mark.checks(
     "test_conformance.py", "ring",
     env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={RING_DEVICES}",

@@ -29,14 +29,12 @@ def ring_checks(section: str):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("ring_checks")
 @ring_checks("correctness")
 def test_eight_devices_match_single_device_outputs_and_gradients(section_output):
     assert section_output.count("ok  ") == 6, section_output
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("ring_checks")
 @ring_checks("mods")
 def test_eight_devices_with_mods_match_flex_attention_with_gradients_of_their_arrays(
     section_output,
@@ -46,7 +44,6 @@ def test_eight_devices_with_mods_match_flex_attention_with_gradients_of_their_ar
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("ring_checks")
 @ring_checks("axis_types")
 def test_explicit_and_auto_meshes_in_and_out_of_set_mesh_on_any_input_layout(section_output):
     """jax.make_mesh's default Explicit axes used to fail in shard_map's in_specs check."""
@@ -54,7 +51,6 @@ def test_explicit_and_auto_meshes_in_and_out_of_set_mesh_on_any_input_layout(sec
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("ring_checks")
 @ring_checks("x64")
 def test_eight_devices_under_x64(section_output):
     """jax_enable_x64 (int64 loop indices): float32 and float64 inputs, outputs and grads."""
@@ -62,7 +58,6 @@ def test_eight_devices_under_x64(section_output):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("ring_checks")
 @ring_checks("memory")
 def test_per_device_temporaries_shrink_with_ring_size(section_output):
     print(section_output)  # the table, for benchmarks/RESULTS.md (pytest -s)

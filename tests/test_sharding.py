@@ -224,7 +224,6 @@ SECTIONS = ["mha", "train", "cli", "mha-explicit", "train-explicit", "cli-explic
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("sharding_checks")
 @pytest.mark.parametrize(
     "section",
     [pytest.param(s, marks=pytest.mark.checks("sharding_checks.py", s)) for s in SECTIONS],
