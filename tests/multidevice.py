@@ -17,7 +17,10 @@ it. The checks are mostly single-threaded, so on CI's 2 cores the session starts
 scripts in the background as soon as collection knows which tests run (one script at a
 time, in the order the tests will need them), and the other tests use the second core
 meanwhile; a test then waits for its script. Under pytest-xdist (one process per core
-already) nothing starts early: the first test that needs a script runs it.
+already) nothing starts early: the first test that needs a script runs it, so a script's
+tests must share a worker: keep them in one file and run with ``--dist loadfile`` (the
+README's command). ``xdist_group`` marks would not do: pytest 9.2 ignores the group
+suffix that pytest-xdist 3.8 writes into the test ids, and a script ran once per worker.
 """
 
 from __future__ import annotations
