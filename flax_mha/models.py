@@ -29,7 +29,7 @@ from jax import Array, lax
 
 from flax_mha import functional, mods
 from flax_mha.attention import MultiHeadAttention
-from flax_mha.kernels.block_mask import BlockMask, create_block_mask
+from flax_mha.kernels.block_mask import BlockMask, create_block_mask, default_block_size
 from flax_mha.layers import (
     EMBED,
     MLP,
@@ -189,6 +189,7 @@ class Masking(NamedTuple):
         *,
         causal: bool,
         segment_ids: Array | None = None,
+        head_dim: int | None = None,
     ) -> Masking:
         """Documents from padding (and segment ids), optionally causal.
 
@@ -200,6 +201,8 @@ class Masking(NamedTuple):
           valid_kv: bool [B, S] non-padding keys.
           causal: key ``s`` visible to query ``t`` only if ``s <= t``.
           segment_ids: int [B, T] documents of packed rows (self-attention), or None.
+          head_dim: the attention's head size, for the block mask's default block size
+            (`flax_mha.kernels.block_mask.default_block_size`).
         """
         B, T = valid_q.shape
         S = valid_kv.shape[1]
@@ -210,7 +213,13 @@ class Masking(NamedTuple):
         mask_mod = mods.document(q_ids, kv_ids)
         if causal:
             mask_mod = mods.and_masks(mods.causal, mask_mod)
-        return cls(mask_mod, create_block_mask(mask_mod, B, None, T, S))
+        block_size = default_block_size(T, S, head_dim)
+        return cls(mask_mod, create_block_mask(mask_mod, B, None, T, S, block_size=block_size))
+
+
+def _head_dim(config: TransformerConfig) -> int:
+    """The size of each attention head (``MultiHeadAttention`` splits d_model over heads)."""
+    return config.d_model // config.num_heads
 
 
 def sinusoidal_positions(max_len: int, d_model: int) -> np.ndarray:
@@ -482,7 +491,7 @@ class Transformer(nn.Module):
         _check_tokens("inputs", inputs)
         valid = inputs > PAD_ID
         if self.config.uses_mods:
-            mask = Masking.of(valid, valid, causal=False)
+            mask = Masking.of(valid, valid, causal=False, head_dim=_head_dim(self.config))
         else:
             mask = make_attention_mask(valid, valid, dtype=jnp.bool_)
         x = self.encoder_embedder(inputs, deterministic)
@@ -521,7 +530,7 @@ class Transformer(nn.Module):
             if targets is None:
                 valid_q = valid_q.at[:, 0].set(True)  # BOS is token 0
             if c.uses_mods:
-                self_mask = Masking.of(valid_q, valid_q, causal=True)
+                self_mask = Masking.of(valid_q, valid_q, causal=True, head_dim=_head_dim(c))
             else:
                 self_mask = combine_masks(
                     make_attention_mask(valid_q, valid_q, dtype=jnp.bool_),
@@ -529,7 +538,7 @@ class Transformer(nn.Module):
                     dtype=jnp.bool_,
                 )
         if c.uses_mods:
-            cross_mask = Masking.of(valid_q, inputs > PAD_ID, causal=False)
+            cross_mask = Masking.of(valid_q, inputs > PAD_ID, causal=False, head_dim=_head_dim(c))
         else:
             cross_mask = make_attention_mask(valid_q, inputs > PAD_ID, dtype=jnp.bool_)
         y = self.decoder_embedder(decoder_inputs, deterministic)
@@ -603,7 +612,9 @@ class TransformerLM(nn.Module):
         if not c.decode:
             valid = tokens > PAD_ID
             if c.uses_mods:
-                mask = Masking.of(valid, valid, causal=True, segment_ids=segment_ids)
+                mask = Masking.of(
+                    valid, valid, causal=True, segment_ids=segment_ids, head_dim=_head_dim(c)
+                )
             else:
                 same = None
                 if segment_ids is not None:

@@ -220,6 +220,13 @@ def test_default_block_size_on_cpu_grows_with_length_from_128_to_512():
     for L, want in [(50, 128), (1024, 128), (2048, 256), (4096, 512), (32768, 512)]:
         assert default_block_size(L, L) == (want, want), L
     assert default_block_size(64, 4096) == (128, 512)
+
+
+def test_default_block_size_with_heads_of_64_or_more_is_512_from_length_1024():
+    assert default_block_size(1024, 2048, head_dim=64) == (512, 512)
+    assert default_block_size(512, 1024, head_dim=128) == (128, 512)
+    assert default_block_size(1024, 1024, head_dim=32) == (128, 128)  # narrower: as before
+    assert default_block_size(1024, 1024) == (128, 128)  # unknown: as before
     assert flax_mha.create_block_mask(mods.causal, None, None, 50, 2048).block_size == (128, 256)
 
 

@@ -140,3 +140,28 @@ def test_generation_with_ragged_prompts_equals_one_by_one():
     for row, prompt in zip(together, prompts, strict=True):
         alone = generate_lm(model, params, jnp.array([prompt]), 6, **kw)
         np.testing.assert_array_equal(row, alone[0])
+
+
+def test_the_models_block_masks_take_the_block_size_of_their_head_size():
+    """64-wide heads at 1024 tokens: 512-blocks (`default_block_size` with ``head_dim``)."""
+    from flax_mha.models import Masking
+
+    valid = jnp.ones((1, 1024), bool)
+    assert Masking.of(valid, valid, causal=True, head_dim=64).block_mask.block_size == (512, 512)
+    assert Masking.of(valid, valid, causal=True, head_dim=32).block_mask.block_size == (128, 128)
+    cfg = TransformerConfig(vocab_size=7, d_model=128, num_heads=2, num_decoder_layers=1,
+                            d_ff=16, dropout_rate=0.0, max_len=1024)  # fmt: skip
+    model = TransformerLM(cfg)
+    tokens = jnp.ones((1, 1024), jnp.int32)
+    seen = []
+
+    def spy(next_fun, args, kwargs, context):
+        if "block_mask" in kwargs:
+            seen.append(kwargs["block_mask"].block_size)
+        return next_fun(*args, **kwargs)
+
+    import flax.linen as nn
+
+    with nn.intercept_methods(spy):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))
+    assert seen and set(seen) == {(512, 512)}, seen
