@@ -62,3 +62,10 @@ def test_bench_lm_quick_times_both_attentions_on_the_same_model():
     for impl in ("flax (dense mask)", "ours (mask mods)"):
         row = next(x for x in out.splitlines() if x.startswith(f"| 128 | 2 | {impl} |"))
         assert float(row.split("|")[5].replace(",", "")) > 0  # tokens/s
+
+
+def test_sweep_block_size_prints_every_size_against_is_causal():
+    out = _run("sweep_block_size.py", *TINY, "--documents", "2", "--sizes", "models", "128")
+    assert "documents=2" in out
+    for row in ("is_causal (no documents)", "models (128, 128)", "128 (128, 128)"):
+        assert f"  {row} " in out, out
