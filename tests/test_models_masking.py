@@ -7,13 +7,14 @@ positions the loss reads and parameter gradients, fp32 to 1e-5.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from flax_mha.apps.timing import compiled_temp_bytes
-from flax_mha.models import PAD_ID, Transformer, TransformerConfig, TransformerLM
+from flax_mha.models import PAD_ID, Masking, Transformer, TransformerConfig, TransformerLM
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 SMALL = dict(d_model=32, num_heads=4, d_ff=64, num_encoder_layers=2, num_decoder_layers=2,
@@ -144,8 +145,6 @@ def test_generation_with_ragged_prompts_equals_one_by_one():
 
 def test_the_models_block_masks_take_the_block_size_of_their_head_size():
     """64-wide heads at 1024 tokens: 512-blocks (`default_block_size` with ``head_dim``)."""
-    from flax_mha.models import Masking
-
     valid = jnp.ones((1, 1024), bool)
     assert Masking.of(valid, valid, causal=True, head_dim=64).block_mask.block_size == (512, 512)
     assert Masking.of(valid, valid, causal=True, head_dim=32).block_mask.block_size == (128, 128)
@@ -159,8 +158,6 @@ def test_the_models_block_masks_take_the_block_size_of_their_head_size():
         if "block_mask" in kwargs:
             seen.append(kwargs["block_mask"].block_size)
         return next_fun(*args, **kwargs)
-
-    import flax.linen as nn
 
     with nn.intercept_methods(spy):
         jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))
