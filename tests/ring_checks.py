@@ -4,8 +4,8 @@ JAX fixes its device count when it initialises, and the rest of the test suite
 initialises it with one CPU device, so these checks run in a fresh interpreter
 with ``--xla_force_host_platform_device_count=8``. Exits non-zero on failure.
 
-Usage: python tests/ring_checks.py SECTION... (correctness, mods, axis_types, memory, x64; each
-runs once, in that order, see tests/multidevice.py).
+Usage: python tests/ring_checks.py SECTION... (correctness, mods, axis_types, memory, eager,
+x64; each runs once, in that order, see tests/multidevice.py).
 
 ``x64`` runs last: it turns on ``jax_enable_x64`` (globally, as a user would at start-up)
 before it traces anything, and nothing runs after it.
@@ -292,13 +292,51 @@ def axis_types() -> None:
                     if "eager" in runs:
                         out = ring(q_, k_, v_, scale)  # static scale
                         _close(f"{name}: eager out", out, want)
-                        assert out.sharding.spec == P(batch_axis, "sp"), (name, out.sharding)
+                        in_layout = NamedSharding(mesh, P(batch_axis, "sp"))
+                        assert out.sharding.is_equivalent_to(in_layout, out.ndim), (
+                            name, out.sharding,
+                        )  # fmt: skip
                     for run in runs[1:] if "eager" in runs else runs:
                         f = jax.jit(grad) if run == "jit grad" else grad
                         (_, out), grads = f(q_, k_, v_, scale)  # traced scale
                         _close(f"{name}: {run}: out", out, want)
                         _check_grads(f"{name}: {run}", grads, want_g)
         print(f"ok  {kind} meshes  ({time.perf_counter() - t0:.1f}s)", flush=True)
+
+
+def eager() -> None:
+    """An eager call compiles its programs once: the same call again compiles nothing.
+
+    Eagerly, `jax.shard_map` runs its body op by op (a dispatch per operation and
+    device); the ring's shard_maps are jitted, so a repeat of a call (forward, and
+    forward + backward through `jax.grad`) reuses its compilations.
+    """
+    compiles = []
+
+    def count(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    mesh = Mesh(np.array(jax.devices()), ("sp",))  # Auto axes: eager grad needs no set_mesh
+    q, k, v, ct = _inputs(2, 64, 4, 2, 8, seed=2)
+    lens = jnp.asarray([64, 21], jnp.int32)
+
+    def ring(q, k, v):
+        return ring_attention(
+            q, k, v, mesh=mesh, axis_name="sp", is_causal=True, key_value_seq_lengths=lens
+        )
+
+    grad = jax.grad(lambda q, k, v: jnp.sum(ring(q, k, v) * ct), argnums=(0, 1, 2))
+    for name, f in (("forward", ring), ("grad", grad)):
+        jax.block_until_ready(f(q, k, v))
+        first = len(compiles)
+        got = jax.block_until_ready(f(q, k, v))
+        assert first > 0 and len(compiles) == first, (name, first, len(compiles))
+        print(f"ok  eager {name}: {first} compilations on the first call, none on the second")
+    want, _ = np_attention(q, k, v, mask=_np_mask(2, 64, True, [64, 21]))
+    _close("eager forward", ring(q, k, v), want)
+    assert all(np.isfinite(np.asarray(g)).all() for g in got)
 
 
 def x64() -> None:
@@ -395,6 +433,7 @@ SECTIONS = {
     "mods": mods_section,
     "axis_types": axis_types,
     "memory": memory,
+    "eager": eager,
     "x64": x64,
 }
 

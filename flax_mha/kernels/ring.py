@@ -96,6 +96,10 @@ def _unpack(r: RingCall, args: tuple) -> tuple:
     return (q, k, v, kv_len, *rest)
 
 
+# Jitted: eagerly, `jax.shard_map` runs its body op by op (each operation compiled and
+# dispatched per device, ~3 s per call of a toy ring); a jit compiles the body once per
+# (call options, shapes, shardings), and under an outer jit it is inlined.
+@functools.partial(jax.jit, static_argnums=(0,))
 def _shard_forward(r: RingCall, q, k, v, kv_len, consts: ModConsts):
     args, in_specs = _shard_args(r, q, k, v, kv_len, consts)
     out_specs = (r.layout.seq_spec(), P(r.layout.batch_axis, None, r.layout.axis_name))
@@ -111,6 +115,7 @@ def _shard_forward(r: RingCall, q, k, v, kv_len, consts: ModConsts):
     return f(*args)
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
 def _shard_backward(r: RingCall, q, k, v, kv_len, consts: ModConsts, out, lse, dout):
     args, in_specs = _shard_args(r, q, k, v, kv_len, consts, out, lse, dout)
     seq = r.layout.seq_spec()

@@ -197,6 +197,7 @@ def _reorder_local(x: Array, axis_name: str, n: int, inverse: bool) -> Array:
     return jnp.concatenate([first, second], axis=1)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))  # eagerly: one program, not op by op
 def _reorder_global(x: Array, r: RingLayout, inverse: bool) -> Array:
     spec = r.seq_spec()
     f = jax.shard_map(
