@@ -178,7 +178,9 @@ def programmed_attention(
         mask_mod = _in_cache(mask_mod, cached)
     if block_mask is None and isinstance(mask_mod, mods.MaskMod) and mask_mod.rule is not None:
         per_batch = segment_ids is not None or m.mask_mod is not None or cached is not None
-        block_mask = create_block_mask(mask_mod, B if per_batch else None, None, T, S)
+        block_mask = create_block_mask(
+            mask_mod, B if per_batch else None, None, T, S, head_dim=query.shape[-1]
+        )
     score_mod = _score_mod(m, cached)
     out = flex_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask)
     return out.reshape(*batch, T, N, out.shape[-1])

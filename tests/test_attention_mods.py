@@ -109,6 +109,38 @@ def test_score_mod_closing_over_a_parameter_gets_its_gradient():
     _assert_same(flex, dense)
 
 
+def _block_sizes_built(monkeypatch, module_path: str) -> list:
+    """The block sizes of the block masks ``module_path`` builds (a spy)."""
+    import importlib
+
+    module = importlib.import_module(module_path)
+    sizes, build = [], module.create_block_mask
+
+    def spy(*args, **kwargs):
+        bm = build(*args, **kwargs)
+        sizes.append(bm.block_size)
+        return bm
+
+    monkeypatch.setattr(module, "create_block_mask", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("head_size, want", [(64, (512, 512)), (32, (128, 128))])
+def test_the_module_s_block_mask_uses_512_blocks_for_wide_heads_at_length_1024(
+    monkeypatch, head_size, want
+):
+    """At L=1024 with heads of 64, XLA:CPU runs 128-blocks 1.2-1.5x slower than 512-blocks
+    (benchmarks/RESULTS.md, "Block sizes of the models' masks"); shapes only, no compute."""
+    sizes = _block_sizes_built(monkeypatch, "flax_mha.attention_mods")
+    L = 1024
+    x = jax.ShapeDtypeStruct((1, L, 2 * head_size), jnp.float32)
+    seg = jax.ShapeDtypeStruct((1, L), jnp.int32)
+    m = flax_mha.MultiHeadAttention(num_heads=2, is_causal=True)
+    params = jax.eval_shape(m.init, jax.random.key(0), x, segment_ids=seg)
+    jax.eval_shape(lambda p, x, s: m.apply(p, x, segment_ids=s), params, x, seg)
+    assert sizes and set(sizes) == {want}, sizes
+
+
 def test_a_block_mask_built_once_serves_every_layer():
     x, seg = _inputs()
     mask_mod = mods.and_masks(mods.causal, mods.document(seg))

@@ -230,6 +230,19 @@ def test_default_block_size_with_heads_of_64_or_more_is_512_from_length_1024():
     assert flax_mha.create_block_mask(mods.causal, None, None, 50, 2048).block_size == (128, 256)
 
 
+def test_create_block_mask_takes_the_head_size_for_its_default_blocks():
+    def size(**kw):
+        return flax_mha.create_block_mask(mods.causal, None, None, 1024, 1024, **kw).block_size
+
+    assert size() == (128, 128)
+    assert size(head_dim=64) == (512, 512)
+    assert size(head_dim=32) == (128, 128)
+    assert size(head_dim=64, block_size=64) == (64, 64)  # a block size given wins
+    for bad in (0, -64, 64.0, True):
+        with pytest.raises(ValueError, match=rf"head_dim should be a positive int .*{bad!r}"):
+            size(head_dim=bad)
+
+
 def _largest_intermediate(fn) -> int:
     jaxpr = jax.make_jaxpr(fn)()
     sizes = [0]

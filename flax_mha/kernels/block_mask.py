@@ -230,6 +230,7 @@ def create_block_mask(
     S: int,
     *,
     block_size: int | tuple[int, int] | None = None,
+    head_dim: int | None = None,
 ) -> BlockMask:
     """The `BlockMask` of ``mask_mod`` on a [B, N, T, S] attention (FlexAttention's name).
 
@@ -243,7 +244,10 @@ def create_block_mask(
       T: query length.
       S: key length.
       block_size: rows and keys per block: an int for both, or ``(block_q, block_k)``;
-        None: `default_block_size` (128 on GPU / TPU; 128 to 512 on CPU, by length).
+        None: `default_block_size` (128 on GPU / TPU; 128 to 512 on CPU, by length and
+        ``head_dim``).
+      head_dim: the attention's head size, when ``block_size`` is None: on CPU, heads of
+        64 or more get 512-blocks from a length of 1024 up (see `default_block_size`).
 
     Returns:
       The `BlockMask` (jittable; built without any T x S array).
@@ -254,8 +258,13 @@ def create_block_mask(
     """
     if not callable(mask_mod):
         raise TypeError(f"mask_mod should be a function, but got {type(mask_mod).__name__}")
+    if head_dim is not None and (
+        not isinstance(head_dim, (int, np.integer)) or isinstance(head_dim, bool) or head_dim <= 0
+    ):
+        raise ValueError(f"head_dim should be a positive int or None, but got {head_dim!r}")
     if block_size is None:
-        block_size = default_block_size(T, S) if isinstance(T, int) and isinstance(S, int) else 128
+        sized = isinstance(T, int) and isinstance(S, int)
+        block_size = default_block_size(T, S, head_dim) if sized else 128
     bq, bk = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
     for name, v in (("B", B), ("N", N)):
         if v is not None and (not isinstance(v, (int, np.integer)) or v <= 0):

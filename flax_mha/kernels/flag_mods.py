@@ -139,7 +139,7 @@ def blockwise_flag_mods(
     mask_mod, score_mod = flag_mods(**flags)  # type: ignore[arg-type]
     classes = block_size = None
     if isinstance(mask_mod, mods.MaskMod) and mask_mod.rule is not None:
-        block_size = default_block_size(T, S)
+        block_size = default_block_size(T, S, head_dim=query.shape[-1])
         block_mask = create_block_mask(mask_mod, B, None, T, S, block_size=block_size)
         classes = block_mask.classes
     acc = accumulation_dtype(query, key, value)
