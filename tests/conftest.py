@@ -116,3 +116,22 @@ def maybe_jit(request):
     if request.param:
         return lambda f: jax.jit(f)
     return lambda f: f
+
+
+@pytest.fixture
+def block_sizes_built(monkeypatch):
+    """``block_sizes_built(module)``: a list that receives the block size of every
+    `BlockMask` that ``module``'s ``create_block_mask`` builds during the test (a spy)."""
+
+    def watch(module) -> list[tuple[int, int]]:
+        sizes, build = [], module.create_block_mask
+
+        def spy(*args, **kwargs):
+            block_mask = build(*args, **kwargs)
+            sizes.append(block_mask.block_size)
+            return block_mask
+
+        monkeypatch.setattr(module, "create_block_mask", spy)
+        return sizes
+
+    return watch

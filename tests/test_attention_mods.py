@@ -109,29 +109,13 @@ def test_score_mod_closing_over_a_parameter_gets_its_gradient():
     _assert_same(flex, dense)
 
 
-def _block_sizes_built(monkeypatch, module_path: str) -> list:
-    """The block sizes of the block masks ``module_path`` builds (a spy)."""
-    import importlib
-
-    module = importlib.import_module(module_path)
-    sizes, build = [], module.create_block_mask
-
-    def spy(*args, **kwargs):
-        bm = build(*args, **kwargs)
-        sizes.append(bm.block_size)
-        return bm
-
-    monkeypatch.setattr(module, "create_block_mask", spy)
-    return sizes
-
-
 @pytest.mark.parametrize("head_size, want", [(64, (512, 512)), (32, (128, 128))])
 def test_the_module_s_block_mask_uses_512_blocks_for_wide_heads_at_length_1024(
-    monkeypatch, head_size, want
+    block_sizes_built, head_size, want
 ):
     """At L=1024 with heads of 64, XLA:CPU runs 128-blocks 1.2-1.5x slower than 512-blocks
     (benchmarks/RESULTS.md, "Block sizes of the models' masks"); shapes only, no compute."""
-    sizes = _block_sizes_built(monkeypatch, "flax_mha.attention_mods")
+    sizes = block_sizes_built(flax_mha.attention_mods)
     L = 1024
     x = jax.ShapeDtypeStruct((1, L, 2 * head_size), jnp.float32)
     seg = jax.ShapeDtypeStruct((1, L), jnp.int32)

@@ -141,19 +141,14 @@ def test_automatic_choice_runs_softcap_on_the_kernel_above_the_cpu_threshold():
 
 
 @pytest.mark.parametrize("head_size, want", [(64, (512, 512)), (32, (128, 128))])
-def test_flags_as_mods_take_512_blocks_for_wide_heads_at_length_1024(monkeypatch, head_size, want):
+def test_flags_as_mods_take_512_blocks_for_wide_heads_at_length_1024(
+    block_sizes_built, head_size, want
+):
     """The blocks of the flags' block mask follow `default_block_size(T, S, head_dim)`, as
     the models' masks do (benchmarks/RESULTS.md); shapes only, no compute."""
-    from flax_mha.kernels import flag_mods as module
+    from flax_mha.kernels import flag_mods
 
-    sizes, build = [], module.create_block_mask
-
-    def spy(*args, **kwargs):
-        bm = build(*args, **kwargs)
-        sizes.append(bm.block_size)
-        return bm
-
-    monkeypatch.setattr(module, "create_block_mask", spy)
+    sizes = block_sizes_built(flag_mods)
     q = jax.ShapeDtypeStruct((1, 1024, 2, head_size), jnp.float32)
     jax.eval_shape(
         lambda q: flax_mha.dot_product_attention(
