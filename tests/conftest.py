@@ -45,25 +45,6 @@ _CACHE_SETTINGS = {
 
 _CACHE_DIR = _share_compilations()  # before JAX reads its configuration
 
-
-def _one_eigen_thread_per_worker() -> None:
-    """In a pytest-xdist worker, XLA's Eigen operations (its dots) run on one thread.
-
-    The README's command runs one worker per core, so a worker's Eigen thread pool only
-    contends with the other worker's, and its threads spin while they wait. With one
-    thread each: `tests/test_dispatch.py` and `tests/test_variants.py` side by side took
-    140.6 / 85.6 s against 163.5 / 94.3 s (153 / 76 against 181 / 84 CPU-seconds) on the
-    2-core EPYC. The results are the same programs' (no test changes); a serial run
-    (``python -m pytest``) keeps XLA's defaults. The subprocesses a worker starts inherit it.
-    """
-    if "PYTEST_XDIST_WORKER" in os.environ:
-        flags = os.environ.get("XLA_FLAGS", "")
-        if "xla_cpu_multi_thread_eigen" not in flags:
-            os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
-
-
-_one_eigen_thread_per_worker()  # before JAX reads XLA_FLAGS
-
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
