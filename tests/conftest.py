@@ -63,23 +63,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 _RUNNER = multidevice.Runner()
 
 
-#: The test files that take longest in all (`--durations=0`, 2026-12-07: sharding ~160 s
-#: with its subprocesses, kernels 199 s, train 180 s, dispatch 153 s, ...), run first.
-#: Under ``--dist loadfile`` pytest-xdist hands out whole files in collection order, so a
-#: run that ends on a small file leaves no core idle for minutes. (Its own default order,
-#: by number of tests, put the few long multi-device and training tests last: the last
-#: ~5 min of a CI run had one worker busy.)
-_LONGEST_FIRST = (
-    "test_sharding.py", "test_kernels.py", "test_train.py", "test_dispatch.py",
-    "test_conformance.py", "test_variants.py", "test_functional.py", "test_ring.py",
-    "test_models_masking.py", "test_decode.py", "test_generation.py", "test_attention.py",
-    "test_nnx.py", "test_attention_mods.py", "test_readme.py", "test_flex.py",
-)  # fmt: skip
-
-
 def pytest_configure(config):
-    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep our file order
-        config.option.loadscopereorder = False
     config.addinivalue_line(
         "markers", "checks(script, section, env=None): the test reads SECTION of tests/SCRIPT "
         "(run in a subprocess, see tests/multidevice.py) from the section_output fixture",
@@ -92,11 +76,6 @@ def _checks(item) -> tuple[str, str, dict[str, str]] | None:
         return None
     script, section = mark.args
     return script, section, dict(mark.kwargs.get("env") or {})
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files keep order
 
 
 def pytest_collection_finish(session):
