@@ -222,6 +222,11 @@ def _dense_classes(
     return any_.reshape(B, N, nq, nk), all_.reshape(B, N, nq, nk)
 
 
+def _is_positive_int(v: Any) -> bool:
+    """A Python or NumPy int above 0 (not a bool, not a float of integer value)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+
+
 def create_block_mask(
     mask_mod: Callable[..., Array],
     B: int | None,
@@ -258,9 +263,7 @@ def create_block_mask(
     """
     if not callable(mask_mod):
         raise TypeError(f"mask_mod should be a function, but got {type(mask_mod).__name__}")
-    if head_dim is not None and (
-        not isinstance(head_dim, (int, np.integer)) or isinstance(head_dim, bool) or head_dim <= 0
-    ):
+    if head_dim is not None and not _is_positive_int(head_dim):
         raise ValueError(f"head_dim should be a positive int or None, but got {head_dim!r}")
     if block_size is None:
         sized = isinstance(T, int) and isinstance(S, int)
@@ -270,7 +273,7 @@ def create_block_mask(
         if v is not None and (not isinstance(v, (int, np.integer)) or v <= 0):
             raise ValueError(f"{name} should be a positive int or None, but got {v!r}")
     for name, v in (("T", T), ("S", S), ("block_q", bq), ("block_k", bk)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+        if not _is_positive_int(v):
             raise ValueError(f"{name} should be a positive int, but got {v!r}")
     Bb, Nb, T, S, bq, bk = (int(x) for x in (B or 1, N or 1, T, S, bq, bk))
     rule = mask_mod.rule if isinstance(mask_mod, MaskMod) else None
