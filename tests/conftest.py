@@ -43,6 +43,26 @@ _CACHE_SETTINGS = {
 }
 
 
+def _compile_with_the_classic_cpu_emitters() -> None:
+    """XLA:CPU's classic fusion emitters for the tests' many small programs: faster compiles.
+
+    The suite is bound by compiling many small programs (benchmarks/RESULTS.md, "The test
+    suite's time"). XLA:CPU's newer MLIR fusion emitters compile them more slowly than
+    its classic LLVM-IR emitters (``--xla_cpu_use_fusion_emitters=false``): the kernel's
+    grid of cases, ``pytest tests/test_kernels.py -k grid``, 52 -> 35 s. The results must
+    and do agree to the same tolerances: both emitters compile the same HLO. Set in the
+    environment, so pytest-xdist's workers and the subprocesses the tests start (CLI runs,
+    multi-device scripts) inherit it. ``FLAX_MHA_TEST_XLA_DEFAULTS=1`` keeps XLA's
+    defaults (run it so before a release), and a flag the caller set is never overridden.
+    """
+    if os.environ.get("FLAX_MHA_TEST_XLA_DEFAULTS") == "1":
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_use_fusion_emitters" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_use_fusion_emitters=false".strip()
+
+
+_compile_with_the_classic_cpu_emitters()  # before JAX reads XLA_FLAGS
 _CACHE_DIR = _share_compilations()  # before JAX reads its configuration
 
 import jax  # noqa: E402
