@@ -49,7 +49,8 @@ def _compile_with_the_classic_cpu_emitters() -> None:
     The suite is bound by compiling many small programs (benchmarks/RESULTS.md, "The test
     suite's time"). XLA:CPU's newer MLIR fusion emitters compile them more slowly than
     its classic LLVM-IR emitters (``--xla_cpu_use_fusion_emitters=false``): the kernel's
-    grid of cases, ``pytest tests/test_kernels.py -k grid``, 52 -> 35 s. The results must
+    grid of cases, ``pytest tests/test_kernels.py -k grid``, 52 -> 35 s (their code runs
+    slower, so the library never sets it: the tests compile more than they run). The results must
     and do agree to the same tolerances: both emitters compile the same HLO. Set in the
     environment, so pytest-xdist's workers and the subprocesses the tests start (CLI runs,
     multi-device scripts) inherit it. ``FLAX_MHA_TEST_XLA_DEFAULTS=1`` keeps XLA's
