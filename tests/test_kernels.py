@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from np_reference import np_attention_vjp
 
 from flax_mha.kernels import blockwise_tiles
 from flax_mha.kernels import config as kernel_config
@@ -604,6 +605,52 @@ def test_causal_and_window_skip_blocks():
     assert blockwise_tiles.chunks(4, 8, 1024, 2048) == (1, 1, 4, 8)
     assert blockwise_tiles.chunks(4, 8, 32, 32) == (4, 8, 1, 1)
     assert blockwise_tiles.chunks(3, 5, 512, 1024) == (3, 1, 1, 5)
+
+
+@pytest.mark.parametrize("layout", ["[B, N, T, S]", "[1, 1, T, S]", "[B, 1, 1, S]"])
+def test_a_mask_arrays_empty_blocks_are_skipped_and_its_full_ones_run_unmasked(layout):
+    """A mask array alone gives the loops its blocks: empty ones skipped, full ones unmasked.
+
+    Documents of 24 tokens on 16-blocks (T = 70, S = 90: padded last blocks), causal
+    within each; one (batch, head) masked everywhere (zeros, zero gradients). Outputs
+    and dq, dk, dv against the float64 oracle at the fp32 tolerance; the loops' tile
+    counts against the blocks that hold an attended entry, counted here in NumPy.
+    """
+    B, T, S, N, K, H, bs, scale = 2, 70, 90, 4, 2, 8, 16, 0.3
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(B, T, N, H)).astype(np.float32)
+    k, v = (rng.normal(size=(B, S, K, H)).astype(np.float32) for _ in range(2))
+    dout = rng.normal(size=(B, T, N, H)).astype(np.float32)
+    t, s = np.arange(T)[:, None], np.arange(S)[None, :]
+    docs = (t // 24 == s // 24) & (s <= t + 10)
+    if layout == "[B, N, T, S]":
+        mask = np.broadcast_to(docs, (B, N, T, S)).copy()
+        mask[1, 2] = False
+    elif layout == "[1, 1, T, S]":
+        mask = docs[None, None]
+    else:  # padding: batch entry b sees its first 40 + 30 b keys
+        mask = (s < 40 + 30 * np.arange(B)[:, None, None, None]) & np.ones((B, 1, 1, 1), bool)
+    want, want_grads = np_attention_vjp(q, k, v, mask, scale, dout)
+
+    def attend(q, k, v):
+        return blockwise_attention(q, k, v, scale=scale, mask=mask, block_q=bs, block_k=bs)
+
+    out, vjp = jax.vjp(jax.jit(attend), q, k, v)
+    np.testing.assert_allclose(out, want, atol=ATOL, rtol=RTOL)
+    for got, ref in zip(vjp(jnp.asarray(dout)), want_grads, strict=False):
+        np.testing.assert_allclose(got, ref, atol=ATOL, rtol=RTOL)
+    if layout == "[B, N, T, S]":
+        assert not np.asarray(out)[1, :, 2].any()
+
+    # Blocks with an attended entry for some (batch, head) of the one chunk of pairs.
+    full = np.broadcast_to(mask, (B, N, T, S))
+    padded = np.zeros((B, N, -(-T // bs) * bs, -(-S // bs) * bs), bool)
+    padded[:, :, :T, :S] = full
+    nq, nk = padded.shape[2] // bs, padded.shape[3] // bs
+    blocks = padded.reshape(B, N, nq, bs, nk, bs).any(axis=(0, 1, 3, 5))
+    fwd, bwd = visited_tiles(q, k, v, scale=scale, mask=mask, block_q=bs, block_k=bs)
+    assert 0 < int(blocks.sum()) < nq * nk
+    assert (int(fwd), int(bwd)) == (int(blocks.sum()), int(blocks.sum()))
 
 
 def _compiled_flops(fn, *specs) -> float:

@@ -34,6 +34,8 @@ __all__ = [
     "keep_tile",
     "key_block_range",
     "make_tiles",
+    "mask_classes",
+    "skips_by_mask",
     "max_length",
     "plain_causal",
     "query_block_range",
@@ -276,7 +278,8 @@ class Tiles(NamedTuple):
             consts = self.score_consts if score_consts is None else score_consts
             s = self._on_tile(cfg.score_mod, s, c, i, j, consts).astype(s.dtype)
         keep = pos
-        if self.mask is not None:
+        if self.mask is not None and (partial or self.lists is None):
+            # With lists, they are the mask's own (`mask_classes`): full blocks need none.
             user = self._pair_tile(self.mask, c, i, j)
             keep = user if keep is None else jnp.logical_and(keep, user)
         if partial and cfg.mask_mod is not None:
@@ -421,12 +424,59 @@ class BlockLists(NamedTuple):
         return self.num_partial[c, r], self.partial[c, r], self.num_full[c, r], self.full[c, r]
 
 
+def mask_classes(mask: Array, geo: Geometry) -> Array:
+    """Block classes int8 [Bb, Nb, nq, nk] of a bool [Bb, Nb, T|1, S|1] mask, on ``geo``'s blocks.
+
+    EMPTY where no entry of a block attends, FULL where all do, PARTIAL otherwise
+    (`flax_mha.kernels.block_mask`). Entries outside [T, S] (the blocks' padding) count
+    as neither: the kernel masks padded keys by position, and padded query rows are cut.
+    """
+    Bb, Nb, Tb, Sb = mask.shape
+    nq, bq = (geo.nq, geo.bq) if Tb > 1 else (1, 1)
+    nk, bk = (geo.nk, geo.bk) if Sb > 1 else (1, 1)
+
+    def blocks(fill: bool) -> Array:
+        pads = ((0, 0), (0, 0), (0, nq * bq - Tb), (0, nk * bk - Sb))
+        x = jnp.pad(mask, pads, constant_values=fill)
+        return x.reshape(Bb, Nb, nq, bq, nk, bk)
+
+    any_ = jnp.any(blocks(False), axis=(3, 5))
+    all_ = jnp.all(blocks(True), axis=(3, 5))
+    classes = jnp.where(all_, bm.FULL, jnp.where(any_, bm.PARTIAL, bm.EMPTY)).astype(jnp.int8)
+    return jnp.broadcast_to(classes, (Bb, Nb, geo.nq, geo.nk))
+
+
+def skips_by_mask(cfg: Config, ops: Operands) -> bool:
+    """Whether a pass visits only the blocks a mask array lets through (`mask_classes`).
+
+    For a mask alone (with lengths, bias or dropout, which need no schedule of their own):
+    the causal and window schedules already skip their blocks, and mods come with
+    their own block mask.
+    """
+    return (
+        ops.mask is not None
+        and ops.block_classes is None
+        and not cfg.is_causal
+        and cfg.local_window is None
+        and not cfg.has_mods
+    )
+
+
 def make_tiles(
     cfg: Config, geo: Geometry, ch: Chunks, q: Array, k: Array, ops: Operands, transposed: bool
 ) -> Tiles:
-    """The `Tiles` of one pass: bias and mask blocked once, lengths as int32 (kv clamped to S)."""
+    """The `Tiles` of one pass: bias and mask blocked once, lengths as int32 (kv clamped to S).
+
+    A mask array alone also gives the pass its lists of blocks (`skips_by_mask`): empty
+    blocks are skipped, and full ones run without the mask.
+    """
     S, K = k.shape[1], k.shape[2]
     bias, mask, q_lengths, kv_lengths = ops.bias, ops.mask, ops.q_lengths, ops.kv_lengths
+    classes = ops.block_classes
+    if skips_by_mask(cfg, ops):
+        classes = mask_classes(mask.astype(bool), geo)
+    else:
+        assert classes is None or mask is None, "a block mask and a mask array together"
     return Tiles(
         cfg=cfg,
         geo=geo,
@@ -441,9 +491,7 @@ def make_tiles(
         rng=ops.rng,
         score_consts=tuple(ops.score_consts),
         mask_consts=tuple(ops.mask_consts),
-        lists=None
-        if ops.block_classes is None
-        else BlockLists.of(ops.block_classes, ch, q.shape[2], transposed),
+        lists=None if classes is None else BlockLists.of(classes, ch, q.shape[2], transposed),
         offsets=ops.offsets,
     )
 
