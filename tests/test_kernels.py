@@ -607,14 +607,28 @@ def test_causal_and_window_skip_blocks():
     assert blockwise_tiles.chunks(3, 5, 512, 1024) == (3, 1, 1, 5)
 
 
-@pytest.mark.parametrize("layout", ["[B, N, T, S]", "[1, 1, T, S]", "[B, 1, 1, S]"])
-def test_a_mask_arrays_empty_blocks_are_skipped_and_its_full_ones_run_unmasked(layout):
-    """A mask array alone gives the loops its blocks: empty ones skipped, full ones unmasked.
+@pytest.mark.parametrize(
+    ("layout", "option"),
+    [
+        ("[B, N, T, S]", None),
+        ("[1, 1, T, S]", None),
+        ("[B, 1, 1, S]", None),
+        ("[B, N, T, S]", "is_causal"),
+        ("[B, 1, 1, S]", "is_causal"),
+        ("[B, N, T, S]", "local_window"),
+        ("[1, 1, T, S]", "key_value_seq_lengths"),
+    ],
+)
+def test_a_mask_arrays_empty_blocks_are_skipped_and_its_full_ones_run_unmasked(layout, option):
+    """A mask array gives the loops its blocks: empty ones skipped, full ones unmasked.
 
-    Documents of 24 tokens on 16-blocks (T = 70, S = 90: padded last blocks), causal
-    within each; one (batch, head) masked everywhere (zeros, zero gradients). Outputs
-    and dq, dk, dv against the float64 oracle at the fp32 tolerance; the loops' tile
-    counts against the blocks that hold an attended entry, counted here in NumPy.
+    Documents of 24 tokens on 16-blocks (T = 70, S = 90: padded last blocks), each
+    attending to keys up to 10 ahead; one (batch, head) masked everywhere (zeros, zero
+    gradients); or a padding mask; alone or with a causal mask, a window or key lengths.
+    Outputs and dq, dk, dv against the float64 oracle at the fp32 tolerance; the loops'
+    tile counts against the blocks, counted here in NumPy, that hold an attended entry
+    of the mask for some (batch, head) of the one chunk of pairs and are within the
+    positions' bounds (causal, window, the longest key length).
     """
     B, T, S, N, K, H, bs, scale = 2, 70, 90, 4, 2, 8, 16, 0.3
     rng = np.random.default_rng(3)
@@ -628,12 +642,26 @@ def test_a_mask_arrays_empty_blocks_are_skipped_and_its_full_ones_run_unmasked(l
         mask[1, 2] = False
     elif layout == "[1, 1, T, S]":
         mask = docs[None, None]
-    else:  # padding: batch entry b sees its first 40 + 30 b keys
-        mask = (s < 40 + 30 * np.arange(B)[:, None, None, None]) & np.ones((B, 1, 1, 1), bool)
-    want, want_grads = np_attention_vjp(q, k, v, mask, scale, dout)
+    else:  # padding: batch entry b sees its first 20 + 30 b keys
+        mask = (s < 20 + 30 * np.arange(B)[:, None, None, None]) & np.ones((B, 1, 1, 1), bool)
+    lengths = np.array([33, 61], np.int32)
+    Tp, Sp = -(-T // bs) * bs, -(-S // bs) * bs
+    tp, sp = np.arange(Tp)[:, None], np.arange(Sp)[None, :]
+    kw, positions = {}, np.ones((1, 1, Tp, Sp), bool)  # on the blocks' padded grid
+    if option == "is_causal":
+        kw, positions = dict(is_causal=True), (sp <= tp)[None, None]
+    elif option == "local_window":
+        kw, positions = dict(local_window=(20, 0)), ((tp - 20 <= sp) & (sp <= tp))[None, None]
+    elif option == "key_value_seq_lengths":
+        kw = dict(key_value_seq_lengths=jnp.asarray(lengths))
+        positions = (sp < lengths[:, None, None, None]) & np.ones((1, 1, Tp, 1), bool)
+    oracle_mask = mask & positions[..., :T, :S]
+    want, want_grads = np_attention_vjp(q, k, v, oracle_mask, scale, dout)
 
     def attend(q, k, v):
-        return blockwise_attention(q, k, v, scale=scale, mask=mask, block_q=bs, block_k=bs)
+        return blockwise_attention(
+            q, k, v, scale=scale, mask=mask, block_q=bs, block_k=bs, **kw
+        )  # fmt: skip
 
     out, vjp = jax.vjp(jax.jit(attend), q, k, v)
     np.testing.assert_allclose(out, want, atol=ATOL, rtol=RTOL)
@@ -642,15 +670,17 @@ def test_a_mask_arrays_empty_blocks_are_skipped_and_its_full_ones_run_unmasked(l
     if layout == "[B, N, T, S]":
         assert not np.asarray(out)[1, :, 2].any()
 
-    # Blocks with an attended entry for some (batch, head) of the one chunk of pairs.
-    full = np.broadcast_to(mask, (B, N, T, S))
-    padded = np.zeros((B, N, -(-T // bs) * bs, -(-S // bs) * bs), bool)
-    padded[:, :, :T, :S] = full
-    nq, nk = padded.shape[2] // bs, padded.shape[3] // bs
-    blocks = padded.reshape(B, N, nq, bs, nk, bs).any(axis=(0, 1, 3, 5))
-    fwd, bwd = visited_tiles(q, k, v, scale=scale, mask=mask, block_q=bs, block_k=bs)
-    assert 0 < int(blocks.sum()) < nq * nk
-    assert (int(fwd), int(bwd)) == (int(blocks.sum()), int(blocks.sum()))
+    padded = np.zeros((B, N, Tp, Sp), bool)
+    padded[:, :, :T, :S] = np.broadcast_to(mask, (B, N, T, S))
+    nq, nk = Tp // bs, Sp // bs
+    masked = padded.reshape(B, N, nq, bs, nk, bs).any(axis=(0, 1, 3, 5))
+    if option == "key_value_seq_lengths":  # the loops' bound: the longest length
+        positions = sp < lengths.max()
+    within = np.broadcast_to(positions, (1, 1, Tp, Sp)).reshape(nq, bs, nk, bs).any(axis=(1, 3))
+    blocks = int((masked & within).sum())
+    fwd, bwd = visited_tiles(q, k, v, scale=scale, mask=mask, block_q=bs, block_k=bs, **kw)
+    assert 0 < blocks < int(within.sum())
+    assert (int(fwd), int(bwd)) == (blocks, blocks)
 
 
 def _compiled_flops(fn, *specs) -> float:

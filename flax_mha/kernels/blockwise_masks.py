@@ -449,17 +449,25 @@ def mask_classes(mask: Array, geo: Geometry) -> Array:
 def skips_by_mask(cfg: Config, ops: Operands) -> bool:
     """Whether a pass visits only the blocks a mask array lets through (`mask_classes`).
 
-    For a mask alone (with lengths, bias or dropout, which need no schedule of their own):
-    the causal and window schedules already skip their blocks, and mods come with
-    their own block mask.
+    Whenever there is a mask array and no mods (mods come with their own block mask).
     """
-    return (
-        ops.mask is not None
-        and ops.block_classes is None
-        and not cfg.is_causal
-        and cfg.local_window is None
-        and not cfg.has_mods
-    )
+    return ops.mask is not None and ops.block_classes is None and not cfg.has_mods
+
+
+def _classes_of_mask(cfg: Config, geo: Geometry, ops: Operands, kv_len: Array | None) -> Array:
+    """`mask_classes`, with the blocks outside the causal / window / length bounds empty.
+
+    Those bounds are `key_block_range`'s, the blocks the kernel visits without a mask
+    array; inside them the positions still mask each tile (`Tiles.position_tile`).
+    """
+    classes = mask_classes(ops.mask.astype(bool), geo)
+    q_max, kv_max = max_length(ops.q_lengths), max_length(kv_len)
+    if _static(cfg, q_max, kv_max):
+        return classes
+    lo, hi = key_block_range(cfg, geo, jnp.arange(geo.nq, dtype=jnp.int32), q_max, kv_max)
+    j = jnp.arange(geo.nk, dtype=jnp.int32)[None, :]
+    inside = (j >= jnp.reshape(lo, (-1, 1))) & (j < jnp.reshape(hi, (-1, 1)))
+    return jnp.where(inside[None, None], classes, jnp.int8(bm.EMPTY))
 
 
 def make_tiles(
@@ -467,14 +475,16 @@ def make_tiles(
 ) -> Tiles:
     """The `Tiles` of one pass: bias and mask blocked once, lengths as int32 (kv clamped to S).
 
-    A mask array alone also gives the pass its lists of blocks (`skips_by_mask`): empty
-    blocks are skipped, and full ones run without the mask.
+    A mask array also gives the pass its lists of blocks (`skips_by_mask`): empty blocks
+    (and those outside the causal / window / length bounds) are skipped, and full ones
+    run without the mask array.
     """
     S, K = k.shape[1], k.shape[2]
     bias, mask, q_lengths, kv_lengths = ops.bias, ops.mask, ops.q_lengths, ops.kv_lengths
+    kv_len = None if kv_lengths is None else jnp.minimum(kv_lengths.astype(jnp.int32), S)
     classes = ops.block_classes
     if skips_by_mask(cfg, ops):
-        classes = mask_classes(mask.astype(bool), geo)
+        classes = _classes_of_mask(cfg, geo, ops, kv_len)
     else:
         assert classes is None or mask is None, "a block mask and a mask array together"
     return Tiles(
@@ -487,7 +497,7 @@ def make_tiles(
         bias=None if bias is None else block_pair(bias, geo, K, transposed),
         mask=None if mask is None else block_pair(mask.astype(bool), geo, K, transposed),
         q_len=None if q_lengths is None else q_lengths.astype(jnp.int32),
-        kv_len=None if kv_lengths is None else jnp.minimum(kv_lengths.astype(jnp.int32), S),
+        kv_len=kv_len,
         rng=ops.rng,
         score_consts=tuple(ops.score_consts),
         mask_consts=tuple(ops.mask_consts),
