@@ -35,10 +35,10 @@ __all__ = [
     "key_block_range",
     "make_tiles",
     "mask_classes",
-    "skips_by_mask",
     "max_length",
     "plain_causal",
     "query_block_range",
+    "skips_by_mask",
 ]
 
 
