@@ -32,6 +32,7 @@ __all__ = [
     "FULL",
     "PARTIAL",
     "BlockMask",
+    "classify",
     "create_block_mask",
     "default_block_size",
     "lists_from_classes",
@@ -156,6 +157,11 @@ class BlockMask:
             f"BlockMask(shape={self.shape}, block_size=({bq}, {bk}), "
             f"blocks={tuple(self.classes.shape[2:])}, mask_mod={self.mask_mod!r})"
         )
+
+
+def classify(any_: Array, all_: Array) -> Array:
+    """int8 block classes from whether any / all of each block's entries attend."""
+    return jnp.where(all_, FULL, jnp.where(any_, PARTIAL, EMPTY)).astype(jnp.int8)
 
 
 def lists_from_classes(classes: Array) -> tuple[Array, Array, Array, Array]:
@@ -284,7 +290,7 @@ def create_block_mask(
         all_ = jnp.broadcast_to(all_, (Bb, Nb, nq, nk))
     else:
         any_, all_ = _dense_classes(mask_mod, Bb, Nb, T, S, bq, bk)
-    classes = jnp.where(all_, FULL, jnp.where(any_, PARTIAL, EMPTY)).astype(jnp.int8)
+    classes = classify(any_, all_)
     return BlockMask.from_classes(
         classes, block_size=(bq, bk), seq_lengths=(T, S), mask_mod=mask_mod
     )

@@ -412,8 +412,7 @@ class BlockLists(NamedTuple):
             axes = (0, 2, 4)
             any_ = jnp.any(x != bm.EMPTY, axis=axes)
             all_ = jnp.all(x == bm.FULL, axis=axes)
-            per_chunk = jnp.where(all_, bm.FULL, jnp.where(any_, bm.PARTIAL, bm.EMPTY))
-            per_chunk = per_chunk.reshape(ch.nb * ch.nkc, nq, nk)
+            per_chunk = bm.classify(any_, all_).reshape(ch.nb * ch.nkc, nq, nk)
         if transposed:
             per_chunk = jnp.swapaxes(per_chunk, 1, 2)
         return cls(*bm.lists_from_classes(per_chunk))
@@ -434,16 +433,13 @@ def mask_classes(mask: Array, geo: Geometry) -> Array:
     Bb, Nb, Tb, Sb = mask.shape
     nq, bq = (geo.nq, geo.bq) if Tb > 1 else (1, 1)
     nk, bk = (geo.nk, geo.bk) if Sb > 1 else (1, 1)
-
-    def blocks(fill: bool) -> Array:
-        pads = ((0, 0), (0, 0), (0, nq * bq - Tb), (0, nk * bk - Sb))
-        x = jnp.pad(mask, pads, constant_values=fill)
-        return x.reshape(Bb, Nb, nq, bq, nk, bk)
-
-    any_ = jnp.any(blocks(False), axis=(3, 5))
-    all_ = jnp.all(blocks(True), axis=(3, 5))
-    classes = jnp.where(all_, bm.FULL, jnp.where(any_, bm.PARTIAL, bm.EMPTY)).astype(jnp.int8)
-    return jnp.broadcast_to(classes, (Bb, Nb, geo.nq, geo.nk))
+    pads = ((0, 0), (0, 0), (0, nq * bq - Tb), (0, nk * bk - Sb))
+    x = jnp.pad(mask, pads).reshape(Bb, Nb, nq, bq, nk, bk)  # padding: False
+    rows = jnp.arange(nq * bq).reshape(1, 1, nq, bq, 1, 1) < Tb
+    cols = jnp.arange(nk * bk).reshape(1, 1, 1, 1, nk, bk) < Sb
+    any_ = jnp.any(x, axis=(3, 5))
+    all_ = jnp.all(x | ~(rows & cols), axis=(3, 5))
+    return jnp.broadcast_to(bm.classify(any_, all_), (Bb, Nb, geo.nq, geo.nk))
 
 
 def skips_by_mask(cfg: Config, ops: Operands) -> bool:
