@@ -43,36 +43,51 @@ _CACHE_SETTINGS = {
 }
 
 
-def _compile_with_the_classic_cpu_emitters() -> None:
-    """XLA:CPU's classic fusion emitters for the tests' many small programs: faster compiles.
+#: ``FLAX_MHA_TEST_XLA_DEFAULTS=1`` runs the tests with XLA's default compiler settings.
+_XLA_DEFAULTS = os.environ.get("FLAX_MHA_TEST_XLA_DEFAULTS") == "1"
+
+
+def _compile_fast() -> None:
+    """Cheaper XLA:CPU compiles for the tests' many small programs: the same HLO, less LLVM work.
 
     The suite is bound by compiling many small programs (benchmarks/RESULTS.md, "The test
-    suite's time"). XLA:CPU's newer MLIR fusion emitters compile them more slowly than
-    its classic LLVM-IR emitters (``--xla_cpu_use_fusion_emitters=false``): the kernel's
-    grid of cases, ``pytest tests/test_kernels.py -k grid``, 52 -> 35 s (their code runs
-    slower, so the library never sets it: the tests compile more than they run). The results must
-    and do agree to the same tolerances: both emitters compile the same HLO. Set in the
-    environment, so pytest-xdist's workers and the subprocesses the tests start (CLI runs,
-    multi-device scripts) inherit it. ``FLAX_MHA_TEST_XLA_DEFAULTS=1`` keeps XLA's
-    defaults (run it so before a release), and a flag the caller set is never overridden.
+    suite's time"), and both settings shorten XLA:CPU's compiles without changing the
+    optimised HLO it compiles (fusion, layout, buffers: memory analyses agree):
+
+    * ``--xla_cpu_use_fusion_emitters=false``: its classic LLVM-IR fusion emitters instead
+      of the newer MLIR ones (the kernel's grid of cases, ``pytest tests/test_kernels.py -k
+      grid``, 52 -> 35 s);
+    * ``JAX_DISABLE_MOST_OPTIMIZATIONS=1``: LLVM at its lowest optimisation level, without
+      its expensive passes (with the first, the whole suite 19:23 -> 9:50).
+
+    Their code runs slower, so the library never sets them: the tests compile more than
+    they run. The results must and do agree to the same tolerances, and `.ci/run` also
+    runs the float64-oracle grid and the README's examples with XLA's defaults
+    (``FLAX_MHA_TEST_XLA_DEFAULTS=1``, which sets neither). Set in the environment, so
+    pytest-xdist's workers and the subprocesses the tests start (CLI runs, multi-device
+    scripts) inherit them; a setting the caller made is never overridden.
     """
-    if os.environ.get("FLAX_MHA_TEST_XLA_DEFAULTS") == "1":
+    if _XLA_DEFAULTS:
         return
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_use_fusion_emitters" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_use_fusion_emitters=false".strip()
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 
-_compile_with_the_classic_cpu_emitters()  # before JAX reads XLA_FLAGS
+_compile_fast()  # before JAX reads XLA_FLAGS and its configuration
 _CACHE_DIR = _share_compilations()  # before JAX reads its configuration
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-if _CACHE_DIR is not None:  # the same, in case a plugin imported JAX before this file
+# The same, in case a plugin imported JAX before this file.
+if _CACHE_DIR is not None:
     jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
     for _name, _value in _CACHE_SETTINGS.items():
         jax.config.update(_name, _value)
+if os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS") == "1":
+    jax.config.update("jax_disable_most_optimizations", True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import multidevice  # noqa: E402
