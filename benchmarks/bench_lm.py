@@ -14,7 +14,10 @@
     (`nn.make_causal_mask`), on the same parameters (the check at the start compares the
     two models' logits). B * L is constant. Flax's module has neither grouped-query
     attention nor RoPE, so this model has one key/value head per head and sinusoidal
-    positions. Each case runs in a process of its own (``--in-process``: one process), so
+    positions. A third row, the same model without attention (the sublayer's norm and
+    residual remain), bounds what any attention can gain: flax / none is the largest
+    speed-up over Flax's step that a free attention would give. Each case runs in a
+    process of its own (``--in-process``: one process), so
     its peak RSS is its own; a case whose compiled temporaries exceed ``--max-temp-gib``
     (or 80% of the available memory) is compiled only and its need reported.
 
@@ -184,9 +187,11 @@ def bench_packing(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 # -------------------------------------------------------------- (b) ours vs Flax attention
 class _FlaxBlock(nn.Module):
-    """`DecoderBlock` of `flax_mha.models` with Flax's attention (same parameter names)."""
+    """`DecoderBlock` of `flax_mha.models` with Flax's attention (same parameter names);
+    ``attend=False``: no attention at all (the sublayer's norm and residual remain)."""
 
     config: TransformerConfig
+    attend: bool = True
 
     @nn.compact
     def __call__(self, y: jax.Array, mask: jax.Array) -> jax.Array:
@@ -195,7 +200,8 @@ class _FlaxBlock(nn.Module):
         attn = nn.MultiHeadDotProductAttention(
             num_heads=c.num_heads, dtype=c.dtype, deterministic=True, name="self_attention"
         )
-        y = Sublayer(**sub, name="self_attention_sublayer")(y, lambda h: attn(h, mask=mask), True)
+        mix = (lambda h: attn(h, mask=mask)) if self.attend else (lambda h: h)
+        y = Sublayer(**sub, name="self_attention_sublayer")(y, mix, True)
         ff = FeedForward(c.d_ff, 0.0, c.dtype, name="feed_forward")
         return Sublayer(**sub, name="feed_forward_sublayer")(y, lambda h: ff(h, True), True)
 
@@ -206,11 +212,12 @@ class FlaxAttentionLM(nn.Module):
     Its parameters are `TransformerLM`'s (the same tree)."""
 
     config: TransformerConfig
+    attend: bool = True
 
     def setup(self) -> None:
         c = self.config
         self.embed = nn.Embed(c.vocab_size, c.d_model)
-        self.blocks = [_FlaxBlock(c) for _ in range(c.num_decoder_layers)]
+        self.blocks = [_FlaxBlock(c, self.attend) for _ in range(c.num_decoder_layers)]
         self.final_norm = LayerNorm(dtype=c.dtype)
         self.logits_dense = nn.Dense(c.vocab_size, dtype=c.dtype)
 
@@ -235,7 +242,13 @@ def _flax_config(args: argparse.Namespace) -> TransformerConfig:
 
 def _models(args: argparse.Namespace) -> dict[str, nn.Module]:
     c = _flax_config(args)
-    return {"ours": TransformerLM(c), "flax": FlaxAttentionLM(c)}
+    # "none": the same model with no attention (its parameters unused): no attention can
+    # make a step faster than this, so flax / none bounds the speed-up any attention gives.
+    return {"ours": TransformerLM(c), "flax": FlaxAttentionLM(c), "none": FlaxAttentionLM(c, False)}
+
+
+#: (b)'s rows: implementation -> its name in the table.
+_IMPLS = {"flax": "flax (dense mask)", "ours": "ours (mask mods)", "none": "no attention (bound)"}
 
 
 @functools.cache
@@ -341,7 +354,7 @@ def bench_flax(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for L in args.lengths:
         by_impl = {}
-        for impl in ("flax", "ours"):
+        for impl in _IMPLS:
             if args.in_process:
                 row = run_case(args, impl, L)
             else:
@@ -349,7 +362,7 @@ def bench_flax(args: argparse.Namespace) -> list[dict[str, Any]]:
             by_impl[impl] = row
             rows.append(row)
         for impl, row in by_impl.items():
-            name = "ours (mask mods)" if impl == "ours" else "flax (dense mask)"
+            name = _IMPLS[impl]
             if "error" in row:
                 _say(f"| {L} | {row['B']} | {name} | failed: {row['error']} | | | | |")
                 continue

@@ -59,7 +59,7 @@ def test_bench_lm_quick_times_both_attentions_on_the_same_model():
     out = _run("bench_lm.py", "--quick", "--only", "flax")
     check = next(x for x in out.splitlines() if x.startswith("same model: max |logits"))
     assert float(check.split("=")[1].split()[0]) < 1e-4  # the Flax twin takes our params
-    for impl in ("flax (dense mask)", "ours (mask mods)"):
+    for impl in ("flax (dense mask)", "ours (mask mods)", "no attention (bound)"):
         row = next(x for x in out.splitlines() if x.startswith(f"| 128 | 2 | {impl} |"))
         assert float(row.split("|")[5].replace(",", "")) > 0  # tokens/s
 
