@@ -65,7 +65,13 @@ def test_bench_lm_quick_times_both_attentions_on_the_same_model():
 
 
 def test_sweep_block_size_prints_every_size_against_is_causal():
-    out = _run("sweep_block_size.py", *TINY, "--documents", "2", "--sizes", "models", "128")
+    sizes = ("--sizes", "models", "128", "64x128")
+    out = _run("sweep_block_size.py", *TINY, "--documents", "2", *sizes)
     assert "documents=2" in out
-    for row in ("is_causal (no documents)", "models (128, 128)", "128 (128, 128)"):
+    for row in (
+        "is_causal (no documents)",
+        "models (128, 128)",
+        "128 (128, 128)",
+        "64x128 (64, 128)",
+    ):
         assert f"  {row} " in out, out
