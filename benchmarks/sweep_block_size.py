@@ -55,8 +55,8 @@ def main() -> None:
     fns = {"is_causal (no documents)": grad_of(
         lambda q, k, v: dot_product_attention(q, k, v, is_causal=True))}  # fmt: skip
     for s in args.sizes:
-        size = {"default": default_block_size(T, T), "models": default_block_size(T, T, H)}.get(s)
-        size = size or tuple(int(x) for x in s.split("x")) if "x" in s else size or (int(s),) * 2
+        named = {"default": default_block_size(T, T), "models": default_block_size(T, T, H)}
+        size = named.get(s) or (tuple(map(int, s.split("x"))) if "x" in s else (int(s), int(s)))
         fns[f"{s} {size}"] = with_blocks(size)
     for f in fns.values():
         jax.block_until_ready(f(q, k, v))
