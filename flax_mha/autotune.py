@@ -20,6 +20,12 @@ defaults derived from the machine (`flax_mha.kernels.machine.derive_defaults`).
 ``FLAX_MHA_AUTOTUNE=off`` turns all of it off (the tests do); see
 `flax_mha.kernels.machine` for the other settings.
 
+A block mask's block size is the other knob, and what wins depends on the mask's
+contents (a sparse mask of packed documents gains from smaller query blocks, a plain
+causal one loses: benchmarks/RESULTS.md, "Non-square blocks for a block mask"), which no
+cache keyed by shape can know: `tune_block_mask` races candidates on the mask itself and
+returns the fastest, for `create_block_mask(..., block_size=)`; nothing is cached.
+
 Typical use, once per machine (`flax-mha tune` does the same)::
 
     import flax_mha
@@ -38,16 +44,18 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flax_mha.kernels import config as kernel_config
+from flax_mha.kernels.block_mask import create_block_mask, default_block_size
 from flax_mha.kernels.blockwise import blockwise_attention
 from flax_mha.kernels.blockwise_tiles import chunks, geometry
 from flax_mha.kernels.dispatch import dot_product_attention
+from flax_mha.kernels.flex import flex_attention
 from flax_mha.kernels.machine import CACHE_DIR_ENV as CACHE_DIR_ENV
 from flax_mha.kernels.machine import MODE_ENV as MODE_ENV
 from flax_mha.kernels.machine import PASSES as PASSES
@@ -69,11 +77,13 @@ __all__ = [
     "PASSES",
     "Defaults",
     "Entry",
+    "BlockSizeChoice",
     "Machine",
     "TuningCacheWarning",
     "TuningTable",
     "autotune",
     "block_candidates",
+    "block_mask_candidates",
     "cache_path",
     "derive_defaults",
     "describe",
@@ -82,6 +92,7 @@ __all__ = [
     "reset",
     "save",
     "this_machine",
+    "tune_block_mask",
 ]
 
 #: Sizes of a full run (`autotune()`: no race starts after ``budget_s``) and of a smoke
@@ -424,6 +435,115 @@ def autotune(
         save(old.merged(table), path)
         reset()
     return table
+
+
+class BlockSizeChoice(NamedTuple):
+    """What `tune_block_mask` measured: the block size to use and every candidate's time."""
+
+    block_size: tuple[int, int]
+    ms: dict[tuple[int, int], float]
+
+
+def block_mask_candidates(T: int, S: int, head_dim: int | None = None) -> list[tuple[int, int]]:
+    """The ``(block_q, block_k)`` candidates `tune_block_mask` races: the default first.
+
+    The default `default_block_size` gives (``q x k``), then half the query block, half
+    the key block, and both halved; sizes below 16 and repeats are dropped.
+    """
+    q, k = default_block_size(T, S, head_dim)
+    out: list[tuple[int, int]] = []
+    for c in ((q, k), (q // 2, k), (q, k // 2), (q // 2, k // 2)):
+        if min(c) >= 16 and c not in out:
+            out.append(c)
+    return out
+
+
+def tune_block_mask(
+    mask_mod: Callable[..., Any],
+    B: int | None,
+    N: int | None,
+    T: int,
+    S: int,
+    *,
+    num_heads: int,
+    head_dim: int,
+    num_kv_heads: int | None = None,
+    candidates: Sequence[tuple[int, int]] | None = None,
+    pass_: str = "fwd+bwd",
+    dtype: Any = jnp.float32,
+    repeats: int = 3,
+    margin: float = 0.05,
+    progress: bool | None = None,
+) -> BlockSizeChoice:
+    """Races block sizes for the block mask of ``mask_mod`` on this device.
+
+    For each candidate, `create_block_mask(mask_mod, B, N, T, S, block_size=...)` and
+    `flax_mha.flex_attention` with it, on random inputs of the given shapes (``B`` None:
+    one batch entry), compiled, then timed ``repeats`` times in turn (median). The
+    first candidate is the incumbent: another wins only if faster by ``margin``. The
+    arrays ``mask_mod`` closes over (segment ids, ...) are the ones it will be used with;
+    what wins depends on them.
+
+    Args:
+      mask_mod, B, N, T, S: as in `create_block_mask`.
+      num_heads: query heads of the attention (``N``, or the heads ``N`` None broadcasts to).
+      head_dim: its head size.
+      num_kv_heads: its kv heads (None: ``num_heads``).
+      candidates: ``(block_q, block_k)`` sizes, the incumbent first (None:
+        `block_mask_candidates`).
+      pass_: ``"fwd"`` or ``"fwd+bwd"`` (the gradients of q, k and v).
+      dtype: the inputs' dtype.
+      repeats: timed calls per candidate.
+      margin: a challenger must be this much faster than the incumbent to win.
+      progress: show a progress bar (None: on a terminal).
+
+    Returns:
+      A `BlockSizeChoice`: the winner and each candidate's median time in ms.
+
+    Raises:
+      ValueError: if an argument is out of range.
+    """
+    T, S = _check_int("T", T), _check_int("S", S)
+    num_heads, head_dim = _check_int("num_heads", num_heads), _check_int("head_dim", head_dim)
+    num_kv_heads = _check_int("num_kv_heads", num_heads if num_kv_heads is None else num_kv_heads)
+    if num_heads % num_kv_heads:
+        raise ValueError(
+            f"num_kv_heads should divide num_heads ({num_heads}), but got {num_kv_heads}"
+        )
+    if N is not None and N != num_heads:
+        raise ValueError(f"N should be None or num_heads ({num_heads}), but got {N}")
+    repeats = _check_int("repeats", repeats)
+    if pass_ not in PASSES:
+        raise ValueError(f"pass_ should be one of {PASSES}, but got {pass_!r}")
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin should be in [0, 1), but got {margin!r}")
+    if candidates is None:
+        candidates = block_mask_candidates(T, S, head_dim)
+    candidates = [(int(q), int(k)) for q, k in candidates]
+    if not candidates or any(min(c) < 1 for c in candidates):
+        raise ValueError(
+            f"candidates should be positive (block_q, block_k) sizes, but got {candidates}"
+        )
+    batch = 1 if B is None else _check_int("B", B)
+    keys = jax.random.split(jax.random.key(0), 3)
+    shapes = [(batch, T, num_heads, head_dim), (batch, S, num_kv_heads, head_dim)]
+    qkv = tuple(jax.random.normal(kk, shapes[min(i, 1)], dtype) for i, kk in enumerate(keys))
+
+    def flex_with(size: tuple[int, int]) -> Callable[[], Any]:
+        block_mask = create_block_mask(mask_mod, B, N, T, S, block_size=size)
+        return _timed(
+            lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask), pass_, qkv, None
+        )
+
+    from tqdm.auto import tqdm
+
+    cases = {f"{q}x{k}": flex_with((q, k)) for q, k in candidates}
+    disable = None if progress is None else not progress
+    with tqdm(total=len(cases) * (1 + repeats), desc="tune_block_mask", disable=disable) as bar:
+        ms = _Runner(repeats, math.inf, bar).run(_Race(f"block mask {pass_}", cases))
+    assert ms is not None  # no budget: the race always runs
+    q, k = (int(x) for x in _winner(ms, next(iter(ms)), margin).split("x"))
+    return BlockSizeChoice((q, k), {tuple(map(int, n.split("x"))): t for n, t in ms.items()})
 
 
 def _blockwise(scale: float, is_causal: bool, block_q: int, block_k: int) -> Callable[..., Any]:

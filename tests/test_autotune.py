@@ -21,7 +21,7 @@ import pytest
 
 from flax_mha import autotune
 from flax_mha.apps.tune import run_tune
-from flax_mha.kernels import backend_choice, machine
+from flax_mha.kernels import backend_choice, block_mask, machine
 from flax_mha.kernels import config as kernel_config
 from flax_mha.kernels.backend_choice import Request, choose_implementation
 from flax_mha.kernels.config import BlockSizes
@@ -160,6 +160,78 @@ def test_the_threshold_is_where_the_kernel_wins_from_there_on(wins, side):
 def test_autotune_rejects_bad_arguments_before_measuring(kwargs, match):
     with pytest.raises(ValueError, match=match):
         autotune.autotune(progress=False, **kwargs)
+
+
+# ------------------------------------------------------------ a block mask's block size
+
+
+def _documents_mod():
+    from flax_mha import mods
+
+    segment_ids = jnp.repeat(jnp.array([[0, 1, 2, 3], [0, 0, 1, 1]]), 16, axis=1)  # [2, 64]
+    return mods.and_masks(mods.causal, mods.document(segment_ids))
+
+
+def test_block_mask_candidates_start_with_the_default_and_halve_each_side():
+    assert autotune.block_mask_candidates(4096, 4096, head_dim=64) == [
+        (512, 512), (256, 512), (512, 256), (256, 256),
+    ]  # fmt: skip
+    assert autotune.block_mask_candidates(64, 64) == [(128, 128), (64, 128), (128, 64), (64, 64)]
+    assert autotune.block_mask_candidates(4096, 4096, head_dim=64)[0] == (
+        block_mask.default_block_size(4096, 4096, 64)
+    )
+
+
+def test_tune_block_mask_times_every_candidate_on_the_mask_and_returns_one():
+    sizes = [(32, 32), (16, 32), (32, 16)]
+    choice = autotune.tune_block_mask(
+        _documents_mod(), 2, None, 64, 64, num_heads=4, num_kv_heads=2, head_dim=16,
+        candidates=sizes, pass_="fwd", repeats=1, progress=False,
+    )  # fmt: skip
+    assert set(choice.ms) == set(sizes) and all(t > 0 for t in choice.ms.values())
+    assert choice.block_size in sizes
+    if choice.block_size != sizes[0]:  # a challenger wins only by the margin
+        assert choice.ms[choice.block_size] < 0.95 * choice.ms[sizes[0]]
+
+
+@pytest.mark.parametrize(
+    "ms, want",
+    [
+        ({"512x512": 100.0, "256x512": 90.0, "512x256": 94.0}, (256, 512)),
+        ({"512x512": 100.0, "256x512": 97.0, "512x256": 120.0}, (512, 512)),  # within 5%
+        ({"512x512": 80.0, "256x512": 90.0, "512x256": 94.0}, (512, 512)),
+    ],
+)
+def test_tune_block_mask_keeps_the_default_unless_a_challenger_is_faster_by_the_margin(
+    monkeypatch, ms, want
+):
+    monkeypatch.setattr(autotune._Runner, "run", lambda self, race: dict(ms))
+    sizes = [(512, 512), (256, 512), (512, 256)]  # the incumbent first
+    choice = autotune.tune_block_mask(
+        _documents_mod(), 2, None, 64, 64, num_heads=4, head_dim=16, candidates=sizes,
+        progress=False,
+    )  # fmt: skip
+    assert choice.block_size == want
+    assert choice.ms == {tuple(map(int, k.split("x"))): v for k, v in ms.items()}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_heads=0), "num_heads should be an int >= 1, but got 0"),
+        (dict(num_kv_heads=3), r"num_kv_heads should divide num_heads \(4\), but got 3"),
+        (dict(N=2), r"N should be None or num_heads \(4\), but got 2"),
+        (dict(pass_="bwd"), "pass_ should be one of"),
+        (dict(margin=-0.1), r"margin should be in \[0, 1\), but got -0.1"),
+        (dict(candidates=[]), "candidates should be positive"),
+        (dict(candidates=[(0, 32)]), "candidates should be positive"),
+        (dict(repeats=0), "repeats should be an int >= 1, but got 0"),
+    ],
+)
+def test_tune_block_mask_rejects_bad_arguments_before_measuring(kwargs, match):
+    args = dict(B=2, N=None, T=64, S=64, num_heads=4, head_dim=16, progress=False) | kwargs
+    with pytest.raises(ValueError, match=match):
+        autotune.tune_block_mask(_documents_mod(), **args)
 
 
 # ------------------------------------------------------------ the table and its file
