@@ -524,6 +524,9 @@ def tune_block_mask(
         raise ValueError(
             f"candidates should be positive (block_q, block_k) sizes, but got {candidates}"
         )
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype should be a float dtype, but got {dtype}")
     batch = 1 if B is None else _check_int("B", B)
     keys = jax.random.split(jax.random.key(0), 3)
     shapes = [(batch, T, num_heads, head_dim), (batch, S, num_kv_heads, head_dim)]

@@ -226,6 +226,7 @@ def test_tune_block_mask_keeps_the_default_unless_a_challenger_is_faster_by_the_
         (dict(candidates=[]), "candidates should be positive"),
         (dict(candidates=[(0, 32)]), "candidates should be positive"),
         (dict(repeats=0), "repeats should be an int >= 1, but got 0"),
+        (dict(dtype=jnp.int32), "dtype should be a float dtype, but got int32"),
     ],
 )
 def test_tune_block_mask_rejects_bad_arguments_before_measuring(kwargs, match):
