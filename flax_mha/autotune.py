@@ -213,9 +213,27 @@ def _tile(elements: int | None) -> Iterator[None]:
             del kernel_config.TILE_ELEMENTS
 
 
-def _inputs(batch: int, length: int, heads: int, head_dim: int, dtype: Any) -> tuple[Any, ...]:
-    keys = jax.random.split(jax.random.key(0), 3)
-    return tuple(jax.random.normal(k, (batch, length, heads, head_dim), dtype) for k in keys)
+def _inputs(
+    batch: int, length: int, heads: int, head_dim: int, dtype: Any,
+    kv_length: int | None = None, kv_heads: int | None = None,
+) -> tuple[Any, ...]:  # fmt: skip
+    """Random q [B, T, N, H] and k, v [B, S, K, H] (S, K: ``length``, ``heads`` if None)."""
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    kv_shape = (batch, kv_length or length, kv_heads or heads, head_dim)
+    q = jax.random.normal(kq, (batch, length, heads, head_dim), dtype)
+    return q, jax.random.normal(kk, kv_shape, dtype), jax.random.normal(kv, kv_shape, dtype)
+
+
+def _float_dtype(dtype: Any) -> Any:
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype should be a float dtype, but got {dtype}")
+    return dtype
+
+
+def _check_margin(margin: float) -> None:
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin should be in [0, 1), but got {margin!r}")
 
 
 def _timed(attention: Callable[..., Any], pass_: str, qkv: tuple[Any, ...], tile: int | None):
@@ -318,14 +336,11 @@ def autotune(
     if threshold_lengths is None:
         threshold_lengths = preset["threshold_lengths"]
     threshold_lengths = sorted(_check_int("threshold_lengths", n) for n in threshold_lengths)
-    dtype = jnp.dtype(dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"dtype should be a float dtype, but got {dtype}")
+    dtype = _float_dtype(dtype)
     passes = tuple(passes)
     if not passes or not set(passes) <= set(PASSES) or len(set(passes)) != len(passes):
         raise ValueError(f"passes should be distinct names of {PASSES}, but got {passes!r}")
-    if not 0.0 <= margin < 1.0:
-        raise ValueError(f"margin should be in [0, 1), but got {margin!r}")
+    _check_margin(margin)
     if not budget_s > 0:
         raise ValueError(f"budget_s should be > 0, but got {budget_s!r}")
 
@@ -515,8 +530,7 @@ def tune_block_mask(
     repeats = _check_int("repeats", repeats)
     if pass_ not in PASSES:
         raise ValueError(f"pass_ should be one of {PASSES}, but got {pass_!r}")
-    if not 0.0 <= margin < 1.0:
-        raise ValueError(f"margin should be in [0, 1), but got {margin!r}")
+    _check_margin(margin)
     if candidates is None:
         candidates = block_mask_candidates(T, S, head_dim)
     candidates = [(int(q), int(k)) for q, k in candidates]
@@ -524,13 +538,9 @@ def tune_block_mask(
         raise ValueError(
             f"candidates should be positive (block_q, block_k) sizes, but got {candidates}"
         )
-    dtype = jnp.dtype(dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"dtype should be a float dtype, but got {dtype}")
+    dtype = _float_dtype(dtype)
     batch = 1 if B is None else _check_int("B", B)
-    keys = jax.random.split(jax.random.key(0), 3)
-    shapes = [(batch, T, num_heads, head_dim), (batch, S, num_kv_heads, head_dim)]
-    qkv = tuple(jax.random.normal(kk, shapes[min(i, 1)], dtype) for i, kk in enumerate(keys))
+    qkv = _inputs(batch, T, num_heads, head_dim, dtype, kv_length=S, kv_heads=num_kv_heads)
 
     def flex_with(size: tuple[int, int]) -> Callable[[], Any]:
         block_mask = create_block_mask(mask_mod, B, N, T, S, block_size=size)
