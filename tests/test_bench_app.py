@@ -17,13 +17,20 @@ import pytest
 
 from flax_mha.apps import bench_flex
 from flax_mha.apps.bench import run_bench
-from flax_mha.apps.timing import cpu_info, cpu_model
+from flax_mha.apps.timing import (
+    add_rates,
+    cpu_info,
+    cpu_model,
+    interleaved_ms,
+    paired_ratio,
+    row_ratio,
+)
 
 SECTIONS = ("kernel", "module", "decode", "flex")  # memory left out: selection is shown
 
 TINY = dict(
     batch=1, length=64, heads=2, head_dim=16, module_length=32, model_dim=32,
-    decode_lengths=(64,), repeats=1, use_torch=False, flex_lengths=(256,),
+    decode_lengths=(64,), repeats=2, use_torch=False, flex_lengths=(256,),
     flex_causal_length=256, flex_score_length=256, flex_block_mask_length=512,
 )  # fmt: skip
 
@@ -117,7 +124,16 @@ def test_every_timed_row_has_its_fraction_of_the_gemm(report):
             continue
         gflops = r["flops"] / (r["ms"] * 1e-3) / 1e9
         assert r["gflops"] == pytest.approx(gflops, rel=1e-9), r
-        assert r["gemm_fraction"] == pytest.approx(gflops / gemm, rel=1e-9), r
+        if r["kind"] in ("kernel", "module"):
+            # timed in rounds with the GEMM: the fraction is that of the same rounds
+            assert r["gemm_flops"] == 2.0 * 2048**3
+            assert r["ms"] == float(np.median(r["times"]))
+            per_round = [r["flops"] / t for t in r["times"]]
+            gemm_per_round = [r["gemm_flops"] / t for t in r["gemm_times"]]
+            fraction = np.median(np.divide(per_round, gemm_per_round))
+            assert r["gemm_fraction"] == pytest.approx(fraction, rel=1e-9), r
+        else:
+            assert r["gemm_fraction"] == pytest.approx(gflops / gemm, rel=1e-9), r
     # ... and every table row that reports a time prints it (as "n/a" only if not run).
     headers = [
         line for line in report["md"].splitlines() if line.startswith("| ") and " ms |" in line
@@ -131,6 +147,64 @@ def test_every_timed_row_has_its_fraction_of_the_gemm(report):
         col = lines[0].split(" | ").index("% of GEMM")
         for line in lines[1:]:
             assert re.fullmatch(r"\d+(\.\d+)?%|n/a", line.split(" | ")[col]), line
+
+
+def test_peers_are_timed_in_the_same_rounds_and_compared_by_round(report):
+    rows = [r for r in report["json"]["rows"] if r["kind"] in ("kernel", "module", "decode")]
+    groups: dict = {}
+    for r in rows:
+        key = (r["kind"], r.get("causal"), r.get("pass_"), r.get("L"))
+        groups.setdefault(key, []).append(r)
+    for (kind, *_), group in groups.items():
+        assert len(group) == 2  # ours and the jax/flax peer (torch off)
+        assert len(group[0]["times"]) == len(group[1]["times"]) == TINY["repeats"]
+        if kind == "decode":  # no GEMM between decode steps (it would evict their caches)
+            assert "gemm_times" not in group[0] and "gemm_times" not in group[1]
+        else:
+            assert group[0]["gemm_times"] == group[1]["gemm_times"]  # one GEMM per round
+    # the tables print the paired ratio, not the ratio of medians
+    kern = {(r["impl"], r["causal"], r["pass_"]): r for r in rows if r["kind"] == "kernel"}
+    ours = kern[("flax_mha blockwise", True, "fwd+bwd")]
+    peer = kern[("jax.nn.dot_product_attention", True, "fwd+bwd")]
+    want = np.median(np.divide(ours["times"], peer["times"]))
+    line = next(
+        x for x in report["md"].splitlines()
+        if x.startswith("| jax.nn.dot_product_attention |") and "| True | fwd+bwd |" in x
+    )  # fmt: skip
+    assert line.rstrip(" |").split(" | ")[-1] == f"{want:.2f}"
+
+
+def test_interleaved_ms_rotates_the_order_of_each_round(monkeypatch):
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    clock = iter(range(1000))
+    monkeypatch.setattr("flax_mha.apps.timing.time.perf_counter", lambda: next(clock) / 1e3)
+    times = interleaved_ms(calls, 3)
+    # a warm-up call each, then rounds a b c, b c a, c a b
+    assert "".join(order) == "abc" + "abc" + "bca" + "cab"
+    assert sorted(times) == list("abc")
+    for name in "abc":  # one clock tick per call
+        assert times[name] == pytest.approx([1.0, 1.0, 1.0], rel=1e-9)
+    with pytest.raises(ValueError, match=r"repeats should be an int >= 1, but got 0"):
+        interleaved_ms(calls, 0)
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    # a load burst in round 2 slows both; the ratio of medians would say 1.5, the rounds 2
+    ours, peer = [10.0, 40.0, 12.0], [5.0, 20.0, 8.0]
+    assert paired_ratio(ours, peer) == 2.0
+    assert np.median(ours) / np.median(peer) == 1.5
+    assert row_ratio(dict(ms=12.0, times=ours), dict(ms=8.0, times=peer)) == 2.0
+    assert row_ratio(dict(ms=12.0), dict(ms=8.0, times=peer)) == 1.5  # unpaired: of ms
+    with pytest.raises(ValueError, match=r"2 and 3 times"):
+        paired_ratio([1.0, 2.0], peer)
+    # add_rates: the GEMM of the same rounds, or the global rate without one
+    paired = dict(flops=4e9, ms=20.0, times=[20.0, 40.0, 20.0], gemm_times=[10.0, 10.0, 20.0],
+                  gemm_flops=2e9)  # fmt: skip
+    alone = dict(flops=4e9, ms=20.0)
+    add_rates([paired, alone], gemm=100.0)
+    assert paired["gemm_fraction"] == pytest.approx(1.0)  # rounds: 1.0, 0.5, 2.0
+    assert alone["gemm_fraction"] == pytest.approx(2.0)  # 200 GFLOP/s over 100
 
 
 def test_module_and_decode_flops_count_projections_and_attention():
@@ -159,11 +233,18 @@ def test_flex_rows_print_the_ratio_each_target_names(report):
     md = report["md"]
     rows = [r for r in report["json"]["rows"] if r["kind"].startswith("flex_")]
     ms = {(r["impl"], r["L"], r["pass_"]): r["ms"] for r in rows if "ms" in r and "pass_" in r}
+    times = {(r["impl"], r["L"], r["pass_"]): r["times"] for r in rows if "times" in r}
+    assert set(times) == set(ms) - {(r["impl"], r["L"], r.get("pass_")) for r in rows
+                                    if r["kind"] == "flex_block_mask"}  # fmt: skip
+
+    def paired(a, b):  # implementations of a case run in the same rounds
+        return float(np.median(np.divide(times[a], times[b])))
+
     # document-causal: ours / this against torch.compile (absent: torch off), dense, jax.nn
     for impl, target in ((bench_flex.OURS_DENSE, "≤ 0.2"), (bench_flex.JAX_NN_DENSE, "≤ 0.1")):
         for pass_ in ("fwd", "fwd+bwd"):
             cells = _table_cells(md, impl, 256, pass_)
-            ratio = ms[(bench_flex.OURS, 256, pass_)] / ms[(impl, 256, pass_)]
+            ratio = paired((bench_flex.OURS, 256, pass_), (impl, 256, pass_))
             assert cells[6:8] == [f"{ratio:.2f}", target]
             assert cells[8] == ("yes" if round(ratio, 12) <= float(target[2:]) else "no")
     assert not any(r["impl"] == bench_flex.TORCH_FLEX for r in rows)
@@ -171,12 +252,12 @@ def test_flex_rows_print_the_ratio_each_target_names(report):
     # causal mod: speed / is_causal >= 0.95
     for pass_ in ("fwd", "fwd+bwd"):
         cells = _table_cells(md, bench_flex.FLEX_CAUSAL, 256, pass_)
-        speed = ms[(bench_flex.IS_CAUSAL, 256, pass_)] / ms[(bench_flex.FLEX_CAUSAL, 256, pass_)]
+        speed = paired((bench_flex.IS_CAUSAL, 256, pass_), (bench_flex.FLEX_CAUSAL, 256, pass_))
         assert cells[6:8] == [f"{speed:.2f}", "≥ 0.95"]
     # sinks and learned bias: this / plain <= 1.3, forward+backward
     for impl in (bench_flex.SINKS, bench_flex.T5_BIAS):
         cells = _table_cells(md, impl, 256, "fwd+bwd")
-        ratio = ms[(impl, 256, "fwd+bwd")] / ms[(bench_flex.PLAIN, 256, "fwd+bwd")]
+        ratio = paired((impl, 256, "fwd+bwd"), (bench_flex.PLAIN, 256, "fwd+bwd"))
         assert cells[6:8] == [f"{ratio:.2f}", "≤ 1.3"]
     # create_block_mask at each document length and at the extra one
     masks = {r["L"]: r for r in rows if r["kind"] == "flex_block_mask"}
@@ -223,7 +304,8 @@ def test_torch_flex_rows_time_the_forward_and_say_why_no_backward():
     L = 128
     seg = bench_flex.documents(L)
     qkv = [jax.random.normal(jax.random.key(i), (1, L, 1, 16)) for i in range(3)]
-    rows = bench_flex._torch_flex_rows(seg, qkv, 1, dict(kind="flex_document", L=L), 1.0)
+    base = dict(kind="flex_document", L=L)
+    rows = bench_flex._time_together(bench_flex._torch_flex_rows(seg, qkv, base, 1.0), 2)
     fwd, bwd = rows
     assert fwd["pass_"] == "fwd" and fwd.get("ms", 0) > 0, str(fwd)
     assert bwd["pass_"] == "fwd+bwd" and (bwd.get("ms", 0) > 0 or bwd["skipped"]), bwd

@@ -3,7 +3,11 @@
 The header names the CPU (model, vector extensions, usable cores, caches) and the fp32
 GEMM rate measured first in the same run (the machine's practical ceiling). Every timed
 row reports median milliseconds, GFLOP/s from an analytic FLOP count and that rate as a
-fraction of the GEMM's, and its ratio to the peer or target it is compared with:
+fraction of the GEMM's, and its ratio to the peer or target it is compared with. Peers
+compared with one another are timed in rounds (`timing.interleaved_ms`), the kernel and
+module rows together with the GEMM: each ratio, and each of their fractions of the GEMM,
+is the median over rounds of the ratio within a round, so that a shared host's changing
+load falls on both sides of it (the other rows' fractions are of the header's GEMM):
 
 * ``kernel``: our blockwise kernel against torch SDPA and `jax.nn.dot_product_attention`
   (attention FLOPs: forward ``4·B·N·T·S·H``, half if causal; forward+backward 3.5x);
@@ -25,6 +29,7 @@ import functools
 import json
 import os
 import platform
+import statistics
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,10 +46,12 @@ from flax_mha.apps.timing import (
     cpu_info,
     cpu_model,
     first_and_second_call_s,
-    gemm_gflops,
+    gemm_call,
+    interleaved_ms,
     jit_fwd_and_grad,
     median_ms,
     rate_cells,
+    row_ratio,
 )
 from flax_mha.attention import MultiHeadAttention
 from flax_mha.kernels.dispatch import dot_product_attention
@@ -107,7 +114,32 @@ def _torch_kernels(q: np.ndarray, causal: bool):
     return fwd, bwd
 
 
-def _attention_rows(B, L, N, H, repeats, torch_ok, progress) -> list[dict[str, Any]]:
+#: A call to time and its FLOPs: the GEMM that every timed row is a fraction of.
+Gemm = tuple[Callable[[], Any], float]
+_GEMM = "fp32 GEMM"
+
+
+def _timed_together(
+    calls: dict[str, Callable[[], Any]],
+    repeats: int,
+    gemm: Gemm | None,
+    progress: Callable[[], Any],
+) -> dict[str, dict[str, Any]]:
+    """Times ``calls`` (and the GEMM, unless None) in the same rounds (`interleaved_ms`):
+    per call, its median ``ms``, its ``times`` and the GEMM's ``gemm_times`` and
+    ``gemm_flops``."""
+    together = dict(calls) if gemm is None else {**calls, _GEMM: gemm[0]}
+    times = interleaved_ms(together, repeats)
+    timed = {}
+    for name in calls:
+        timed[name] = dict(ms=statistics.median(times[name]), times=times[name])
+        if gemm is not None:
+            timed[name].update(gemm_times=times[_GEMM], gemm_flops=gemm[1])
+        progress()
+    return timed
+
+
+def _attention_rows(B, L, N, H, repeats, gemm, torch_ok, progress) -> list[dict[str, Any]]:
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(kk, (B, L, N, H)) for kk in keys)
     rows = []
@@ -120,18 +152,19 @@ def _attention_rows(B, L, N, H, repeats, torch_ok, progress) -> list[dict[str, A
         }
         if torch_ok:
             peers["torch SDPA"] = _torch_kernels(tuple(np.asarray(x) for x in (q, k, v)), causal)
-        for name, (fwd, bwd) in peers.items():
-            for backward, fn in ((False, fwd), (True, bwd)):
-                ms = median_ms(fn, repeats)
-                flops = attention_flops(B, N, L, L, H, causal, backward)
-                pass_ = "fwd+bwd" if backward else "fwd"
+        timed = {
+            pass_: _timed_together({n: c[i] for n, c in peers.items()}, repeats, gemm, progress)
+            for i, pass_ in enumerate(("fwd", "fwd+bwd"))
+        }
+        for name in peers:
+            for pass_, by_name in timed.items():
+                flops = attention_flops(B, N, L, L, H, causal, pass_ == "fwd+bwd")
                 shape = dict(B=B, L=L, N=N, H=H, causal=causal, pass_=pass_)
-                rows.append(dict(kind="kernel", impl=name, **shape, ms=ms, flops=flops))
-                progress()
+                rows.append(dict(kind="kernel", impl=name, **shape, **by_name[name], flops=flops))
     return rows
 
 
-def _module_rows(B, L, D, N, repeats, torch_ok, progress) -> list[dict[str, Any]]:
+def _module_rows(B, L, D, N, repeats, gemm, torch_ok, progress) -> list[dict[str, Any]]:
     import flax.linen as nn
 
     x = jax.random.normal(jax.random.key(0), (B, L, D))
@@ -158,14 +191,16 @@ def _module_rows(B, L, D, N, repeats, torch_ok, progress) -> list[dict[str, Any]
             mha(tx, tx, tx, need_weights=False)[0].sum().backward()
 
         peers["torch.nn.MultiheadAttention"] = (fwd, bwd)
+    timed = {
+        pass_: _timed_together({n: c[i] for n, c in peers.items()}, repeats, gemm, progress)
+        for i, pass_ in enumerate(("fwd", "fwd+bwd"))
+    }
     rows = []
-    for name, (fwd, bwd) in peers.items():
-        for pass_, fn in (("fwd", fwd), ("fwd+bwd", bwd)):
-            ms = median_ms(fn, repeats)
+    for name in peers:
+        for pass_, by_name in timed.items():
             flops = module_flops(B, L, D, pass_ == "fwd+bwd")
             row = dict(kind="module", impl=name, B=B, L=L, D=D, N=N, pass_=pass_)
-            rows.append(dict(row, ms=ms, flops=flops))
-            progress()
+            rows.append(dict(row, **by_name[name], flops=flops))
     return rows
 
 
@@ -208,7 +243,12 @@ def _decode_step(module: Any, params: Any, L: int, D: int, filled: int) -> Calla
 
 
 def _decode_rows(lengths, filled_fraction, D, N, repeats, progress) -> list[dict[str, Any]]:
-    """Tokens/s of one decode step (B=1) with a cache of ``L`` slots, ``L * fraction`` filled."""
+    """Tokens/s of one decode step (B=1) with a cache of ``L`` slots, ``L * fraction`` filled.
+
+    The two modules' steps alternate, without the GEMM between them: its 48 MiB of
+    operands evict the caches and parameters a decode loop keeps warm (at 512 slots,
+    our step took 0.95-1.05 ms after the GEMM against 0.31-0.68 ms without it).
+    """
     import flax.linen as nn
 
     peers = {
@@ -221,12 +261,11 @@ def _decode_rows(lengths, filled_fraction, D, N, repeats, progress) -> list[dict
     rows = []
     for L in lengths:
         filled = max(1, int(L * filled_fraction))
-        for name, module in peers.items():
-            ms = median_ms(_decode_step(module, params["params"], L, D, filled), repeats)
-            row = dict(kind="decode", impl=name, L=L, filled=filled, D=D, N=N, ms=ms)
+        steps = {n: _decode_step(m, params["params"], L, D, filled) for n, m in peers.items()}
+        for name, t in _timed_together(steps, repeats, None, progress).items():
+            row = dict(kind="decode", impl=name, L=L, filled=filled, D=D, N=N, **t)
             # the new token attends to the `filled` cached positions and to itself
-            rows.append(dict(row, tokens_per_s=1e3 / ms, flops=decode_flops(filled + 1, D)))
-            progress()
+            rows.append(dict(row, tokens_per_s=1e3 / t["ms"], flops=decode_flops(filled + 1, D)))
     return rows
 
 
@@ -254,7 +293,7 @@ def _kernel_table(kern: list[dict[str, Any]]) -> list[str]:
         ours = _ours(kern, "flax_mha blockwise", r, "causal", "pass_")
         lines.append(
             f"| {r['impl']} | {r['B']}, {r['L']}, {r['N']}, {r['H']} | {r['causal']} | "
-            f"{r['pass_']} | {r['ms']:.1f} | {rate_cells(r)} | {ours['ms'] / r['ms']:.2f} |"
+            f"{r['pass_']} | {r['ms']:.1f} | {rate_cells(r)} | {row_ratio(ours, r):.2f} |"
         )
     return lines
 
@@ -268,7 +307,7 @@ def _module_table(mods: list[dict[str, Any]]) -> list[str]:
         ours = _ours(mods, "flax_mha.MultiHeadAttention", r, "pass_")
         lines.append(
             f"| {r['impl']} | {r['B']}, {r['L']}, {r['D']}, {r['N']} | {r['pass_']} "
-            f"| {r['ms']:.1f} | {rate_cells(r)} | {ours['ms'] / r['ms']:.2f} |"
+            f"| {r['ms']:.1f} | {rate_cells(r)} | {row_ratio(ours, r):.2f} |"
         )
     return lines
 
@@ -289,7 +328,7 @@ def _decode_table(dec: list[dict[str, Any]]) -> list[str]:
     ]
     for r in dec:
         ours = _ours(dec, "flax_mha.MultiHeadAttention", r, "L")
-        speedup = ours["tokens_per_s"] / r["tokens_per_s"]
+        speedup = row_ratio(r, ours)  # tokens/s: the inverse of the times' ratio
         lines.append(
             f"| {r['impl']} | {r['L']} | {r['filled']} | {r['D']}, {r['N']} | "
             f"{r['ms']:.2f} | {r['tokens_per_s']:.0f} | {rate_cells(r)} | {speedup:.2f} |"
@@ -300,7 +339,9 @@ def _decode_table(dec: list[dict[str, Any]]) -> list[str]:
 def _markdown(rows: list[dict[str, Any]], gemm: float) -> str:
     lines = [
         f"fp32 GEMM ceiling measured in this run: {gemm:.1f} GFLOP/s "
-        "(jitted [2048, 2048] @ [2048, 2048]); every % of GEMM below is of this rate",
+        "(jitted [2048, 2048] @ [2048, 2048], first); each row's % of GEMM is against the "
+        "GEMM timed in the same rounds as the row, and ours / this is paired by round "
+        "(the median of per-round ratios)",
         "",
     ]
     tables = {
@@ -364,7 +405,7 @@ def _header(info: dict[str, Any], torch_ok: bool, repeats: int) -> str:
     return (
         f"{cpu}{', ' + caches if caches else ''}\n\n"
         f"{versions}, {platform.machine()}, backend {jax.default_backend()}, fp32, "
-        f"median of {repeats} after a warm-up"
+        f"median of {repeats} after a warm-up; peers timed in rounds, with the GEMM"
     )
 
 
@@ -404,9 +445,12 @@ def run_bench(
 ) -> list[dict[str, Any]]:
     """Runs the benchmark and writes ``results.md``, ``results.json`` and PNGs to ``out``.
 
-    The fp32 GEMM is always measured first: every timed row's GFLOP/s is reported as a
-    fraction of it. Sizes are those of the sections that use them (see the module
-    docstring); the flex rows use ``heads`` and ``head_dim`` with B=1.
+    The fp32 GEMM is always measured first (the header's rate), and again in the rounds
+    of every group of peers (`timing.interleaved_ms`): each row's GFLOP/s is reported as
+    a fraction of the GEMM timed beside it, and its ratio to our row is paired by round
+    (the decode and flex rows: paired ratios, fractions of the header's GEMM). Sizes are those of
+    the sections that use them (see the module docstring); the flex rows use ``heads``
+    and ``head_dim`` with B=1.
 
     Args:
       out: folder for the results (created).
@@ -465,13 +509,17 @@ def run_bench(
         def note(message: str) -> None:
             bar.write(message, file=sys.stderr)
 
-        gemm = gemm_gflops(2048, repeats)
+        gemm_fn, gemm_flops = gemm_call(2048)
+        gemm = gemm_flops / (median_ms(gemm_fn, repeats) * 1e-3) / 1e9
+        together = (gemm_fn, gemm_flops)
         bar.update()
         if "kernel" in sections:
-            rows += _attention_rows(batch, length, heads, head_dim, repeats, torch_ok, bar.update)
+            rows += _attention_rows(
+                batch, length, heads, head_dim, repeats, together, torch_ok, bar.update
+            )
         if "module" in sections:
             rows += _module_rows(
-                batch, module_length, model_dim, heads, repeats, torch_ok, bar.update
+                batch, module_length, model_dim, heads, repeats, together, torch_ok, bar.update
             )
         if "memory" in sections:
             rows += _memory_rows(memory_lengths, heads, head_dim, bar.update)

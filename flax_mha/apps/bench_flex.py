@@ -1,6 +1,8 @@
 """The flex-attention rows of `flax-mha bench` (issue 14): block masks, mask and score mods.
 
-Four cases, fp32, B=1, each row a median of ``repeats`` calls after a warm-up:
+Four cases, fp32, B=1, each row a median of ``repeats`` calls after a warm-up; the
+implementations of a case are timed in rounds (`timing.interleaved_ms`) and each ratio
+against a target is the median of the per-round ratios (`timing.row_ratio`):
 
 * ``flex_document``: causal attention within 8 packed documents of random lengths, at
   each length of ``lengths``: ours (`flax_mha.flex_attention` with a `BlockMask`) against
@@ -35,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_mha import mods
-from flax_mha.apps.timing import attention_flops, median_ms, rate_cells
+from flax_mha.apps.timing import attention_flops, interleaved_ms, median_ms, rate_cells, row_ratio
 from flax_mha.kernels.block_mask import create_block_mask
 from flax_mha.kernels.dispatch import dot_product_attention
 from flax_mha.kernels.flex import flex_attention
@@ -95,14 +97,14 @@ def _timed(
     fn: Callable[..., jax.Array],
     args: Sequence[Any],
     argnums: tuple[int, ...],
-    repeats: int,
     base: dict[str, Any],
     fwd_flops: float,
     *,
     passes: tuple[str, ...] = ("fwd", "fwd+bwd"),
     max_gib: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows of ``fn(*args)`` and of its gradient in ``argnums``: compiled once, then timed."""
+    """Rows of ``fn(*args)`` and of its gradient in ``argnums``, compiled: each to run holds
+    its call under ``"_call"`` for `_time_together`."""
     rows = []
     for pass_ in passes:
         f = fn if pass_ == "fwd" else jax.grad(_loss(fn), argnums=argnums)
@@ -115,7 +117,20 @@ def _timed(
             why = f"needs {temp / 2**30:.1f} GiB of compiled temporaries (> {max_gib:g} GiB)"
             rows.append(dict(row, skipped=why))
         else:
-            rows.append(dict(row, ms=median_ms(lambda c=compiled: c(*args), repeats)))
+            rows.append(dict(row, _call=lambda c=compiled: c(*args)))
+    return rows
+
+
+def _time_together(rows: list[dict[str, Any]], repeats: int) -> list[dict[str, Any]]:
+    """Times the rows that hold a ``"_call"``, those of one pass in the same rounds
+    (`interleaved_ms`): sets their median ``ms`` and their ``times``. Returns ``rows``."""
+    for pass_ in dict.fromkeys(r["pass_"] for r in rows):
+        group = [r for r in rows if r["pass_"] == pass_ and "_call" in r]
+        if group:
+            times = interleaved_ms({i: r["_call"] for i, r in enumerate(group)}, repeats)
+            for i, r in enumerate(group):
+                del r["_call"]
+                r.update(ms=float(np.median(times[i])), times=times[i])
     return rows
 
 
@@ -131,9 +146,10 @@ TORCH_MAX_LENGTH = 8192
 
 
 def _torch_flex_rows(
-    seg: np.ndarray, qkv: Sequence[jax.Array], repeats: int, base: dict[str, Any], flops: float
+    seg: np.ndarray, qkv: Sequence[jax.Array], base: dict[str, Any], flops: float
 ) -> list[dict[str, Any]]:
-    """``torch.compile(flex_attention)`` with torch's BlockMask of the same mask."""
+    """``torch.compile(flex_attention)`` with torch's BlockMask of the same mask, compiled
+    (rows to run hold their call under ``"_call"``, as `_timed`'s)."""
     try:
         import torch
         from torch.nn.attention.flex_attention import create_block_mask as torch_block_mask
@@ -155,11 +171,11 @@ def _torch_flex_rows(
             with torch.no_grad():
                 compiled(q, k, v, block_mask=bm)
 
-        fwd_ms = median_ms(fwd, repeats)
+        fwd()  # compiles (the timing's warm-up call runs it again)
     except Exception as e:  # noqa: BLE001 (an inductor without a compiler, ...)
         return _skipped(TORCH_FLEX, base, flops, f"{type(e).__name__}: {_first_line(e)}")
     bm_size = list(bm.BLOCK_SIZE)
-    rows = [dict(base, impl=TORCH_FLEX, pass_="fwd", flops=flops, ms=fwd_ms, block_size=bm_size)]
+    rows = [dict(base, impl=TORCH_FLEX, pass_="fwd", flops=flops, _call=fwd, block_size=bm_size)]
     gq, gk, gv = (x.clone().requires_grad_(True) for x in (q, k, v))
 
     def bwd():
@@ -170,7 +186,7 @@ def _torch_flex_rows(
         bwd()
     except Exception as e:  # noqa: BLE001 (torch 2.13: no FlexAttention backward on CPU)
         return [*rows, dict(bwd_row, skipped=f"{type(e).__name__}: {_first_line(e)}")]
-    return [*rows, dict(bwd_row, ms=median_ms(bwd, repeats))]
+    return [*rows, dict(bwd_row, _call=bwd)]
 
 
 def _first_line(e: BaseException) -> str:
@@ -211,7 +227,7 @@ def _document_rows(
     def jax_nn(q, k, v, m):
         return jax.nn.dot_product_attention(q, k, v, mask=m)
 
-    rows = _timed(OURS, ours, (*qkv, bm), (0, 1, 2), repeats, base, flops)
+    rows = _timed(OURS, ours, (*qkv, bm), (0, 1, 2), base, flops)
     progress()
     if torch_ok and L > TORCH_MAX_LENGTH:
         why = (f"not run above L={TORCH_MAX_LENGTH}: torch's CPU flex_attention ran out of "
@@ -220,15 +236,15 @@ def _document_rows(
         progress()
     elif torch_ok:
         note(TORCH_COMPILE_NOTE.format(L=L))
-        rows += _torch_flex_rows(seg_np, qkv, repeats, base, flops)
+        rows += _torch_flex_rows(seg_np, qkv, base, flops)
         progress()
     dense = np.tril(np.ones((L, L), bool)) & (seg_np[0][:, None] == seg_np[0][None, :])
     dense = jnp.asarray(dense[None, None])
     for name, fn in ((OURS_DENSE, ours_dense), (JAX_NN_DENSE, jax_nn)):
         args = (*qkv, dense)
-        rows += _timed(name, fn, args, (0, 1, 2), repeats, base, flops, max_gib=max_dense_gib)
+        rows += _timed(name, fn, args, (0, 1, 2), base, flops, max_gib=max_dense_gib)
         progress()
-    return rows
+    return _time_together(rows, repeats)
 
 
 def _causal_rows(L: int, N: int, H: int, repeats: int, progress: Callable[[], Any]) -> list[dict]:
@@ -243,11 +259,11 @@ def _causal_rows(L: int, N: int, H: int, repeats: int, progress: Callable[[], An
     def flag(q, k, v):
         return dot_product_attention(q, k, v, is_causal=True)
 
-    rows = _timed(FLEX_CAUSAL, flex, (q, k, v, bm), (0, 1, 2), repeats, base, flops)
+    rows = _timed(FLEX_CAUSAL, flex, (q, k, v, bm), (0, 1, 2), base, flops)
     progress()
-    rows += _timed(IS_CAUSAL, flag, (q, k, v), (0, 1, 2), repeats, base, flops)
+    rows += _timed(IS_CAUSAL, flag, (q, k, v), (0, 1, 2), base, flops)
     progress()
-    return rows
+    return _time_together(rows, repeats)
 
 
 def _score_rows(L: int, N: int, H: int, repeats: int, progress: Callable[[], Any]) -> list[dict]:
@@ -269,9 +285,9 @@ def _score_rows(L: int, N: int, H: int, repeats: int, progress: Callable[[], Any
     rows = []
     for name, fn in ((PLAIN, plain), (SINKS, with_sinks), (T5_BIAS, with_bias)):
         args = (q, k, v, table, sinks)
-        rows += _timed(name, fn, args, (0, 1, 2, 3, 4), repeats, base, flops, passes=("fwd+bwd",))
+        rows += _timed(name, fn, args, (0, 1, 2, 3, 4), base, flops, passes=("fwd+bwd",))
         progress()
-    return rows
+    return _time_together(rows, repeats)
 
 
 def _block_mask_rows(
@@ -322,7 +338,8 @@ def flex_rows(
       repeats: timed calls per row (median; after one warm-up call).
       torch_ok: also time ``torch.compile(flex_attention)`` (needs torch).
       max_dense_gib: dense-mask paths needing more compiled temporaries are not run.
-      progress: called after each implementation of a case.
+      progress: called after each implementation of a case is compiled (a case's
+        implementations are then timed together).
       note: prints a progress message (the torch.compile warning).
 
     Returns:
@@ -351,7 +368,7 @@ def _ms(r: dict[str, Any]) -> str:
 def _ratio(num: dict[str, Any], den: dict[str, Any]) -> float | None:
     if "ms" not in num or "ms" not in den:
         return None
-    return num["ms"] / den["ms"]
+    return row_ratio(num, den)
 
 
 def _check(value: float | None, target: float, at_most: bool) -> tuple[str, str]:

@@ -1,7 +1,8 @@
 """Wall time, compiled memory, FLOPs and the machine: what every benchmark measures with.
 
 `flax-mha bench`, the scripts in ``benchmarks/`` and notebook 02 all time with
-`median_ms`, size with `compiled_temp_bytes`, count with `attention_flops` and name the
+`median_ms` (or, for peers compared with one another, `interleaved_ms` and
+`paired_ratio`), size with `compiled_temp_bytes`, count with `attention_flops` and name the
 machine with `cpu_info`, so their numbers mean the same thing.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -30,11 +31,15 @@ __all__ = [
     "cpu_info",
     "cpu_model",
     "first_and_second_call_s",
+    "gemm_call",
     "gemm_gflops",
+    "interleaved_ms",
     "jit_fwd_and_grad",
     "median_ms",
+    "paired_ratio",
     "parse_colon_lines",
     "rate_cells",
+    "row_ratio",
 ]
 
 
@@ -51,6 +56,41 @@ def median_ms(fn: Callable[[], Any], repeats: int) -> float:
         jax.block_until_ready(fn())
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def interleaved_ms(calls: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Wall times in ms of each of ``calls``, ``repeats`` of each, taken in rounds.
+
+    Every call runs once first (compilation, warm-up). Then each round runs every call
+    once, starting one further along the list each round, so that a change of the
+    machine's load during the run (a shared host's neighbours) falls on every call alike;
+    compare two of them with `paired_ratio` on their times, not with the ratio of medians
+    taken minutes apart. JAX results are waited for, as in `median_ms`.
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats should be an int >= 1, but got {repeats!r}")
+    names = list(calls)
+    for name in names:
+        jax.block_until_ready(calls[name]())
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            t0 = time.perf_counter()
+            jax.block_until_ready(calls[name]())
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """The median over rounds of ``numerator[i] / denominator[i]``: the ratio of two calls
+    timed in the same rounds of `interleaved_ms` (robust to a load that drifts)."""
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError(
+            "paired times should be two equally long, non-empty sequences, but got "
+            f"{len(numerator)} and {len(denominator)} times"
+        )
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
 def first_and_second_call_s(fn: Callable[[], Any]) -> tuple[float, float]:
@@ -90,17 +130,35 @@ def attention_flops(B: int, N: int, T: int, S: int, H: int, causal: bool, backwa
 
 
 def add_rates(rows: list[dict[str, Any]], gemm: float) -> list[dict[str, Any]]:
-    """Sets ``gflops`` and ``gemm_fraction`` (of ``gemm`` GFLOP/s) on rows with ``flops``.
+    """Sets ``gflops`` and ``gemm_fraction`` on rows with ``flops``.
 
-    A row with ``flops`` and ``ms`` gets ``flops / time`` and that over ``gemm``; one
-    with ``flops`` but no ``ms`` (not run) gets None for both. Returns ``rows``.
+    A row with ``flops`` and ``ms`` gets ``gflops = flops / time``. Its ``gemm_fraction``
+    is that rate over the GEMM's: the GEMM timed in the same rounds when the row has
+    ``times``, ``gemm_times`` and ``gemm_flops`` (`interleaved_ms`; the median over rounds
+    of the two rates' ratio), else ``gemm`` GFLOP/s. A row with ``flops`` but no ``ms``
+    (not run) gets None for both. Returns ``rows``.
     """
     for r in rows:
         if "flops" in r:
             ran = r.get("ms") is not None
             r["gflops"] = r["flops"] / (r["ms"] * 1e-3) / 1e9 if ran else None
-            r["gemm_fraction"] = r["gflops"] / gemm if ran else None
+            if not ran:
+                r["gemm_fraction"] = None
+            elif r.get("gemm_times") is not None:
+                per_flop = r["flops"] / r["gemm_flops"]
+                r["gemm_fraction"] = per_flop * paired_ratio(r["gemm_times"], r["times"])
+            else:
+                r["gemm_fraction"] = r["gflops"] / gemm
     return rows
+
+
+def row_ratio(numerator: Mapping[str, Any], denominator: Mapping[str, Any]) -> float:
+    """``numerator``'s time over ``denominator``'s: paired (`paired_ratio`) when both rows
+    carry the ``times`` of the same rounds, else the ratio of their ``ms``."""
+    a, b = numerator.get("times"), denominator.get("times")
+    if a is not None and b is not None and len(a) == len(b):
+        return paired_ratio(a, b)
+    return numerator["ms"] / denominator["ms"]
 
 
 def rate_cells(row: dict[str, Any]) -> str:
@@ -115,9 +173,14 @@ def rate_cells(row: dict[str, Any]) -> str:
     )
 
 
-def gemm_gflops(n: int, repeats: int) -> float:
-    """GFLOP/s of a jitted fp32 ``[n, n] @ [n, n]`` (median of ``repeats``): the ceiling."""
+def gemm_call(n: int) -> tuple[Callable[[], Array], float]:
+    """A jitted fp32 ``[n, n] @ [n, n]`` as a call to time, and its FLOPs (``2 n^3``)."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
-    ms = median_ms(lambda: f(a), repeats)
-    return 2.0 * n**3 / (ms * 1e-3) / 1e9
+    return (lambda: f(a)), 2.0 * n**3
+
+
+def gemm_gflops(n: int, repeats: int) -> float:
+    """GFLOP/s of a jitted fp32 ``[n, n] @ [n, n]`` (median of ``repeats``): the ceiling."""
+    call, flops = gemm_call(n)
+    return flops / (median_ms(call, repeats) * 1e-3) / 1e9
