@@ -187,6 +187,12 @@ def test_interleaved_ms_rotates_the_order_of_each_round(monkeypatch):
         assert times[name] == pytest.approx([1.0, 1.0, 1.0], rel=1e-9)
     with pytest.raises(ValueError, match=r"repeats should be an int >= 1, but got 0"):
         interleaved_ms(calls, 0)
+    # pause_s: a sleep before each timed call (not before the warm-up calls)
+    events = []
+    monkeypatch.setattr("flax_mha.apps.timing.time.sleep", lambda s: events.append(s))
+    calls = {name: (lambda name=name: events.append(name)) for name in "ab"}
+    interleaved_ms(calls, 2, pause_s=0.25)
+    assert events == ["a", "b", 0.25, "a", 0.25, "b", 0.25, "b", 0.25, "a"]
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios():

@@ -40,6 +40,7 @@ import numpy as np
 
 from flax_mha.apps.bench_flex import flex_rows, flex_steps, flex_tables
 from flax_mha.apps.timing import (
+    SETTLE_S,
     add_rates,
     attention_flops,
     compiled_temp_bytes,
@@ -124,12 +125,13 @@ def _timed_together(
     repeats: int,
     gemm: Gemm | None,
     progress: Callable[[], Any],
+    pause_s: float = SETTLE_S,
 ) -> dict[str, dict[str, Any]]:
-    """Times ``calls`` (and the GEMM, unless None) in the same rounds (`interleaved_ms`):
-    per call, its median ``ms``, its ``times`` and the GEMM's ``gemm_times`` and
-    ``gemm_flops``."""
+    """Times ``calls`` (and the GEMM, unless None) in the same rounds (`interleaved_ms`,
+    ``pause_s`` before each call): per call, its median ``ms``, its ``times`` and the
+    GEMM's ``gemm_times`` and ``gemm_flops``."""
     together = dict(calls) if gemm is None else {**calls, _GEMM: gemm[0]}
-    times = interleaved_ms(together, repeats)
+    times = interleaved_ms(together, repeats, pause_s=pause_s)
     timed = {}
     for name in calls:
         timed[name] = dict(ms=statistics.median(times[name]), times=times[name])
@@ -245,9 +247,9 @@ def _decode_step(module: Any, params: Any, L: int, D: int, filled: int) -> Calla
 def _decode_rows(lengths, filled_fraction, D, N, repeats, progress) -> list[dict[str, Any]]:
     """Tokens/s of one decode step (B=1) with a cache of ``L`` slots, ``L * fraction`` filled.
 
-    The two modules' steps alternate, without the GEMM between them: its 48 MiB of
-    operands evict the caches and parameters a decode loop keeps warm (at 512 slots,
-    our step took 0.95-1.05 ms after the GEMM against 0.31-0.68 ms without it).
+    The two modules' steps alternate, back to back, without the GEMM between them: its
+    48 MiB of operands evict the caches and parameters a decode loop keeps warm (at 512
+    slots, our step took 0.95-1.05 ms after the GEMM against 0.31-0.68 ms without it).
     """
     import flax.linen as nn
 
@@ -262,7 +264,7 @@ def _decode_rows(lengths, filled_fraction, D, N, repeats, progress) -> list[dict
     for L in lengths:
         filled = max(1, int(L * filled_fraction))
         steps = {n: _decode_step(m, params["params"], L, D, filled) for n, m in peers.items()}
-        for name, t in _timed_together(steps, repeats, None, progress).items():
+        for name, t in _timed_together(steps, repeats, None, progress, pause_s=0.0).items():
             row = dict(kind="decode", impl=name, L=L, filled=filled, D=D, N=N, **t)
             # the new token attends to the `filled` cached positions and to itself
             rows.append(dict(row, tokens_per_s=1e3 / t["ms"], flops=decode_flops(filled + 1, D)))

@@ -24,6 +24,7 @@ from flax_mha.kernels.machine import cpu_model as cpu_model
 from flax_mha.kernels.machine import parse_colon_lines as parse_colon_lines
 
 __all__ = [
+    "SETTLE_S",
     "VECTOR_EXTENSIONS",
     "add_rates",
     "attention_flops",
@@ -58,14 +59,25 @@ def median_ms(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def interleaved_ms(calls: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+#: Seconds to wait before each timed call of `interleaved_ms` in the benchmarks: a call
+#: right after one that used 1.5 GiB of temporaries (jax.nn with a dense [4096]² mask)
+#: took 170-185 ms instead of 83-100 while that memory was being released, fine after a
+#: 0.2 s pause (benchmarks/RESULTS.md).
+SETTLE_S = 0.2
+
+
+def interleaved_ms(
+    calls: Mapping[str, Callable[[], Any]], repeats: int, *, pause_s: float = 0.0
+) -> dict[str, list[float]]:
     """Wall times in ms of each of ``calls``, ``repeats`` of each, taken in rounds.
 
     Every call runs once first (compilation, warm-up). Then each round runs every call
     once, starting one further along the list each round, so that a change of the
     machine's load during the run (a shared host's neighbours) falls on every call alike;
     compare two of them with `paired_ratio` on their times, not with the ratio of medians
-    taken minutes apart. JAX results are waited for, as in `median_ms`.
+    taken minutes apart. JAX results are waited for, as in `median_ms`. ``pause_s``:
+    seconds to sleep before each timed call, so that no call pays for the release of the
+    previous one's memory (`SETTLE_S`).
     """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats should be an int >= 1, but got {repeats!r}")
@@ -76,6 +88,8 @@ def interleaved_ms(calls: Mapping[str, Callable[[], Any]], repeats: int) -> dict
     for r in range(repeats):
         for i in range(len(names)):
             name = names[(r + i) % len(names)]
+            if pause_s:
+                time.sleep(pause_s)
             t0 = time.perf_counter()
             jax.block_until_ready(calls[name]())
             times[name].append((time.perf_counter() - t0) * 1e3)
