@@ -19,7 +19,11 @@
     speed-up over Flax's step that a free attention would give. Each case runs in a
     process of its own (``--in-process``: one process), so
     its peak RSS is its own; a case whose compiled temporaries exceed ``--max-temp-gib``
-    (or 80% of the available memory) is compiled only and its need reported.
+    (or 80% of the available memory) is compiled only and its need reported. The last
+    column is the memory a step faults in (minor page faults times the page size, median
+    over the timed steps): XLA:CPU allocates a step's buffers afresh, and the pages of
+    large ones are mapped anew on first touch, a cost (~1 us per 4 KiB page) inside the
+    step's time.
 
 Usage:
 
@@ -114,6 +118,11 @@ def _timed(fn, *args) -> tuple[float, Any]:
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
     return time.perf_counter() - t0, out
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (pages touched for the first time)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 # ------------------------------------------------------------------ (a) packing vs padding
@@ -309,13 +318,18 @@ def run_case(args: argparse.Namespace, impl: str, L: int) -> dict[str, Any]:
         row["skipped"] = f"compiled only: {_fmt_bytes(temp)} of temporaries, {why}"
     else:
         params, opt_state, _ = compiled(params, opt_state, tokens)  # first run (warm-up)
-        times = []
+        times, faults = [], []
         for _ in range(args.runs):
+            before = _minor_faults()
             dt, (params, opt_state, loss) = _timed(compiled, params, opt_state, tokens)
             times.append(dt)
+            faults.append(_minor_faults() - before)
         if not np.isfinite(float(loss)):
             raise AssertionError(f"{impl} L={L}: the loss is not finite ({float(loss)})")
         row["step_s"] = statistics.median(times)
+        # XLA:CPU allocates a step's buffers afresh and the kernel maps their pages anew
+        # on first touch: the faults show how much memory each step touches that way.
+        row["faulted_bytes_per_step"] = int(statistics.median(faults)) * resource.getpagesize()
         row["tokens_per_s"] = B * L / row["step_s"]
     row["peak_rss_bytes"], row["rss_start_bytes"] = _peak_rss_bytes(), rss_start
     return row
@@ -349,7 +363,7 @@ def bench_flax(args: argparse.Namespace) -> list[dict[str, Any]]:
     _say(f"same model: max |logits ours - flax| = {check_same_model(args):.2e} (same params)")
     _say(
         "\n| L | B | attention | step | tokens/s | vs flax | compiled temporaries | "
-        "peak RSS of the case |\n" + "|---" * 8 + "|"
+        "peak RSS of the case | memory faulted in per step |\n" + "|---" * 9 + "|"
     )
     rows = []
     for L in args.lengths:
@@ -364,7 +378,7 @@ def bench_flax(args: argparse.Namespace) -> list[dict[str, Any]]:
         for impl, row in by_impl.items():
             name = _IMPLS[impl]
             if "error" in row:
-                _say(f"| {L} | {row['B']} | {name} | failed: {row['error']} | | | | |")
+                _say(f"| {L} | {row['B']} | {name} | failed: {row['error']} | | | | | |")
                 continue
             flax_rate = by_impl["flax"].get("tokens_per_s")
             if "tokens_per_s" in row:
@@ -376,8 +390,10 @@ def bench_flax(args: argparse.Namespace) -> list[dict[str, Any]]:
                 vs = "1x" if flax_rate else "-"
             rss = f"{_fmt_bytes(row['peak_rss_bytes'])} ({_fmt_bytes(row['rss_start_bytes'])} "
             rss += "before the step)" if not args.in_process else "in this process so far)"
+            faulted = row.get("faulted_bytes_per_step")
+            faulted = "-" if faulted is None else _fmt_bytes(faulted)
             _say(f"| {L} | {row['B']} | {name} | {step} | {rate} | {vs} | "
-                 f"{_fmt_bytes(row['temp_bytes'])} | {rss} |")  # fmt: skip
+                 f"{_fmt_bytes(row['temp_bytes'])} | {rss} | {faulted} |")  # fmt: skip
     return rows
 
 

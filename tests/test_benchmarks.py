@@ -7,6 +7,7 @@ that each script runs and prints its table, not any timing.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,7 @@ def test_bench_lm_quick_times_both_attentions_on_the_same_model():
     for impl in ("flax (dense mask)", "ours (mask mods)", "no attention (bound)"):
         row = next(x for x in out.splitlines() if x.startswith(f"| 128 | 2 | {impl} |"))
         assert float(row.split("|")[5].replace(",", "")) > 0  # tokens/s
+        assert re.fullmatch(r" \d+(\.\d+)? (MiB|GiB) ", row.split("|")[9]), row  # faulted in
 
 
 def test_sweep_block_size_prints_every_size_against_is_causal():
