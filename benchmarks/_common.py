@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 
+from flax_mha.apps.timing import SETTLE_S as SETTLE_S
 from flax_mha.apps.timing import compiled_temp_bytes as compiled_temp_bytes
 from flax_mha.apps.timing import first_and_second_call_s as first_and_second_call_s
+from flax_mha.apps.timing import interleaved_ms as interleaved_ms
 from flax_mha.apps.timing import jit_fwd_and_grad as jit_fwd_and_grad
 from flax_mha.apps.timing import median_ms as median_ms
+from flax_mha.apps.timing import paired_ratio as paired_ratio
 
 
 def add_shape_arguments(parser: argparse.ArgumentParser, *, runs: int) -> None:

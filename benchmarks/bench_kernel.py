@@ -1,6 +1,8 @@
 """Quick timing of the blockwise kernel against torch SDPA and jax.nn on CPU.
 
-Usage (fp32, median of --runs runs after one warm-up, block_until_ready):
+Usage (fp32, median of --runs runs after one warm-up, block_until_ready; the
+implementations of each row are timed in rounds, `flax_mha.apps.timing.interleaved_ms`,
+and "ours / this" is the median of the per-round ratios):
 
   python benchmarks/bench_kernel.py                        # B=4 L=2048 N=8 H=64
   python benchmarks/bench_kernel.py --only ours --block-q 256 --block-k 512
@@ -17,11 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from _common import (
+    SETTLE_S,
     add_shape_arguments,
     compiled_temp_bytes,
     first_and_second_call_s,
+    interleaved_ms,
     jit_fwd_and_grad,
-    median_ms,
+    paired_ratio,
 )
 
 from flax_mha import dot_product_attention
@@ -33,13 +37,19 @@ def _jax_fns(attn, q, k, v):
     return lambda: fwd(q, k, v), lambda: grad(q, k, v)
 
 
+def _add(calls: dict, tag: str, name: str, fwd, fwd_bwd) -> None:
+    """Registers ``name``'s forward and forward+backward calls in the rows of ``tag``."""
+    calls.setdefault((tag, "fwd"), {})[name] = fwd
+    calls.setdefault((tag, "fwd+bwd"), {})[name] = fwd_bwd
+
+
 def bench(args: argparse.Namespace) -> None:
     B, L, N, H = args.batch, args.length, args.heads, args.head_dim
     rng = np.random.default_rng(0)
     qn, kn, vn = (rng.standard_normal((B, L, N, H), dtype=np.float32) for _ in range(3))
     q, k, v = (jnp.asarray(x) for x in (qn, kn, vn))
     scale = 1.0 / np.sqrt(H)
-    results = {}
+    calls = {}  # (causal tag, pass) -> {implementation: call}
     for causal in (False, True):
         tag = "causal" if causal else "full"
         if args.only in ("all", "ours"):
@@ -55,17 +65,13 @@ def bench(args: argparse.Namespace) -> None:
                     block_k=args.block_k,
                 )
 
-            f, g = _jax_fns(ours, q, k, v)
-            results[f"ours {tag} fwd"] = median_ms(f, args.runs)
-            results[f"ours {tag} fwd+bwd"] = median_ms(g, args.runs)
+            _add(calls, tag, "ours", *_jax_fns(ours, q, k, v))
         if args.reference:
 
             def reference(q, k, v, causal=causal):
                 return dot_product_attention(q, k, v, is_causal=causal, implementation="reference")
 
-            f, g = _jax_fns(reference, q, k, v)
-            results[f"reference {tag} fwd"] = median_ms(f, args.runs)
-            results[f"reference {tag} fwd+bwd"] = median_ms(g, args.runs)
+            _add(calls, tag, "reference", *_jax_fns(reference, q, k, v))
         if args.only in ("all", "torch"):
             import torch
 
@@ -81,22 +87,24 @@ def bench(args: argparse.Namespace) -> None:
                 a, b, c = (x.clone().requires_grad_(True) for x in qkv)
                 sdpa(a, b, c, is_causal=causal).sum().backward()
 
-            results[f"torch {tag} fwd"] = median_ms(t_fwd, args.runs)
-            results[f"torch {tag} fwd+bwd"] = median_ms(t_bwd, args.runs)
+            _add(calls, tag, "torch", t_fwd, t_bwd)
         if args.only == "all" and not args.skip_jaxnn:
 
             def jnn(q, k, v, causal=causal):
                 return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal)
 
-            f, g = _jax_fns(jnn, q, k, v)
-            results[f"jax.nn {tag} fwd"] = median_ms(f, args.runs)
-            results[f"jax.nn {tag} fwd+bwd"] = median_ms(g, args.runs)
+            _add(calls, tag, "jax.nn", *_jax_fns(jnn, q, k, v))
     print(
         f"B={B} L={L} N={N} H={H} fp32 block_q={args.block_q} block_k={args.block_k} "
-        f"runs={args.runs} (median ms)"
+        f"runs={args.runs} (median ms; each row's implementations timed in rounds)"
     )
-    for name, ms in results.items():
-        print(f"  {name:24s} {ms:9.1f} ms")
+    for (tag, pass_), row in calls.items():
+        times = interleaved_ms(row, args.runs, pause_s=SETTLE_S)
+        for name, t in times.items():
+            vs = ""
+            if "ours" in times and name != "ours":
+                vs = f"  ours / this {paired_ratio(times['ours'], t):.2f} (paired)"
+            print(f"  {f'{name} {tag} {pass_}':24s} {np.median(t):9.1f} ms{vs}")
 
 
 def _blockwise_grad(block_q: int | None, block_k: int | None, causal: bool):

@@ -35,6 +35,9 @@ def test_bench_kernel_prints_our_rows():
     for impl in ("ours", "reference"):
         for row in ("full fwd", "full fwd+bwd", "causal fwd", "causal fwd+bwd"):
             assert f"{impl} {row} " in out
+    # timed in rounds with ours: each peer's row ends with the paired ratio
+    ratios = re.findall(r"^  reference .* ms  ours / this (\d+\.\d\d) \(paired\)$", out, re.M)
+    assert len(ratios) == 4 and all(float(x) > 0 for x in ratios), out
 
 
 def test_causal_bound_prints_costs_and_bounds():
