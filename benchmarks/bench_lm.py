@@ -22,7 +22,7 @@
     (or 80% of the available memory) is compiled only and its need reported. The last
     column is the memory a step faults in (minor page faults times the page size, median
     over the timed steps): XLA:CPU allocates a step's buffers afresh, and the pages of
-    large ones are mapped anew on first touch, a cost (~1 us per 4 KiB page) inside the
+    large ones are mapped anew on first touch, a cost (~1.3 us per 4 KiB page) inside the
     step's time.
 
 Usage:

@@ -38,9 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_mha.apps import timing
 from flax_mha.apps.bench_flex import flex_rows, flex_steps, flex_tables
 from flax_mha.apps.timing import (
-    SETTLE_S,
     add_rates,
     attention_flops,
     compiled_temp_bytes,
@@ -125,12 +125,13 @@ def _timed_together(
     repeats: int,
     gemm: Gemm | None,
     progress: Callable[[], Any],
-    pause_s: float = SETTLE_S,
+    pause_s: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Times ``calls`` (and the GEMM, unless None) in the same rounds (`interleaved_ms`,
-    ``pause_s`` before each call): per call, its median ``ms``, its ``times`` and the
-    GEMM's ``gemm_times`` and ``gemm_flops``."""
+    ``pause_s`` before each call; None: `timing.SETTLE_S`): per call, its median ``ms``,
+    its ``times`` and the GEMM's ``gemm_times`` and ``gemm_flops``."""
     together = dict(calls) if gemm is None else {**calls, _GEMM: gemm[0]}
+    pause_s = timing.SETTLE_S if pause_s is None else pause_s
     times = interleaved_ms(together, repeats, pause_s=pause_s)
     timed = {}
     for name in calls:
@@ -341,9 +342,10 @@ def _decode_table(dec: list[dict[str, Any]]) -> list[str]:
 def _markdown(rows: list[dict[str, Any]], gemm: float) -> str:
     lines = [
         f"fp32 GEMM ceiling measured in this run: {gemm:.1f} GFLOP/s "
-        "(jitted [2048, 2048] @ [2048, 2048], first); each row's % of GEMM is against the "
-        "GEMM timed in the same rounds as the row, and ours / this is paired by round "
-        "(the median of per-round ratios)",
+        "(jitted [2048, 2048] @ [2048, 2048], first); the kernel and module rows' % of GEMM "
+        "is against the GEMM timed in the same rounds as the row, the other rows' against "
+        "this rate; every ours / this is paired by round (the median of per-round ratios), "
+        "GFLOP/s are of the median time",
         "",
     ]
     tables = {
@@ -407,7 +409,8 @@ def _header(info: dict[str, Any], torch_ok: bool, repeats: int) -> str:
     return (
         f"{cpu}{', ' + caches if caches else ''}\n\n"
         f"{versions}, {platform.machine()}, backend {jax.default_backend()}, fp32, "
-        f"median of {repeats} after a warm-up; peers timed in rounds, with the GEMM"
+        f"median of {repeats} after a warm-up; peers timed in rounds (the kernel and module "
+        "rows with the GEMM)"
     )
 
 

@@ -24,7 +24,8 @@ against a target is the median of the per-round ratios (`timing.row_ratio`):
 
 FLOPs are analytic and count only the (query, key) pairs the mask allows (forward
 ``4·B·N·H`` per pair, forward+backward 3.5x), the same count for every implementation
-of a case, so GFLOP/s ratios are inverse time ratios.
+of a case, so GFLOP/s ratios are inverse ratios of the median times (the printed
+ratios are paired by round, so they can differ slightly from those).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_mha import mods
+from flax_mha.apps import timing
 from flax_mha.apps.timing import (
-    SETTLE_S,
     attention_flops,
     interleaved_ms,
     median_ms,
@@ -130,10 +131,11 @@ def _timed(
 
 def _time_together(rows: list[dict[str, Any]], repeats: int) -> list[dict[str, Any]]:
     """Times the rows that hold a ``"_call"``, those of one pass in the same rounds
-    (`interleaved_ms`), pass after pass: sets their median ``ms`` and their ``times``. A
-    row marked ``"_may_fail"`` is called once first; if that raises, it is ``skipped``
-    with the error instead. Returns ``rows``."""
-    for pass_ in dict.fromkeys(r["pass_"] for r in rows):
+    (`interleaved_ms`), the forward rows before the forward+backward ones: sets their
+    median ``ms`` and their ``times``. A row marked ``"_may_fail"`` is called once first,
+    when its pass comes; if that raises, it is ``skipped`` with the error instead. Returns
+    ``rows``."""
+    for pass_ in sorted({r["pass_"] for r in rows}, key=("fwd", "fwd+bwd").index):
         for r in rows:
             if r["pass_"] == pass_ and r.pop("_may_fail", False):
                 try:  # a first call (torch's backward may not exist on this device)
@@ -144,7 +146,7 @@ def _time_together(rows: list[dict[str, Any]], repeats: int) -> list[dict[str, A
         group = [r for r in rows if r["pass_"] == pass_ and "_call" in r]
         if group:
             calls = {i: r["_call"] for i, r in enumerate(group)}
-            times = interleaved_ms(calls, repeats, pause_s=SETTLE_S)
+            times = interleaved_ms(calls, repeats, pause_s=timing.SETTLE_S)
             for i, r in enumerate(group):
                 del r["_call"]
                 r.update(ms=float(np.median(times[i])), times=times[i])
@@ -196,7 +198,13 @@ def _torch_flex_rows(
     gq, gk, gv = (x.clone().requires_grad_(True) for x in (q, k, v))
 
     def bwd():
-        compiled(gq, gk, gv, block_mask=bm).sum().backward()
+        try:
+            compiled(gq, gk, gv, block_mask=bm).sum().backward()
+        except Exception:
+            # A failed backward leaves torch.compile's forward of this function ~30x
+            # slower (see below); start afresh for any later length.
+            torch._dynamo.reset()
+            raise
 
     bwd_row = dict(base, impl=TORCH_FLEX, pass_="fwd+bwd", flops=3.5 * flops, block_size=bm_size)
     # Tried only after the forward is timed (`_time_together` times the passes in order):

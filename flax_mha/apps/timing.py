@@ -40,6 +40,7 @@ __all__ = [
     "paired_ratio",
     "parse_colon_lines",
     "rate_cells",
+    "round_order",
     "row_ratio",
 ]
 
@@ -66,18 +67,36 @@ def median_ms(fn: Callable[[], Any], repeats: int) -> float:
 SETTLE_S = 0.2
 
 
+def round_order(n: int, r: int) -> list[int]:
+    """The order of ``n`` calls in round ``r`` of `interleaved_ms`: a Williams design.
+
+    Round ``r`` is ``r, r + 1, r - 1, r + 2, r - 2, ...`` (mod ``n``), reversed in every
+    other block of ``n`` rounds when ``n`` is odd. Over ``n`` rounds (``2 n`` for odd
+    ``n``) every call runs once in each position and right after every other call equally
+    often, so what a call leaves behind (evicted caches, memory being released) falls on
+    every other call alike instead of always on the same neighbour.
+    """
+    steps = [0]
+    for j in range(1, n):
+        steps.append((j + 1) // 2 if j % 2 else n - j // 2)
+    order = [(r + x) % n for x in steps]
+    if n % 2 and (r // n) % 2:
+        order.reverse()
+    return order
+
+
 def interleaved_ms(
     calls: Mapping[str, Callable[[], Any]], repeats: int, *, pause_s: float = 0.0
 ) -> dict[str, list[float]]:
     """Wall times in ms of each of ``calls``, ``repeats`` of each, taken in rounds.
 
     Every call runs once first (compilation, warm-up). Then each round runs every call
-    once, starting one further along the list each round, so that a change of the
-    machine's load during the run (a shared host's neighbours) falls on every call alike;
-    compare two of them with `paired_ratio` on their times, not with the ratio of medians
-    taken minutes apart. JAX results are waited for, as in `median_ms`. ``pause_s``:
-    seconds to sleep before each timed call, so that no call pays for the release of the
-    previous one's memory (`SETTLE_S`).
+    once, in the order `round_order` gives, so that a change of the machine's load during
+    the run (a shared host's neighbours) falls on every call alike, and so does what one
+    call leaves behind for the next; compare two of them with `paired_ratio` on their
+    times, not with the ratio of medians taken minutes apart. JAX results are waited for,
+    as in `median_ms`. ``pause_s``: seconds to sleep before each timed call, so that no
+    call pays for the release of the previous one's memory (`SETTLE_S`).
     """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats should be an int >= 1, but got {repeats!r}")
@@ -86,8 +105,8 @@ def interleaved_ms(
         jax.block_until_ready(calls[name]())
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        for i in range(len(names)):
-            name = names[(r + i) % len(names)]
+        for i in round_order(len(names), r):
+            name = names[i]
             if pause_s:
                 time.sleep(pause_s)
             t0 = time.perf_counter()
