@@ -62,7 +62,7 @@ def median_ms(fn: Callable[[], Any], repeats: int) -> float:
 
 #: Seconds to wait before each timed call of `interleaved_ms` in the benchmarks: a call
 #: right after one that used 1.5 GiB of temporaries (jax.nn with a dense [4096]² mask)
-#: took 170-185 ms instead of 83-100 while that memory was being released, fine after a
+#: took 168-186 ms instead of 83-100 while that memory was being released, fine after a
 #: 0.2 s pause (benchmarks/RESULTS.md).
 SETTLE_S = 0.2
 
