@@ -30,6 +30,7 @@ Usage:
   python benchmarks/bench_lm.py                       # both (many minutes: an idle machine)
   python benchmarks/bench_lm.py --only packing --row-lengths 512 2048
   python benchmarks/bench_lm.py --only flax --lengths 1024 4096 16384 --runs 3
+  python benchmarks/bench_lm.py --only flax --lengths 1024 4096 --runs 6 --paired
   python benchmarks/bench_lm.py --quick               # tiny shapes: a smoke test (seconds)
 """
 
@@ -53,6 +54,7 @@ import numpy as np
 import optax
 
 from flax_mha import corpus
+from flax_mha.apps.timing import SETTLE_S, interleaved_ms, paired_ratio
 from flax_mha.layers import LayerNorm
 from flax_mha.models import FeedForward, Sublayer, TransformerConfig, TransformerLM
 from flax_mha.models import sinusoidal_positions as _sinusoidal
@@ -289,8 +291,9 @@ def check_same_model(args: argparse.Namespace) -> float:
     return float(jnp.max(jnp.abs(out["ours"] - out["flax"])))
 
 
-def run_case(args: argparse.Namespace, impl: str, L: int) -> dict[str, Any]:
-    """One (implementation, length) case: compiled temporaries, then timed steps if they fit."""
+def _prepare_case(args: argparse.Namespace, impl: str, L: int) -> tuple[dict[str, Any], Any]:
+    """Compiles one (implementation, length) case: its row (compiled temporaries, or why it
+    is not run) and its training step as a call (None when it is not run)."""
     B = max(1, args.tokens // L)
     model = _models(args)[impl]
     params = _params(_flax_config(args))
@@ -303,7 +306,6 @@ def run_case(args: argparse.Namespace, impl: str, L: int) -> dict[str, Any]:
 
     tx, step = _train_step(loss_fn)
     opt_state = tx.init(params)
-    rss_start = _peak_rss_bytes()  # jax, the corpus, the params: before this case's step
     t0 = time.perf_counter()
     compiled = step.lower(params, opt_state, tokens).compile()
     compile_s = time.perf_counter() - t0
@@ -316,23 +318,77 @@ def run_case(args: argparse.Namespace, impl: str, L: int) -> dict[str, Any]:
         limit, why = 0.8 * available, f"over 80% of the available {_fmt_bytes(available)}"
     if temp > limit:
         row["skipped"] = f"compiled only: {_fmt_bytes(temp)} of temporaries, {why}"
-    else:
-        params, opt_state, _ = compiled(params, opt_state, tokens)  # first run (warm-up)
+        return row, None
+    return row, lambda: compiled(params, opt_state, tokens)
+
+
+def run_case(args: argparse.Namespace, impl: str, L: int) -> dict[str, Any]:
+    """One (implementation, length) case: compiled temporaries, then timed steps if they fit."""
+    rss_start = _peak_rss_bytes()  # jax, the corpus, the params: before this case's step
+    row, run = _prepare_case(args, impl, L)
+    if run is not None:
+        run()  # first run (warm-up)
         times, faults = [], []
         for _ in range(args.runs):
             before = _minor_faults()
-            dt, (params, opt_state, loss) = _timed(compiled, params, opt_state, tokens)
+            dt, (_, _, loss) = _timed(run)
             times.append(dt)
             faults.append(_minor_faults() - before)
-        if not np.isfinite(float(loss)):
-            raise AssertionError(f"{impl} L={L}: the loss is not finite ({float(loss)})")
+        _check_loss(impl, L, loss)
         row["step_s"] = statistics.median(times)
         # XLA:CPU allocates a step's buffers afresh and the kernel maps their pages anew
         # on first touch: the faults show how much memory each step touches that way.
         row["faulted_bytes_per_step"] = int(statistics.median(faults)) * resource.getpagesize()
-        row["tokens_per_s"] = B * L / row["step_s"]
+        row["tokens_per_s"] = row["B"] * L / row["step_s"]
     row["peak_rss_bytes"], row["rss_start_bytes"] = _peak_rss_bytes(), rss_start
     return row
+
+
+def _check_loss(impl: str, L: int, loss: jax.Array) -> None:
+    if not np.isfinite(float(loss)):
+        raise AssertionError(f"{impl} L={L}: the loss is not finite ({float(loss)})")
+
+
+def bench_flax_paired(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """(b) in one process, the three models' steps timed in rounds (`interleaved_ms`, with
+    the settle pause): "vs flax" is then the median of the per-round ratios, so a drift of
+    the host's speed falls on both sides of it. No per-case peak RSS (one process)."""
+    _say(
+        f"\n## (b) paired: the three models' training steps timed in rounds in this process "
+        f"(TransformerLM, {args.layers} blocks, d_model {args.d_model}, {args.heads} heads, "
+        f"d_ff {args.d_ff}; B x L = {args.tokens}; {args.runs} rounds after one untimed)"
+    )
+    _say(f"same model: max |logits ours - flax| = {check_same_model(args):.2e} (same params)")
+    _say(
+        "\n| L | B | attention | step (median) | tokens/s | vs flax (paired) | per-round range "
+        "| compiled temporaries |\n" + "|---" * 8 + "|"
+    )
+    rows = []
+    for L in args.lengths:
+        prepared = {impl: _prepare_case(args, impl, L) for impl in _IMPLS}
+        calls = {impl: run for impl, (_, run) in prepared.items() if run is not None}
+        times = interleaved_ms(calls, args.runs, pause_s=SETTLE_S) if calls else {}
+        for impl, (row, run) in prepared.items():
+            name, row = _IMPLS[impl], dict(row, paired=True)
+            if run is None:
+                _say(f"| {L} | {row['B']} | {name} | {row['skipped']} | - | - | - | "
+                     f"{_fmt_bytes(row['temp_bytes'])} |")  # fmt: skip
+                rows.append(row)
+                continue
+            _check_loss(impl, L, run()[2])
+            row.update(times_ms=times[impl], step_s=statistics.median(times[impl]) / 1e3)
+            row["tokens_per_s"] = row["B"] * L / row["step_s"]
+            vs, spread = "-", "-"
+            if "flax" in times:
+                per_round = np.divide(times["flax"], times[impl])
+                row["vs_flax"] = paired_ratio(times["flax"], times[impl])
+                vs = f"{row['vs_flax']:.2f}x"
+                spread = f"{per_round.min():.2f}-{per_round.max():.2f}x"
+            _say(f"| {L} | {row['B']} | {name} | {row['step_s']:.2f} s | "
+                 f"{row['tokens_per_s']:,.0f} | {vs} | {spread} | "
+                 f"{_fmt_bytes(row['temp_bytes'])} |")  # fmt: skip
+            rows.append(row)
+    return rows
 
 
 def _case_in_subprocess(args: argparse.Namespace, impl: str, L: int) -> dict[str, Any]:
@@ -418,6 +474,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="(b): compile only a case needing more temporaries")  # fmt: skip
     p.add_argument("--in-process", action="store_true",
                    help="(b): all cases in this process (peak RSS: the process's)")  # fmt: skip
+    p.add_argument("--paired", action="store_true",
+                   help="(b): time the three models' steps in rounds in one process "
+                        "(ratios paired by round; no per-case peak RSS)")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--case", nargs=2, metavar=("IMPL", "L"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -451,7 +510,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in ("all", "packing"):
         rows += bench_packing(args)
     if args.only in ("all", "flax"):
-        rows += bench_flax(args)
+        rows += bench_flax_paired(args) if args.paired else bench_flax(args)
     _say(f"\nend: {_load()}")
     if args.json:
         with open(args.json, "w") as f:

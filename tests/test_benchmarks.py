@@ -69,6 +69,20 @@ def test_bench_lm_quick_times_both_attentions_on_the_same_model():
         assert re.fullmatch(r" \d+(\.\d+)? (MiB|GiB) ", row.split("|")[9]), row  # faulted in
 
 
+def test_bench_lm_paired_times_the_three_models_in_rounds():
+    out = _run("bench_lm.py", "--quick", "--only", "flax", "--paired", "--runs", "3")
+    assert "| vs flax (paired) | per-round range |" in out
+    rates = {}
+    for impl in ("flax (dense mask)", "ours (mask mods)", "no attention (bound)"):
+        row = next(x for x in out.splitlines() if x.startswith(f"| 128 | 2 | {impl} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        rates[impl] = float(cells[4].replace(",", ""))
+        assert re.fullmatch(r"\d+\.\d\dx", cells[5]) and re.fullmatch(r"[\d.]+-[\d.]+x", cells[6])
+    flax_row = next(x for x in out.splitlines() if x.startswith("| 128 | 2 | flax (dense mask) |"))
+    assert "| 1.00x | 1.00-1.00x |" in flax_row  # flax against itself, round by round
+    assert all(rate > 0 for rate in rates.values())
+
+
 def test_sweep_block_size_prints_every_size_against_is_causal():
     sizes = ("--sizes", "models", "128", "64x128")
     out = _run("sweep_block_size.py", *TINY, "--documents", "2", *sizes)
