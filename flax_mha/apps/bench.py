@@ -48,9 +48,9 @@ from flax_mha.apps.timing import (
     cpu_model,
     first_and_second_call_s,
     gemm_call,
+    gemm_gflops,
     interleaved_ms,
     jit_fwd_and_grad,
-    median_ms,
     rate_cells,
     row_ratio,
 )
@@ -115,7 +115,7 @@ def _torch_kernels(q: np.ndarray, causal: bool):
     return fwd, bwd
 
 
-#: A call to time and its FLOPs: the GEMM that every timed row is a fraction of.
+#: A call to time and its FLOPs: the GEMM the kernel and module rows are fractions of.
 Gemm = tuple[Callable[[], Any], float]
 _GEMM = "fp32 GEMM"
 
@@ -451,11 +451,11 @@ def run_bench(
     """Runs the benchmark and writes ``results.md``, ``results.json`` and PNGs to ``out``.
 
     The fp32 GEMM is always measured first (the header's rate), and again in the rounds
-    of every group of peers (`timing.interleaved_ms`): each row's GFLOP/s is reported as
-    a fraction of the GEMM timed beside it, and its ratio to our row is paired by round
-    (the decode and flex rows: paired ratios, fractions of the header's GEMM). Sizes are those of
-    the sections that use them (see the module docstring); the flex rows use ``heads``
-    and ``head_dim`` with B=1.
+    of the kernel and module rows (`timing.interleaved_ms`): their GFLOP/s are reported
+    as fractions of the GEMM timed beside them, the other rows' as fractions of the
+    header's rate; every ratio to our row is paired by round. Sizes are those of the
+    sections that use them (see the module docstring); the flex rows use ``heads`` and
+    ``head_dim`` with B=1.
 
     Args:
       out: folder for the results (created).
@@ -514,9 +514,8 @@ def run_bench(
         def note(message: str) -> None:
             bar.write(message, file=sys.stderr)
 
-        gemm_fn, gemm_flops = gemm_call(2048)
-        gemm = gemm_flops / (median_ms(gemm_fn, repeats) * 1e-3) / 1e9
-        together = (gemm_fn, gemm_flops)
+        gemm = gemm_gflops(2048, repeats)
+        together = gemm_call(2048)  # timed again beside the kernel and module rows
         bar.update()
         if "kernel" in sections:
             rows += _attention_rows(
