@@ -336,8 +336,6 @@ def run_case(args: argparse.Namespace, impl: str, L: int) -> dict[str, Any]:
             faults.append(_minor_faults() - before)
         _check_loss(impl, L, loss)
         row["step_s"] = statistics.median(times)
-        # XLA:CPU allocates a step's buffers afresh and the kernel maps their pages anew
-        # on first touch: the faults show how much memory each step touches that way.
         row["faulted_bytes_per_step"] = int(statistics.median(faults)) * resource.getpagesize()
         row["tokens_per_s"] = row["B"] * L / row["step_s"]
     row["peak_rss_bytes"], row["rss_start_bytes"] = _peak_rss_bytes(), rss_start
@@ -349,6 +347,12 @@ def _check_loss(impl: str, L: int, loss: jax.Array) -> None:
         raise AssertionError(f"{impl} L={L}: the loss is not finite ({float(loss)})")
 
 
+def _say_same_model_and_header(args: argparse.Namespace, columns: list[str]) -> None:
+    """Prints (b)'s check that both models share the parameters, then a table header."""
+    _say(f"same model: max |logits ours - flax| = {check_same_model(args):.2e} (same params)")
+    _say("\n| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
+
+
 def bench_flax_paired(args: argparse.Namespace) -> list[dict[str, Any]]:
     """(b) in one process, the three models' steps timed in rounds (`interleaved_ms`, with
     the settle pause): "vs flax" is then the median of the per-round ratios, so a drift of
@@ -358,15 +362,22 @@ def bench_flax_paired(args: argparse.Namespace) -> list[dict[str, Any]]:
         f"(TransformerLM, {args.layers} blocks, d_model {args.d_model}, {args.heads} heads, "
         f"d_ff {args.d_ff}; B x L = {args.tokens}; {args.runs} rounds after one untimed)"
     )
-    _say(f"same model: max |logits ours - flax| = {check_same_model(args):.2e} (same params)")
-    _say(
-        "\n| L | B | attention | step (median) | tokens/s | vs flax (paired) | per-round range "
-        "| compiled temporaries |\n" + "|---" * 8 + "|"
-    )
+    _say_same_model_and_header(args, ["L", "B", "attention", "step (median)", "tokens/s",
+                                      "vs flax (paired)", "per-round range",
+                                      "compiled temporaries"])  # fmt: skip
+    last: dict[str, Any] = {}  # each step's latest output (its loss is checked)
+
+    def keeping(impl, run):
+        def call():
+            last[impl] = run()
+            return last[impl]
+
+        return call
+
     rows = []
     for L in args.lengths:
         prepared = {impl: _prepare_case(args, impl, L) for impl in _IMPLS}
-        calls = {impl: run for impl, (_, run) in prepared.items() if run is not None}
+        calls = {impl: keeping(impl, run) for impl, (_, run) in prepared.items() if run}
         times = interleaved_ms(calls, args.runs, pause_s=SETTLE_S) if calls else {}
         for impl, (row, run) in prepared.items():
             name, row = _IMPLS[impl], dict(row, paired=True)
@@ -375,7 +386,7 @@ def bench_flax_paired(args: argparse.Namespace) -> list[dict[str, Any]]:
                      f"{_fmt_bytes(row['temp_bytes'])} |")  # fmt: skip
                 rows.append(row)
                 continue
-            _check_loss(impl, L, run()[2])
+            _check_loss(impl, L, last[impl][2])
             row.update(times_ms=times[impl], step_s=statistics.median(times[impl]) / 1e3)
             row["tokens_per_s"] = row["B"] * L / row["step_s"]
             vs, spread = "-", "-"
@@ -416,11 +427,9 @@ def bench_flax(args: argparse.Namespace) -> list[dict[str, Any]]:
         f"sinusoidal positions, AdamW; B x L = {args.tokens}; median of {args.runs} steps "
         f"after one untimed; {'one process' if args.in_process else 'one process per case'}"
     )
-    _say(f"same model: max |logits ours - flax| = {check_same_model(args):.2e} (same params)")
-    _say(
-        "\n| L | B | attention | step | tokens/s | vs flax | compiled temporaries | "
-        "peak RSS of the case | memory faulted in per step |\n" + "|---" * 9 + "|"
-    )
+    _say_same_model_and_header(args, ["L", "B", "attention", "step", "tokens/s", "vs flax",
+                                      "compiled temporaries", "peak RSS of the case",
+                                      "memory faulted in per step"])  # fmt: skip
     rows = []
     for L in args.lengths:
         by_impl = {}
