@@ -6,7 +6,8 @@ caches load into ours and back:
 * ``cached_key`` / ``cached_value``: [batch..., max_length, K, H] (K kv heads);
 * ``cache_index``: int32 scalar, the number of positions written so far;
 * ``cache_lengths``: [batch...], only after a prefill with ``prompt_lengths`` (a ragged
-  batch): from then on sequence ``b`` continues at its own position.
+  batch): from then on sequence ``b`` continues at its own position, one token per
+  step or a further ragged chunk (a prompt fed in pieces).
 
 `KVCache.open` reads the variables and names what this call does (its `Mode`); the
 layer then asks it for the positions of its queries, writes its keys and values, and
@@ -37,7 +38,7 @@ class Mode(enum.Enum):
 
     INIT = "init"  # the first call (``init``): creates the cache, sized by its inputs
     PREFILL = "prefill"  # writes T >= 1 positions at cache_index (T = 1: Flax's step)
-    RAGGED_PREFILL = "ragged_prefill"  # the same, with per-sequence prompt_lengths
+    RAGGED_PREFILL = "ragged_prefill"  # T >= 1 with prompt_lengths, at each sequence's length
     RAGGED_STEP = "ragged_step"  # one token per sequence, at its own length
 
 
@@ -107,11 +108,17 @@ class KVCache:
         return self.key.value.shape[-3]
 
     def query_positions(self, T: int) -> Array:
-        """Absolute positions of this call's T queries: [T], or [batch..., T] when ragged."""
-        if self.mode is Mode.RAGGED_STEP:
-            return jnp.broadcast_to(self.lengths, self.batch)[..., None]
+        """Absolute positions of this call's T queries: [T], or [batch..., T] when ragged.
+
+        Once a ragged prefill has recorded ``cache_lengths``, every later call (a step or
+        a further ragged chunk) goes on at each sequence's own length.
+        """
         if self.mode is Mode.INIT:
             return jnp.arange(T)
+        if self.lengths is not None and self.mode in (Mode.RAGGED_STEP, Mode.RAGGED_PREFILL):
+            lengths = jnp.broadcast_to(self.lengths, self.batch)
+            steps = jnp.arange(T, dtype=lengths.dtype).reshape((1,) * lengths.ndim + (T,))
+            return lengths[..., None] + steps
         return self.index.value + jnp.arange(T, dtype=self.index.value.dtype)
 
     def key_positions(self) -> Array:
@@ -140,7 +147,7 @@ class KVCache:
             module.put_variable("cache", "cache_lengths", self.lengths + 1)
         elif self.mode is Mode.RAGGED_PREFILL:
             lengths = _prompt_lengths(prompt_lengths, self.batch, positions.shape[-1])
-            module.put_variable("cache", "cache_lengths", positions[0] + lengths)
+            module.put_variable("cache", "cache_lengths", positions[..., 0] + lengths)
             return lengths
         return None
 
@@ -160,8 +167,8 @@ class KVCache:
         until = jnp.where(positions < self.max_length, positions, -1)  # [T] or [batch..., T]
         s = self.key_positions()
         visible = s.reshape((1,) * until.ndim + s.shape) <= until[..., None]
-        if prompt_lengths is not None:  # a prefill: positions are [T] from the same start
-            ends = (positions[0] + prompt_lengths)[..., None]
+        if prompt_lengths is not None:  # a ragged prefill: each prompt ends at its length
+            ends = (positions[..., 0] + prompt_lengths)[..., None]
             real = s.reshape((1,) * (ends.ndim - 1) + s.shape) < ends
             visible = visible.reshape((1,) * (real.ndim + 1 - visible.ndim) + visible.shape)
             visible = visible & real[..., None, :]
@@ -211,7 +218,8 @@ def cache_overflow(cache: Any) -> Array:
       cache: a ``cache`` collection (of one module or of a whole model).
 
     Returns:
-      A bool scalar: True if a cache index or a ragged cache length ran past its
+      A bool scalar: True if a cache's index, or for a ragged batch any of its
+      sequences' lengths (the index then counts the prompts' padding too), ran past its
       ``max_length``.
     """
     flags = [jnp.zeros((), bool)]
@@ -221,9 +229,10 @@ def cache_overflow(cache: Any) -> Array:
             return
         if "cached_key" in node and "cache_index" in node:
             max_length = node["cached_key"].shape[-3]
-            flags.append(jnp.asarray(node["cache_index"]) > max_length)
-            if "cache_lengths" in node:
+            if "cache_lengths" in node:  # ragged: cache_index also counts prompts' padding
                 flags.append(jnp.any(jnp.asarray(node["cache_lengths"]) > max_length))
+            else:
+                flags.append(jnp.asarray(node["cache_index"]) > max_length)
         for child in node.values():
             visit(child)
 

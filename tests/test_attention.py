@@ -414,6 +414,26 @@ def test_two_prefills_that_do_not_fit_keep_the_first_prompt():
     assert bool(flax_mha.cache_overflow(s2["cache"]))
 
 
+def test_a_ragged_cache_overflows_only_when_a_sequence_runs_past_it():
+    # Short prompts padded to 4 in a cache of 8: cache_index counts the padding, but no
+    # sequence passes the cache until one of them holds 9 positions.
+    module = flax_mha.MultiHeadAttention(num_heads=2, decode=True)
+    x = rand(0, (2, 8, 8))
+    variables = module.init(jax.random.key(1), x)
+    params = variables["params"]
+    _, state = module.apply(variables, x[:, :4], prompt_lengths=jnp.array([2, 3]),
+                            mutable=["cache"])  # fmt: skip
+    for t in range(5):  # sequence 1 ends at length 8: full, not over
+        _, state = module.apply({"params": params, "cache": state["cache"]}, x[:, t : t + 1],
+                                mutable=["cache"])  # fmt: skip
+    assert state["cache"]["cache_lengths"].tolist() == [7, 8]
+    assert int(state["cache"]["cache_index"]) == 9
+    assert not bool(flax_mha.cache_overflow(state["cache"]))
+    _, state = module.apply({"params": params, "cache": state["cache"]}, x[:, :1],
+                            mutable=["cache"])  # fmt: skip
+    assert bool(flax_mha.cache_overflow(state["cache"]))
+
+
 @pytest.mark.parametrize("lengths", [[5, 2], [-1, 2]])
 def test_prompt_lengths_outside_the_prompt_are_rejected(lengths):
     module = flax_mha.MultiHeadAttention(num_heads=2, decode=True)

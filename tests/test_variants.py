@@ -237,6 +237,45 @@ def test_ragged_prefill_then_steps_equal_each_sequence_alone(max_length, options
         np.testing.assert_allclose(jnp.concatenate(outs[b]), alone, **TOL)
 
 
+@pytest.mark.parametrize("max_length", [16, 1100])  # 1100: steps run the decode kernel
+@pytest.mark.parametrize(
+    "options", [dict(), dict(use_rope=True, num_kv_heads=2), dict(use_alibi=True)]
+)
+def test_chunked_ragged_prefill_continues_each_sequence_from_its_length(max_length, options):
+    # A prompt fed in two ragged chunks, then a step: chunk 2 of sequence b goes on at
+    # its own length, never at the first chunk's padding.
+    kw = dict(num_heads=4, **options)
+    decoder = flax_mha.MultiHeadAttention(decode=True, **kw)
+    full = flax_mha.MultiHeadAttention(is_causal=True, **kw)
+    chunks = [[2, 4], [3, 1]]  # chunk i of sequence b holds chunks[i][b] real tokens
+    x = rand(0, (2, 8, 16))  # sequence b is x[b, :sum of its chunks + 1]
+    params = full.init(jax.random.key(1), x)["params"]
+    cache = jax.tree.map(
+        jnp.zeros_like, decoder.init(jax.random.key(1), jnp.zeros((2, max_length, 16)))["cache"]
+    )
+    state, outs, start = {"cache": cache}, {0: [], 1: []}, [0, 0]
+    for width, lengths in zip([4, 3], chunks, strict=True):
+        rows = [x[b, start[b] : start[b] + width] for b in range(2)]
+        prompt = jnp.where(
+            jnp.arange(width)[None, :, None] < jnp.array(lengths)[:, None, None],
+            jnp.stack(rows), 0.0,
+        )  # fmt: skip
+        out, state = decoder.apply({"params": params, "cache": state["cache"]}, prompt,
+                                   prompt_lengths=jnp.array(lengths), mutable=["cache"])  # fmt: skip
+        for b in range(2):
+            outs[b].append(out[b, : lengths[b]])
+            start[b] += lengths[b]
+    np.testing.assert_array_equal(state["cache"]["cache_lengths"], start)
+    token = jnp.stack([x[b, start[b]] for b in range(2)])[:, None]
+    out, state = decoder.apply({"params": params, "cache": state["cache"]}, token,
+                               mutable=["cache"])  # fmt: skip
+    np.testing.assert_array_equal(state["cache"]["cache_lengths"], np.array(start) + 1)
+    assert not bool(flax_mha.cache_overflow(state["cache"]))
+    for b in range(2):
+        alone = full.apply({"params": params}, x[b : b + 1, : start[b] + 1])[0]
+        np.testing.assert_allclose(jnp.concatenate(outs[b] + [out[b]]), alone, **TOL)
+
+
 def test_learned_scale_is_not_normalised_away_by_qk_norm():
     module = flax_mha.MultiHeadAttention(num_heads=2, learned_scale=True, normalize_qk=True)
     x = rand(0, (1, 5, 8))
