@@ -301,6 +301,39 @@ def test_eager_blockwise_call_matches_the_oracle():
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse), err_msg="lse -inf")
 
 
+@pytest.mark.parametrize("implementation", ["reference", "blockwise"])
+def test_a_head_without_a_sink_keeps_rows_that_see_nothing_at_zero_gradients(implementation):
+    # sinks[n] = -inf: head n has no sink; rows 0 and 1 see no key. Everything the rows
+    # that see nothing touch gets a zero gradient, the sinks' too, never NaN.
+    q, k, v = qkv()
+    sinks = np.array([-np.inf, 0.3, -0.5, 1.0], np.float32)[:N]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx - 2
+
+    def loss(fn, q, k, v, sinks, **kw):
+        out, lse = fn(q, k, v, mask_mod=mask_mod, sinks=sinks, **kw)
+        return jnp.sum(out * jnp.cos(out)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+    def ours(q, k, v, **kw):
+        return flax_mha.flex_attention(q, k, v, return_lse=True, **kw)
+
+    def theirs(q, k, v, **kw):
+        return oracle(q, k, v, scale=H**-0.5, **kw)[:2]
+
+    args = [jnp.asarray(x) for x in (q, k, v, sinks)]
+    got = jax.jit(jax.grad(functools.partial(loss, ours, implementation=implementation),
+                           argnums=(0, 1, 2, 3)))(*args)  # fmt: skip
+    with jax.enable_x64(True):
+        want = jax.grad(functools.partial(loss, theirs), argnums=(0, 1, 2, 3))(
+            *[x.astype(jnp.float64) for x in args]
+        )
+    for name, g, w in zip(("dq", "dk", "dv", "dsinks"), got, want, strict=True):
+        assert np.all(np.isfinite(np.asarray(g))), name
+        close(g, w, name)
+    np.testing.assert_array_equal(np.asarray(got[3])[0], 0.0)
+
+
 def _alibi_capped(slopes, cap):
     alibi, softcap = mods.alibi(slopes), mods.softcap(cap)
     return lambda s, b, h, i, j: softcap(alibi(s, b, h, i, j), b, h, i, j)

@@ -110,7 +110,11 @@ def merge(o1: Array, lse1: Array, o2: Array, lse2: Array) -> tuple[Array, Array]
       side stay zero with ``lse = -inf`` (no nan).
     """
     mx = _finite_or_zero(jnp.maximum(lse1, lse2))
-    lse = mx + jnp.log(jnp.exp(lse1 - mx) + jnp.exp(lse2 - mx))
+    total = jnp.exp(lse1 - mx) + jnp.exp(lse2 - mx)
+    # Rows that saw nothing: -inf without log(0), whose infinite derivative would turn
+    # their zero cotangents into nan.
+    seen = total > 0
+    lse = jnp.where(seen, mx + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
     lse_safe = _finite_or_zero(lse)
     w1 = jnp.exp(lse1 - lse_safe)[..., None]
     w2 = jnp.exp(lse2 - lse_safe)[..., None]
