@@ -334,6 +334,36 @@ def test_a_head_without_a_sink_keeps_rows_that_see_nothing_at_zero_gradients(imp
     np.testing.assert_array_equal(np.asarray(got[3])[0], 0.0)
 
 
+def test_mods_are_never_called_on_the_padding_of_the_last_blocks():
+    # Finite on [0, T) x [0, S) only: log(0) at q_idx = T and kv_idx = S. T = 50 and
+    # S = 37 leave padded rows and keys in the last 16-blocks; their entries are masked
+    # or dropped, and must not put nan into the gradient of w through 0 * nan.
+    q, k, v = qkv(S_CROSS)
+
+    def score_mod(w):
+        def fn(s, b, h, q_idx, kv_idx):
+            far = jnp.log((T - q_idx).astype(s.dtype)) + jnp.log((S_CROSS - kv_idx).astype(s.dtype))
+            return s + w[h] * far
+
+        return fn
+
+    def everything(b, h, q_idx, kv_idx):
+        return kv_idx >= 0
+
+    def loss(w, implementation):
+        block_mask = flax_mha.create_block_mask(everything, B, None, T, S_CROSS, block_size=BLOCK)
+        out = flax_mha.flex_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                      score_mod=score_mod(w), block_mask=block_mask,
+                                      implementation=implementation)  # fmt: skip
+        return jnp.sum(out * jnp.cos(out))
+
+    w = jnp.array([0.5, -0.3, 0.2, 0.1])[:N]
+    want = jax.grad(loss)(w, "reference")
+    got = jax.jit(jax.grad(loss), static_argnums=1)(w, "blockwise")
+    assert np.all(np.isfinite(np.asarray(got)))
+    np.testing.assert_allclose(got, want, rtol=FP32_TOL, atol=FP32_TOL * float(jnp.max(jnp.abs(want))))
+
+
 def _alibi_capped(slopes, cap):
     alibi, softcap = mods.alibi(slopes), mods.softcap(cap)
     return lambda s, b, h, i, j: softcap(alibi(s, b, h, i, j), b, h, i, j)

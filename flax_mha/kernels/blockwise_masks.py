@@ -116,6 +116,7 @@ class Tiles(NamedTuple):
       cfg: static options.
       geo: block geometry.
       ch: how (batch, kv head) pairs are grouped into tiles.
+      T: unpadded query length (rows at ``>= T`` are padding).
       S: unpadded key length (keys at ``>= S`` are padding).
       num_heads: N.
       transposed: orientation of the tiles (and of ``bias`` / ``mask``).
@@ -134,6 +135,7 @@ class Tiles(NamedTuple):
     cfg: Config
     geo: Geometry
     ch: Chunks
+    T: int
     S: int
     num_heads: int
     transposed: bool
@@ -209,7 +211,13 @@ class Tiles(NamedTuple):
         return t
 
     def indices(self, c: Any, i: Any, j: Any) -> tuple[Array, Array, Array, Array]:
-        """Batch [bc], head [kc, G], query [bq] and key [bk] indices of tile (c, i, j)."""
+        """Batch [bc], head [kc, G], query [bq] and key [bk] indices of tile (c, i, j).
+
+        The padding of the last blocks gets the last real index: the mods are never
+        called outside the arrays' extent (a mod that is finite there only, e.g. one
+        indexing or taking a log of its position, must not put nan into the gradients,
+        although padded entries are masked or their rows dropped).
+        """
         ch, geo = self.ch, self.geo
         cb, ck = ch.index(c)
         G = self.num_heads // (ch.kc * ch.nkc)
@@ -219,6 +227,10 @@ class Tiles(NamedTuple):
         h = kv_head[:, None] * G + jnp.arange(G, dtype=i32)[None, :]
         q = jnp.asarray(i, i32) * geo.bq + jnp.arange(geo.bq, dtype=i32)
         kv = jnp.asarray(j, i32) * geo.bk + jnp.arange(geo.bk, dtype=i32)
+        if geo.nq * geo.bq > self.T:
+            q = jnp.minimum(q, self.T - 1)
+        if geo.nk * geo.bk > self.S:
+            kv = jnp.minimum(kv, self.S - 1)
         if self.offsets is not None:
             q, kv = q + self.offsets[0], kv + self.offsets[1]
             if len(self.offsets) > 2:
@@ -487,6 +499,7 @@ def make_tiles(
         cfg=cfg,
         geo=geo,
         ch=ch,
+        T=q.shape[1],
         S=S,
         num_heads=q.shape[2],
         transposed=transposed,
