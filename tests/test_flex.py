@@ -361,7 +361,9 @@ def test_mods_are_never_called_on_the_padding_of_the_last_blocks():
     want = jax.grad(loss)(w, "reference")
     got = jax.jit(jax.grad(loss), static_argnums=1)(w, "blockwise")
     assert np.all(np.isfinite(np.asarray(got)))
-    np.testing.assert_allclose(got, want, rtol=FP32_TOL, atol=FP32_TOL * float(jnp.max(jnp.abs(want))))
+    np.testing.assert_allclose(
+        got, want, rtol=FP32_TOL, atol=FP32_TOL * float(jnp.max(jnp.abs(want)))
+    )
 
 
 def _alibi_capped(slopes, cap):
