@@ -123,6 +123,31 @@ def check_mha(explicit: bool = False) -> None:
             check_mha_case(mesh, "mha in jax.set_mesh(auto_mesh(mesh))", *cases[0][1:])
         for name, layer, T, S in cases[:2]:  # the reference and the blockwise kernel
             check_mha_on_explicit_types(mesh, name, layer, T, S)
+        check_options_on_explicit_types(mesh)
+
+
+def check_options_on_explicit_types(mesh) -> None:
+    """Queries sharded over batch on Explicit axes, with a mask, a bias and lengths that
+    are not: every backend equals the one-device call (the reference used to fail in its
+    vmap: "inconsistent axis specs: data vs None")."""
+    r = np.random.default_rng(0)
+    x = jnp.asarray(r.standard_normal((2, 8, 4, 4)), jnp.float32)
+    options = {
+        "mask": dict(mask=jnp.asarray(r.random((2, 1, 8, 8)) < 0.7)),
+        "bias": dict(bias=jnp.asarray(r.standard_normal((2, 1, 8, 8)), jnp.float32)),
+        "lengths": dict(key_value_seq_lengths=jnp.array([8, 3]), is_causal=True),
+    }
+    q = jax.device_put(x, jax.NamedSharding(mesh, P("data")))
+    for what, kw in options.items():
+        for impl in (None, "reference", "blockwise"):
+            f = jax.jit(functools.partial(dot_product_attention, implementation=impl, **kw))
+            want = f(x, x, x)
+            with jax.set_mesh(mesh):
+                inside = f(q, q, q)
+            outside = f(q, q, q)
+            for where, y in (("in jax.set_mesh", inside), ("without a mesh context", outside)):
+                close(y, want, f"{what} {impl} {where}")
+    print("ok mha: a mask, a bias and lengths beside Explicit-sharded queries, every backend")
 
 
 def check_mha_on_explicit_types(mesh, name: str, layer: MultiHeadAttention, T: int, S: int):

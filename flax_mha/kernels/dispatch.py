@@ -370,13 +370,6 @@ def _reference(c: Call) -> Array:
         shape = (1,) * (len(c.batch) + 1) + (T, S) if c.broadcast_dropout else full
         multiplier = dropout_multiplier(c.dropout_rng, c.dropout_rate, shape, c.dtype)
         dropout = _flatten_batch(multiplier, c.batch)
-    mask = c.mask
-    pos_mask = _positional_mask(T, S, B, c.is_causal, c.window, c.q_lengths, c.kv_lengths)
-    if c.kv_starts is not None:  # [B, 1, 1, S]: keys from each sequence's start on
-        after = (jnp.arange(S)[None, :] >= c.kv_starts[:, None])[:, None, None, :]
-        pos_mask = after if pos_mask is None else jnp.logical_and(pos_mask, after)
-    if pos_mask is not None:
-        mask = pos_mask if mask is None else jnp.logical_and(mask, pos_mask)
     attend = functools.partial(
         reference_attention, logit_cap=c.logit_cap, precision=c.precision,
         qk_einsum=c.qk_einsum, wv_einsum=c.wv_einsum,
@@ -389,9 +382,23 @@ def _reference(c: Call) -> Array:
         # weights are left out: a custom_vjp's backward gets a zero cotangent for every
         # output, and one for the weights would cost a [B, N, T, S] product.
         attend = functools.partial(reverse_mode_only, _out_and_weights(attend, c.module))
-    out, weights = attend(c.q, c.k, c.v, mask=mask, bias=c.bias, dropout=dropout, scale=c.scale)
-    if c.module is not None:
-        c.module.sow("intermediates", "attention_weights", weights.reshape(*c.batch, N, T, S))
+
+    def run(q, k, v, mask, bias, dropout, q_lengths, kv_lengths, kv_starts):
+        pos_mask = _positional_mask(T, S, B, c.is_causal, c.window, q_lengths, kv_lengths)
+        if kv_starts is not None:  # [B, 1, 1, S]: keys from each sequence's start on
+            after = (jnp.arange(S)[None, :] >= kv_starts[:, None])[:, None, None, :]
+            pos_mask = after if pos_mask is None else jnp.logical_and(pos_mask, after)
+        if pos_mask is not None:
+            mask = pos_mask if mask is None else jnp.logical_and(mask, pos_mask)
+        out, weights = attend(q, k, v, mask=mask, bias=bias, dropout=dropout, scale=c.scale)
+        return out if c.module is None else (out, weights)
+
+    arrays = dict(mask=c.mask, bias=c.bias, dropout=dropout, q_lengths=c.q_lengths,
+                  kv_lengths=c.kv_lengths, kv_starts=c.kv_starts)  # fmt: skip
+    if c.module is None:
+        return _on_auto_axes(run, c.q, c.k, c.v, **arrays)
+    out, weights = _on_auto_axes(run, c.q, c.k, c.v, with_weights=True, **arrays)
+    c.module.sow("intermediates", "attention_weights", weights.reshape(*c.batch, N, T, S))
     return out
 
 
@@ -406,14 +413,25 @@ BACKENDS: dict[str, Callable[[Call], Array]] = {
 }
 
 
-def _on_auto_axes(kernel: Callable[..., Array], q: Array, k: Array, v: Array, **kwargs: Any):
+def _on_auto_axes(
+    kernel: Callable[..., Any],
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    with_weights: bool = False,
+    **kwargs: Any,
+):
     """``kernel(q, k, v, **kwargs)``, with the Explicit axes of the current mesh made Auto.
 
     Under `jax.sharding.AxisType.Explicit` mesh axes every intermediate carries its
     sharding in its type, and a kernel's loops over tiles (zero-initialised carries
-    updated with sharded tiles) would have to spell out each one. Inside
-    `jax.sharding.auto_axes` the compiler propagates them as it does on Auto meshes; the
-    output keeps the sharding of the queries (batch and heads), as the reference's does.
+    updated with sharded tiles) would have to spell out each one, and the reference's
+    vmap over the batch refuses a batch-sharded q beside a mask, bias or lengths that
+    are not. Inside `jax.sharding.auto_axes` the compiler propagates them as it does on
+    Auto meshes; the output keeps the sharding of the queries (batch and heads), and
+    with ``with_weights`` the kernel returns ``(out, weights [B, N, T, S])``, the
+    weights sharded as the queries' batch and heads.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:  # outside jax.set_mesh the arrays' types still name their mesh
@@ -429,6 +447,8 @@ def _on_auto_axes(kernel: Callable[..., Array], q: Array, k: Array, v: Array, **
     static = {n: a for n, a in kwargs.items() if n not in arrays}
     spec = tuple(jax.typeof(q).sharding.spec) + (None,) * q.ndim
     out_spec = jax.sharding.PartitionSpec(*spec[: q.ndim - 1], None)
+    if with_weights:  # q [B, T, N, H] -> weights [B, N, T, S]
+        out_spec = (out_spec, jax.sharding.PartitionSpec(spec[0], spec[2], None, None))
 
     def call(q: Array, k: Array, v: Array, arrays: dict[str, Array]) -> Array:
         return kernel(q, k, v, **arrays, **static)
