@@ -11,12 +11,16 @@ call with new prompts of the same shapes runs the compiled program.
 from __future__ import annotations
 
 import functools
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 
+from flax_mha.checks import check_lengths
 from flax_mha.models import EOS_ID, PAD_ID, Transformer, TransformerLM
 
 __all__ = ["EOS_ID", "generate", "generate_lm", "next_token"]
@@ -47,13 +51,66 @@ def next_token(
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-#: ``jax.jit`` of a generation function: the model (Flax modules are hashable), the number
-#: of tokens and the sampling settings are static.
-_jit_generation = functools.partial(
-    jax.jit,
-    static_argnums=(0, 3),
-    static_argnames=("eos_id", "temperature", "top_k", "return_logits"),
-)
+def _jit_generation(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``jax.jit`` of a generation function, its arguments checked first.
+
+    The model (Flax modules are hashable), the number of tokens and the sampling settings
+    are static. The checks run before the call is traced, where the arguments are still
+    the caller's values (under jit a concrete ``prompt_lengths`` becomes a tracer).
+    """
+    jitted = jax.jit(
+        fn,
+        static_argnums=(0, 3),
+        static_argnames=("eos_id", "temperature", "top_k", "return_logits"),
+    )
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        _check_sampling(bound.arguments, bound.arguments["model"].config.vocab_size)
+        if bound.arguments.get("prompt_lengths") is not None:
+            prompt = bound.arguments["prompt"]
+            _check_prompt_lengths(bound.arguments["prompt_lengths"], *jnp.shape(prompt))
+        return jitted(*args, **kwargs)
+
+    return call
+
+
+def _check_sampling(arguments: dict[str, Any], vocab_size: int) -> None:
+    """``temperature`` a finite number >= 0; ``top_k`` None or an int in [1, vocab_size]."""
+    temperature, top_k = arguments["temperature"], arguments["top_k"]
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float, np.number))
+        or not (np.isfinite(temperature) and temperature >= 0)
+    ):
+        raise ValueError(
+            f"temperature should be a finite number >= 0 (0: greedy), but got {temperature!r}"
+        )
+    if top_k is not None and (
+        isinstance(top_k, bool)
+        or not isinstance(top_k, (int, np.integer))
+        or not 1 <= top_k <= vocab_size
+    ):
+        raise ValueError(
+            f"top_k should be None or an int in [1, {vocab_size}] (the vocabulary), but got "
+            f"{top_k!r}"
+        )
+
+
+def _check_prompt_lengths(prompt_lengths: Any, B: int, P: int) -> None:
+    """Concrete ``prompt_lengths``: ints of shape [B] in [1, P] (a traced one: shape only)."""
+    lengths = check_lengths("prompt_lengths", prompt_lengths, (B,))
+    if isinstance(lengths, jax.core.Tracer):
+        return
+    values = np.asarray(lengths)
+    if values.size and (values.min() < 1 or values.max() > P):
+        raise ValueError(
+            f"prompt_lengths should be in [1, {P}] (each prompt's true length; the prompts "
+            f"are padded to {P}), but got {values.tolist()}"
+        )
 
 
 def _empty_cache(model: Any, *args: Any, method: Any = None) -> Any:

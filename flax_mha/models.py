@@ -603,6 +603,11 @@ class TransformerLM(nn.Module):
         c = self.config
         _check_tokens("tokens", tokens)
         for name, x in (("segment_ids", segment_ids), ("positions", positions)):
+            if x is not None and not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+                raise TypeError(
+                    f"{name} should be an int array of the shape of tokens {tokens.shape}, "
+                    f"but got dtype {jnp.result_type(x)}"
+                )
             if x is not None and (jnp.shape(x) != tokens.shape or c.decode):
                 raise ValueError(
                     f"{name} should have the shape of tokens {tokens.shape} (and no "

@@ -143,6 +143,44 @@ def test_generation_with_ragged_prompts_equals_one_by_one():
         np.testing.assert_array_equal(row, alone[0])
 
 
+def _tiny_lm():
+    config = TransformerConfig(vocab_size=30, **{**SMALL, "max_len": 32}, num_kv_heads=2,
+                               use_rope=True, positional_encoding="none")  # fmt: skip
+    model = TransformerLM(config)
+    batch = jnp.array([[5, 6, 7, 8], [3, 4, PAD_ID, PAD_ID]])
+    return model, model.init(jax.random.key(0), batch)["params"], batch
+
+
+@pytest.mark.parametrize("name", ["segment_ids", "positions"])
+def test_float_segment_ids_or_positions_are_an_error(name):
+    # Cast to int, ids 0.0 and 0.5 would be one document.
+    model, params, batch = _tiny_lm()
+    with pytest.raises(TypeError, match=rf"{name} should be an int array .* got dtype float32"):
+        model.apply({"params": params}, batch, **{name: jnp.array([[0, 0, 0.5, 0.5]] * 2)})
+
+
+BAD_GENERATION = [
+    (dict(prompt_lengths=jnp.array([9, 2])), r"prompt_lengths should be in \[1, 4\] .* got \[9, 2\]"),
+    (dict(prompt_lengths=jnp.array([-3, 2])), r"prompt_lengths should be in \[1, 4\] .* got \[-3, 2\]"),
+    (dict(prompt_lengths=jnp.array([0, 2])), r"prompt_lengths should be in \[1, 4\] .* got \[0, 2\]"),
+    (dict(prompt_lengths=jnp.array([4, 2, 1])), r"prompt_lengths should have shape \(2,\)"),
+    (dict(temperature=-1.0), r"temperature should be a finite number >= 0 \(0: greedy\), but got -1.0"),
+    (dict(temperature=float("nan")), r"temperature should be a finite number >= 0"),
+    (dict(temperature=1.0, top_k=0), r"top_k should be None or an int in \[1, 30\] .* got 0"),
+    (dict(temperature=1.0, top_k=31), r"top_k should be None or an int in \[1, 30\] .* got 31"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kw", "match"), BAD_GENERATION)
+def test_bad_generation_arguments_are_errors_before_tracing(kw, match):
+    # generate_lm is jitted: the checks see the caller's concrete values first.
+    from flax_mha.generation import generate_lm
+
+    model, params, batch = _tiny_lm()
+    with pytest.raises(ValueError, match=match):
+        generate_lm(model, params, batch, 3, **kw)
+
+
 def test_the_models_block_masks_take_the_block_size_of_their_head_size():
     """64-wide heads at 1024 tokens: 512-blocks (`default_block_size` with ``head_dim``)."""
     valid = jnp.ones((1, 1024), bool)
