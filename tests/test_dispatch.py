@@ -219,6 +219,13 @@ BAD = [
     ("dropout rng", dict(dropout_rate=0.5), ValueError, "dropout_rng"),
     ("dropout rate", dict(dropout_rate=1.5, dropout_rng=jax.random.key(0)), ValueError, "dropout_rate"),
     ("scale", dict(scale=jnp.ones(3)), ValueError, r"scale should be a scalar, but got shape \(3,\)"),
+    ("int dtype", dict(dtype=jnp.int32), TypeError, "dtype should be a floating-point dtype, but got int32"),
+    ("cap 0", dict(logit_cap=0.0), ValueError, "logit_cap should be a positive finite number, but got 0.0"),
+    ("cap nan", dict(logit_cap=float("nan")), ValueError, "logit_cap should be a positive finite number, but got nan"),
+    ("cap inf", dict(logit_cap=float("inf")), ValueError, "logit_cap should be a positive finite number, but got inf"),
+    ("cap -1", dict(logit_cap=-1), ValueError, "logit_cap should be a positive finite number, but got -1"),
+    ("complex bias", dict(bias=jnp.ones((2, 4, 5, 7), jnp.complex64)), TypeError,
+     r"bias should be real when the computation is \(float32\)"),
 ]  # fmt: skip
 
 

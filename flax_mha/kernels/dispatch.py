@@ -186,6 +186,15 @@ def dot_product_attention(
         precision, einsum_dot_general, qk_attn_weights_einsum, attn_weights_value_einsum
     )
     dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(query, key, value)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(f"dtype should be a floating-point dtype, but got {dtype}")
+    if logit_cap is not None and not isinstance(logit_cap, jax.core.Tracer):
+        try:
+            cap = float(logit_cap)
+        except (TypeError, ValueError):
+            cap = math.nan
+        if isinstance(logit_cap, bool) or not 0 < cap < math.inf:  # and NaN
+            raise ValueError(f"logit_cap should be a positive finite number, but got {logit_cap!r}")
     batch = query.shape[:-3]
     T, N, H = query.shape[-3:]
     full = (*batch, N, T, key.shape[-3])
@@ -193,6 +202,11 @@ def dot_product_attention(
         mask = _flatten_batch(as_full_rank("mask", mask, full).astype(bool), batch)
     if bias is not None:
         check_float("bias", bias, allow_complex=True)
+        if jnp.iscomplexobj(bias) and not jnp.issubdtype(dtype, jnp.complexfloating):
+            raise TypeError(
+                f"bias should be real when the computation is ({dtype}): a complex bias "
+                f"needs complex inputs or dtype, but got dtype {bias.dtype}"
+            )
         bias = _flatten_batch(as_full_rank("bias", bias, full), batch)
     window = masks_lib.normalize_window(local_window_size)
     q_lengths = _lengths("query_seq_lengths", query_seq_lengths, batch)
