@@ -42,6 +42,7 @@ __all__ = [
     "alibi",
     "and_masks",
     "causal",
+    "check_extents",
     "chunked",
     "document",
     "document_from_positions",
@@ -125,12 +126,16 @@ class MaskMod:
         ``("chunked", size)``, ``("prefix_lm", prefix)``, ``("padding", q_lengths,
         kv_lengths)``, ``("document", segment_ids, kv_segment_ids)``, ``("and", *specs)``,
         ``("or", *specs)``; ``()`` when unknown (a combination with a plain function).
+      extents: ``(argument, axis, size)`` for each array the mask reads along an axis of
+        the attention (``"B"`` batch, ``"N"`` heads, ``"T"`` queries, ``"S"`` keys),
+        checked by `check_extents`.
     """
 
     fn: Callable[[Array, Array, Array, Array], Array]
     rule: BlockRule | None = None
     name: str = "mask_mod"
     spec: tuple = ()
+    extents: tuple = ()
 
     def __call__(self, b: Array, h: Array, q_idx: Array, kv_idx: Array) -> Array:
         return self.fn(b, h, q_idx, kv_idx)
@@ -141,6 +146,49 @@ class MaskMod:
 
 def _rule(mod: Callable[..., Any]) -> BlockRule | None:
     return mod.rule if isinstance(mod, MaskMod) else None
+
+
+_AXES = {
+    "B": "{} rows (the batch size) or 1",
+    "N": "{} entries (one per query head)",
+    "T": "length {} (the queries)",
+    "S": "length {} (the keys)",
+}
+
+
+def check_extents(
+    mod: Callable[..., Any] | None,
+    *,
+    B: int | None = None,
+    N: int | None = None,
+    T: int | None = None,
+    S: int | None = None,
+) -> None:
+    """Raises ValueError if an array a built-in mod reads does not fit the attention.
+
+    Indexing out of range would not fail in JAX (indices are clamped), so a slopes table
+    for fewer heads, or segment ids shorter than the sequence, would silently be read at
+    the wrong places. A mod without ``extents`` (any user function) is not checked.
+
+    Args:
+      mod: a mask or score mod, or None.
+      B, N, T, S: the attention's sizes (None: not checked).
+    """
+    sizes = {"B": B, "N": N, "T": T, "S": S}
+    for argument, axis, size in getattr(mod, "extents", ()):
+        want = sizes[axis]
+        if want is None or size == want or (axis == "B" and size == 1):
+            continue
+        raise ValueError(f"{argument} should have {_AXES[axis].format(want)}, but got {size}")
+
+
+def _with_extents(fn: Callable[..., Any], *extents: tuple[str, str, int]) -> Callable[..., Any]:
+    fn.extents = extents  # type: ignore[attr-defined]
+    return fn
+
+
+def _extents(mods: tuple[Callable[..., Any], ...]) -> tuple:
+    return tuple(e for m in mods for e in getattr(m, "extents", ()))
 
 
 def and_masks(*mods: Callable[..., Array]) -> MaskMod:
@@ -164,7 +212,7 @@ def and_masks(*mods: Callable[..., Array]) -> MaskMod:
     names = " & ".join(getattr(m, "name", getattr(m, "__name__", "mask_mod")) for m in mods)
     known = all(r is not None for r in rules)
     spec = ("and", *(m.spec for m in mods)) if known else ()
-    return MaskMod(fn, rule if known else None, f"({names})", spec)
+    return MaskMod(fn, rule if known else None, f"({names})", spec, _extents(mods))
 
 
 def or_masks(*mods: Callable[..., Array]) -> MaskMod:
@@ -188,7 +236,7 @@ def or_masks(*mods: Callable[..., Array]) -> MaskMod:
     names = " | ".join(getattr(m, "name", getattr(m, "__name__", "mask_mod")) for m in mods)
     known = all(r is not None for r in rules)
     spec = ("or", *(m.spec for m in mods)) if known else ()
-    return MaskMod(fn, rule if known else None, f"({names})", spec)
+    return MaskMod(fn, rule if known else None, f"({names})", spec, _extents(mods))
 
 
 # --- mask mods -------------------------------------------------------------------------
@@ -278,7 +326,8 @@ def prefix_lm(prefix_lengths: Array | int) -> MaskMod:
         all_ = (x.kv_hi <= x.q_lo) | (x.kv_hi < p)
         return any_, all_
 
-    return MaskMod(fn, rule, "prefix_lm", ("prefix_lm", prefix))
+    extents = (("prefix_lengths", "B", prefix.shape[0]),)
+    return MaskMod(fn, rule, "prefix_lm", ("prefix_lm", prefix), extents)
 
 
 def padding(q_lengths: Array | int | None = None, kv_lengths: Array | int | None = None) -> MaskMod:
@@ -314,7 +363,9 @@ def padding(q_lengths: Array | int | None = None, kv_lengths: Array | int | None
             any_, all_ = any_ & (x.kv_lo < n), all_ & (x.kv_hi < n)
         return any_, all_
 
-    return MaskMod(fn, rule, "padding", ("padding", ql, kl))
+    given = (("q_lengths", ql), ("kv_lengths", kl))
+    extents = tuple((name, "B", x.shape[0]) for name, x in given if x is not None)
+    return MaskMod(fn, rule, "padding", ("padding", ql, kl), extents)
 
 
 def _segment_ids(x: Array, name: str) -> Array:
@@ -337,8 +388,14 @@ def document(segment_ids: Array, kv_segment_ids: Array | None = None) -> MaskMod
       segment_ids: int [B, T] (or [T]) the document of each query position.
       kv_segment_ids: int [B, S] the document of each key; None: ``segment_ids``.
     """
-    q_seg = _segment_ids(segment_ids, "segment_ids")
-    kv_seg = q_seg if kv_segment_ids is None else _segment_ids(kv_segment_ids, "kv_segment_ids")
+    return _document(segment_ids, kv_segment_ids, "segment_ids")
+
+
+def _document(segment_ids: Array, kv_segment_ids: Array | None, name: str) -> MaskMod:
+    """`document`, with ``name`` for the query ids in errors."""
+    q_seg = _segment_ids(segment_ids, name)
+    kv_name = name if kv_segment_ids is None else "kv_segment_ids"
+    kv_seg = q_seg if kv_segment_ids is None else _segment_ids(kv_segment_ids, kv_name)
 
     def fn(b, h, q_idx, kv_idx):
         bq = jnp.minimum(b, q_seg.shape[0] - 1)
@@ -352,7 +409,13 @@ def document(segment_ids: Array, kv_segment_ids: Array | None = None) -> MaskMod
         all_ = (q_min == q_max) & (k_min == k_max) & (q_min == k_min)
         return any_, all_
 
-    return MaskMod(fn, rule, "document", ("document", q_seg, kv_seg))
+    extents = (
+        (name, "B", q_seg.shape[0]),
+        (name, "T", q_seg.shape[1]),
+        (kv_name, "B", kv_seg.shape[0]),
+        (kv_name, "S", kv_seg.shape[1]),
+    )
+    return MaskMod(fn, rule, "document", ("document", q_seg, kv_seg), extents)
 
 
 def document_from_positions(positions: Array) -> MaskMod:
@@ -362,7 +425,7 @@ def document_from_positions(positions: Array) -> MaskMod:
       positions: int [B, L] (or [L]) position of each token within its document.
     """
     pos = _segment_ids(positions, "positions")
-    return document(jnp.cumsum(pos == 0, axis=-1, dtype=jnp.int32))
+    return _document(jnp.cumsum(pos == 0, axis=-1, dtype=jnp.int32), None, "positions")
 
 
 # --- a window of a longer sequence ----------------------------------------------------
@@ -451,7 +514,9 @@ def alibi(slopes: Array) -> ScoreMod:
         dist = jnp.abs(q_idx - kv_idx).astype(score.dtype)
         return score - slopes[h].astype(score.dtype) * dist
 
-    return fn
+    if slopes.ndim != 1:
+        raise ValueError(f"slopes should be a [N] array (one per head), but got {slopes.shape}")
+    return _with_extents(fn, ("alibi's slopes", "N", slopes.shape[0]))
 
 
 def softcap(cap: float | Array) -> ScoreMod:
@@ -534,8 +599,10 @@ def relative_bias(table: Array, *, bidirectional: bool = True, max_distance: int
     def fn(score, b, h, q_idx, kv_idx):
         return scalar(score, b, h, q_idx, kv_idx, table)
 
+    if table.ndim != 2:
+        raise ValueError(f"table should be a [num_buckets, N] array, but got {table.shape}")
     fn.tile_form = TileForm(scalar, (table,), rule.tile)
-    return fn
+    return _with_extents(fn, ("relative_bias's table [num_buckets, N]", "N", table.shape[1]))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -279,11 +279,31 @@ def test_building_a_block_mask_never_makes_a_T_by_S_array():
         ((mods.causal, B, -1, T, T), {}, ValueError, r"N should be a positive int or None, but got -1"),
         ((mods.causal, B, N, 0, T), {}, ValueError, r"T should be a positive int, but got 0"),
         ((mods.causal, B, N, T, 2.5), {}, ValueError, r"S should be a positive int, but got 2.5"),
-        ((mods.causal, B, N, T, T), dict(block_size=0), ValueError, r"block_q should be a positive int, but got 0"),
-        ((mods.causal, B, N, T, T), dict(block_size=(16, -8)), ValueError, r"block_k should be a positive int, but got -8"),
+        ((mods.causal, B, N, T, T), dict(block_size=0), ValueError, r"block_size should be a positive int or a \(block_q, block_k\) pair of positive ints, but got 0"),
+        ((mods.causal, B, N, T, T), dict(block_size=(16, -8)), ValueError, r"block_size .* but got \(16, -8\)"),
+        ((mods.causal, B, N, T, T), dict(block_size=(16,)), ValueError, r"block_size .* but got \(16,\)"),
+        ((mods.causal, B, N, T, T), dict(block_size="16"), ValueError, r"block_size .* but got '16'"),
+        ((mods.causal, B, N, T, T), dict(block_size=2.5), ValueError, r"block_size .* but got 2.5"),
+        ((mods.causal, True, N, T, T), {}, ValueError, r"B should be a positive int or None, but got True"),
+        ((mods.document(jnp.zeros((1, T - 3), jnp.int32)), B, N, T, T), {}, ValueError,
+         rf"segment_ids should have length {T} \(the queries\), but got {T - 3}"),
     ],
-    ids=["mod", "B", "N", "T", "S", "block", "block_k"],
+    ids=["mod", "B", "N", "T", "S", "block", "block_k", "pair", "str", "float", "bool B", "segment ids"],
 )  # fmt: skip
 def test_bad_arguments_are_errors_naming_the_argument(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         flax_mha.create_block_mask(*args, **kwargs)
+
+
+def test_numpy_int_block_sizes_are_accepted():
+    bm = flax_mha.create_block_mask(mods.causal, B, N, T, T, block_size=np.int64(16))
+    assert bm.block_size == (16, 16) and all(isinstance(x, int) for x in bm.block_size)
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (8, 8), (4,)])
+def test_classes_for_another_block_grid_are_an_error(grid):
+    # A 64-long mask of 16-blocks has 4 x 4 blocks: another grid would be read wrongly.
+    with pytest.raises(ValueError, match=r"classes should have shape \[Bb, Nb, 4, 4\]"):
+        flax_mha.BlockMask.from_classes(
+            np.full((1, 1, *grid), 2), block_size=(16, 16), seq_lengths=(64, 64)
+        )

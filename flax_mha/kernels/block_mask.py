@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
 
-from flax_mha.mods import BlockBounds, MaskMod
+from flax_mha.mods import BlockBounds, MaskMod, check_extents
 
 __all__ = [
     "EMPTY",
@@ -131,11 +131,22 @@ class BlockMask:
         seq_lengths: tuple[int, int],
         mask_mod: Callable[..., Array] | None = None,
     ) -> BlockMask:
-        """The block mask of int [Bb, Nb, nq, nk] block ``classes`` (`EMPTY`/`PARTIAL`/`FULL`)."""
+        """The block mask of int [Bb, Nb, nq, nk] block ``classes`` (`EMPTY`/`PARTIAL`/`FULL`).
+
+        Raises:
+          ValueError: if ``classes`` is not [Bb, Nb, ceil(T / block_q), ceil(S / block_k)].
+        """
+        (bq, bk), (T, S) = _block_size(block_size), tuple(seq_lengths)
+        grid = (-(-T // bq), -(-S // bk))
+        if jnp.ndim(classes) != 4 or tuple(jnp.shape(classes)[2:]) != grid:
+            raise ValueError(
+                f"classes should have shape [Bb, Nb, {grid[0]}, {grid[1]}] (blocks of "
+                f"{(bq, bk)} over {(T, S)}), but got {tuple(jnp.shape(classes))}"
+            )
         classes = jnp.asarray(classes, jnp.int8)
         kv = lists_from_classes(classes)
         q = lists_from_classes(jnp.swapaxes(classes, -1, -2))
-        return cls(classes, *kv, *q, block_size=tuple(block_size), seq_lengths=tuple(seq_lengths),
+        return cls(classes, *kv, *q, block_size=(bq, bk), seq_lengths=(T, S),
                    mask_mod=mask_mod)  # fmt: skip
 
     @property
@@ -228,9 +239,28 @@ def _dense_classes(
     return any_.reshape(B, N, nq, nk), all_.reshape(B, N, nq, nk)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
 def _is_positive_int(v: Any) -> bool:
     """A Python or NumPy int above 0 (not a bool, not a float of integer value)."""
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+
+
+def _block_size(block_size: Any) -> tuple[int, int]:
+    """``(block_q, block_k)`` from an int or a pair of positive ints (NumPy ints too)."""
+    pair = (block_size, block_size) if _is_int(block_size) else block_size
+    if (
+        not isinstance(pair, (tuple, list))
+        or len(pair) != 2
+        or not all(_is_positive_int(v) for v in pair)
+    ):
+        raise ValueError(
+            f"block_size should be a positive int or a (block_q, block_k) pair of positive "
+            f"ints, but got {block_size!r}"
+        )
+    return int(pair[0]), int(pair[1])
 
 
 def create_block_mask(
@@ -274,14 +304,15 @@ def create_block_mask(
     if block_size is None:
         sized = isinstance(T, int) and isinstance(S, int)
         block_size = default_block_size(T, S, head_dim) if sized else 128
-    bq, bk = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    bq, bk = _block_size(block_size)
     for name, v in (("B", B), ("N", N)):
-        if v is not None and (not isinstance(v, (int, np.integer)) or v <= 0):
+        if v is not None and not _is_positive_int(v):
             raise ValueError(f"{name} should be a positive int or None, but got {v!r}")
-    for name, v in (("T", T), ("S", S), ("block_q", bq), ("block_k", bk)):
+    for name, v in (("T", T), ("S", S)):
         if not _is_positive_int(v):
             raise ValueError(f"{name} should be a positive int, but got {v!r}")
-    Bb, Nb, T, S, bq, bk = (int(x) for x in (B or 1, N or 1, T, S, bq, bk))
+    Bb, Nb, T, S = (int(x) for x in (B or 1, N or 1, T, S))
+    check_extents(mask_mod, B=None if B is None else Bb, N=None if N is None else Nb, T=T, S=S)
     rule = mask_mod.rule if isinstance(mask_mod, MaskMod) else None
     nq, nk = -(-T // bq), -(-S // bk)
     if rule is not None:

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from flax_mha import mods as mods_lib
 from flax_mha.checks import check_qkv
 from flax_mha.kernels import online_softmax
 from flax_mha.kernels.backend_choice import blockwise_min_cpu_elements
@@ -224,8 +225,10 @@ def _check_block_mask(block_mask: Any, B: int, N: int, T: int, S: int) -> None:
             f"block_mask should be a BlockMask (flax_mha.create_block_mask), but got "
             f"{type(block_mask).__name__}"
         )
-    Bb, Nb = block_mask.classes.shape[:2]
-    if block_mask.seq_lengths != (T, S) or Bb not in (1, B) or Nb not in (1, N):
+    Bb, Nb, nq, nk = block_mask.classes.shape
+    bq, bk = block_mask.block_size
+    grid = (-(-T // bq), -(-S // bk))
+    if block_mask.seq_lengths != (T, S) or Bb not in (1, B) or Nb not in (1, N) or (nq, nk) != grid:
         raise ValueError(
             f"block_mask should be made for shape {(B, N, T, S)} (or with B, N of 1), "
             f"but got {block_mask.shape}"
@@ -310,6 +313,8 @@ def flex_attention(
         _check_block_mask(block_mask, B, N, T, S)
         if mask_mod is None:
             mask_mod = block_mask.mask_mod
+    for mod in (score_mod, mask_mod):
+        mods_lib.check_extents(mod, B=B, N=N, T=T, S=S)
     if sinks is not None:
         sinks = _check_sinks(sinks, N)
     if implementation is not None and implementation not in FLEX_IMPLEMENTATIONS:
