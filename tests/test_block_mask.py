@@ -137,7 +137,10 @@ def test_block_mask_matches_brute_force(name, mask_mod, S, exact, block_size):
     want = brute_classes(dense_mask(mask_mod, B, N, T, S), *block_size)
     check_block_mask(bm, want, exact=exact)
     assert bm.shape == (B, N, T, S) and bm.block_size == block_size and bm.seq_lengths == (T, S)
-    assert bm.mask_mod is mask_mod
+    # Out of jit, the mask mod is its jaxpr over the arrays it reads: the same mask.
+    np.testing.assert_array_equal(
+        dense_mask(bm.mask_mod, B, N, T, S), dense_mask(mask_mod, B, N, T, S)
+    )
 
 
 @pytest.mark.parametrize(
@@ -307,3 +310,61 @@ def test_classes_for_another_block_grid_are_an_error(grid):
         flax_mha.BlockMask.from_classes(
             np.full((1, 1, *grid), 2), block_size=(16, 16), seq_lengths=(64, 64)
         )
+
+
+# --- a block mask through jit ----------------------------------------------------------
+
+
+def _documents(seed, L=64):
+    return jnp.sort(jax.random.randint(jax.random.key(seed), (2, L), 0, 4), axis=1)
+
+
+def _doc_causal_mask(seg):
+    mod = mods.and_masks(mods.causal, mods.document(seg))
+    return flax_mha.create_block_mask(mod, 2, None, seg.shape[1], seg.shape[1], block_size=16)
+
+
+def _qkv(L=64):
+    return tuple(jax.random.normal(jax.random.key(i), (2, L, 2, 8)) for i in range(3))
+
+
+def test_a_new_block_mask_per_batch_does_not_retrace_a_jitted_step():
+    # The models' pattern: one block mask per batch (new segment ids, the same mods and
+    # shapes) passed into a jitted step. The arrays its mask mod reads are leaves, so
+    # the step traces once; and it uses each batch's ids, not the first batch's.
+    q, k, v = _qkv()
+    traces = []
+
+    @jax.jit
+    def step(q, k, v, block_mask):
+        traces.append(1)
+        return flax_mha.flex_attention(q, k, v, block_mask=block_mask, implementation="blockwise")
+
+    for seed in range(3):
+        seg = _documents(seed)
+        mod = mods.and_masks(mods.causal, mods.document(seg))
+        got = step(q, k, v, _doc_causal_mask(seg))
+        want = flax_mha.flex_attention(q, k, v, mask_mod=mod, implementation="reference")
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert len(traces) == 1
+
+
+def test_a_block_mask_made_inside_jit_can_be_used_outside():
+    q, k, v = _qkv()
+    seg = _documents(7)
+    bm = jax.jit(_doc_causal_mask)(seg)
+    got = flax_mha.flex_attention(q, k, v, block_mask=bm, implementation="blockwise")
+    mod = mods.and_masks(mods.causal, mods.document(seg))
+    want = flax_mha.flex_attention(q, k, v, mask_mod=mod, implementation="reference")
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(bm.classes, _doc_causal_mask(seg).classes)
+
+
+def test_block_masks_of_different_mods_do_not_share_a_trace():
+    q, k, v = _qkv()
+    step = jax.jit(lambda bm: flax_mha.flex_attention(q, k, v, block_mask=bm))
+    causal = flax_mha.create_block_mask(mods.causal, None, None, 64, 64, block_size=16)
+    window = flax_mha.create_block_mask(mods.sliding_window(3), None, None, 64, 64, block_size=16)
+    for bm, mod in ((causal, mods.causal), (window, mods.sliding_window(3))):
+        want = flax_mha.flex_attention(q, k, v, mask_mod=mod, implementation="reference")
+        np.testing.assert_allclose(step(bm), want, atol=1e-5, rtol=1e-5)

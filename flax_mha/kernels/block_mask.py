@@ -2,9 +2,11 @@
 
 As in FlexAttention, a block mask is built once per batch from a mask mod
 (`create_block_mask`) and passed to every layer: the kernels then skip empty tiles,
-evaluate the mask mod only on partial ones and run full ones unmasked. It is a pytree
-(its index arrays are leaves, its sizes and mask mod static), so it can be made inside
-or outside `jax.jit` and passed through it.
+evaluate the mask mod only on partial ones and run full ones unmasked. It is a pytree:
+its index arrays and the arrays its mask mod reads (segment ids, lengths) are leaves,
+its sizes and the mask mod's jaxpr static. So it can be made inside or outside
+`jax.jit` and passed through it, and a new block mask per batch (new ids, the same mods
+and shapes) reuses the jitted step's compilation.
 
 Building it never makes an array of T x S entries: the mods of `flax_mha.mods` carry an
 exact rule that classifies whole blocks from their bounds (O(L + nq * nk) work); any
@@ -80,11 +82,51 @@ def default_block_size(T: int, S: int, head_dim: int | None = None) -> tuple[int
 _DENSE_CHUNK_ELEMENTS = 2**22
 
 
-def _static(**kwargs: Any) -> Any:
-    return dataclasses.field(metadata=dict(static=True), **kwargs)
+class _TracedMod:
+    """A mask mod as a jaxpr of ``(b, h, q_idx, kv_idx)`` and the arrays it reads.
+
+    What a `BlockMask` carries through `jax.jit`: the arrays (segment ids, lengths, ...)
+    are pytree leaves, traced like any argument, and the jaxpr is the static part,
+    equal for equal computations (its text), so a new block mask of the same mods and
+    shapes, made for each batch, reuses the compiled step; and a block mask made inside
+    a jit leaves it with concrete arrays, not the trace's.
+    """
+
+    def __init__(self, jaxpr: Any, text: str, name: str, spec: tuple, original: Any) -> None:
+        self.jaxpr, self.text, self.name, self.spec = jaxpr, text, name, spec
+        self.original = original  # (mask_mod, its consts): given back while they are the same
+
+    @classmethod
+    def of(cls, mask_mod: Callable[..., Array]) -> tuple[_TracedMod, list[Any]]:
+        index = jax.ShapeDtypeStruct((), jnp.int32)
+        closed = jax.make_jaxpr(mask_mod)(index, index, index, index)
+        # A spec naming arrays (document ids) would name the trace's: keep it only when
+        # it has none (causal, windows), for the backends that read it.
+        spec = getattr(mask_mod, "spec", ())
+        plain = all(not isinstance(x, (jax.Array, np.ndarray)) for x in jax.tree.leaves(spec))
+        name = getattr(mask_mod, "name", getattr(mask_mod, "__name__", "mask_mod"))
+        consts = list(closed.consts)
+        original = (mask_mod, consts)
+        return cls(closed.jaxpr, str(closed.jaxpr), name, spec if plain else (), original), consts
+
+    def function(self, consts: list[Any]) -> Callable[..., Array]:
+        """The mask mod reading ``consts``: the original one when they are its own."""
+        mask_mod, own = self.original
+        if len(consts) == len(own) and all(a is b for a, b in zip(consts, own, strict=True)):
+            return mask_mod
+
+        def fn(b: Array, h: Array, q_idx: Array, kv_idx: Array) -> Array:
+            return jax.core.eval_jaxpr(self.jaxpr, consts, b, h, q_idx, kv_idx)[0]
+
+        return MaskMod(fn, None, self.name, self.spec)
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, _TracedMod) and self.text == other.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class BlockMask:
     """The block structure of a mask, as FlexAttention's ``BlockMask``.
@@ -106,7 +148,9 @@ class BlockMask:
       block_size: ``(block_q, block_k)`` (static).
       seq_lengths: ``(T, S)`` (static).
       mask_mod: the mask function it was made from, used by `flex_attention` on
-        partial blocks when none is passed (static; None for a mask given as blocks).
+        partial blocks when none is passed (None for a mask given as blocks). As a
+        pytree (through `jax.jit`, `jax.vmap`, ...) it is traced to a jaxpr once: the
+        arrays it reads are leaves, the jaxpr the static part.
     """
 
     classes: Array
@@ -118,9 +162,9 @@ class BlockMask:
     q_indices: Array
     full_q_num_blocks: Array
     full_q_indices: Array
-    block_size: tuple[int, int] = _static()
-    seq_lengths: tuple[int, int] = _static()
-    mask_mod: Callable[..., Array] | None = _static(default=None, compare=False)
+    block_size: tuple[int, int]
+    seq_lengths: tuple[int, int]
+    mask_mod: Callable[..., Array] | None = dataclasses.field(default=None, compare=False)
 
     @classmethod
     def from_classes(
@@ -149,6 +193,14 @@ class BlockMask:
         return cls(classes, *kv, *q, block_size=(bq, bk), seq_lengths=(T, S),
                    mask_mod=mask_mod)  # fmt: skip
 
+    def _traced(self) -> tuple[_TracedMod | None, list[Any]]:
+        """The mask mod as a `_TracedMod` and its arrays (made once, at the first flatten)."""
+        cached = self.__dict__.get("_traced_mod")
+        if cached is None:
+            cached = (None, []) if self.mask_mod is None else _TracedMod.of(self.mask_mod)
+            object.__setattr__(self, "_traced_mod", cached)
+        return cached
+
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """``(Bb, Nb, T, S)``: the mask's shape (Bb, Nb are 1 when broadcast)."""
@@ -168,6 +220,31 @@ class BlockMask:
             f"BlockMask(shape={self.shape}, block_size=({bq}, {bk}), "
             f"blocks={tuple(self.classes.shape[2:])}, mask_mod={self.mask_mod!r})"
         )
+
+
+_ARRAY_FIELDS = (
+    "classes", "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+    "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices",
+)  # fmt: skip
+
+
+def _flatten(bm: BlockMask) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    traced, consts = bm._traced()
+    children = (*(getattr(bm, f) for f in _ARRAY_FIELDS), tuple(consts))
+    return children, (bm.block_size, bm.seq_lengths, traced)
+
+
+def _unflatten(aux: tuple[Any, ...], children: tuple[Any, ...]) -> BlockMask:
+    block_size, seq_lengths, traced = aux
+    *arrays, consts = children
+    consts = list(consts)
+    mask_mod = None if traced is None else traced.function(consts)
+    bm = BlockMask(*arrays, block_size=block_size, seq_lengths=seq_lengths, mask_mod=mask_mod)
+    object.__setattr__(bm, "_traced_mod", (traced, consts))
+    return bm
+
+
+jax.tree_util.register_pytree_node(BlockMask, _flatten, _unflatten)
 
 
 def classify(any_: Array, all_: Array) -> Array:
