@@ -363,6 +363,26 @@ def test_ragged_prefill_continues_each_sequence_from_its_length():
     assert ours.cache_lengths[...].tolist() == [3, 5]
 
 
+def test_a_second_ragged_prefill_continues_each_sequence_from_its_length():
+    D = 8
+    ours = MultiHeadAttention(2, D, decode=True, rngs=nnx.Rngs(0))
+    x = rand(0, (2, 8, D))
+    ours.init_cache((2, 10, D))
+    prefill = nnx.jit(lambda m, x, n: m(x, prompt_lengths=n))
+    first, second = jnp.array([2, 4]), jnp.array([3, 1])
+    pad = lambda chunk, n: jnp.where(
+        jnp.arange(chunk.shape[1])[None, :, None] < n[:, None, None], chunk, 0.0
+    )  # noqa: E731
+    prefill(ours, pad(x[:, :4], first), first)
+    chunk = jnp.stack([x[0, 2:5], x[1, 4:7]])  # each sequence's next tokens, padded to 3
+    out = prefill(ours, pad(chunk, second), second)
+    assert ours.cache_lengths[...].tolist() == [5, 5]
+    for b, (n1, n2) in enumerate([(2, 3), (4, 1)]):
+        seq = x[b : b + 1, : n1 + n2]
+        full = jitted(ours, seq, decode=False, is_causal=True)
+        np.testing.assert_allclose(out[b, :n2], full[0, n1:], **TOL)
+
+
 def test_decode_without_init_cache_is_an_error_and_view_can_make_the_cache():
     ours = MultiHeadAttention(2, 8, decode=True, rngs=nnx.Rngs(0))
     x = rand(0, (3, 1, 8))
