@@ -219,6 +219,7 @@ BAD = [
     ("dropout rng", dict(dropout_rate=0.5), ValueError, "dropout_rng"),
     ("dropout rate", dict(dropout_rate=1.5, dropout_rng=jax.random.key(0)), ValueError, "dropout_rate"),
     ("scale", dict(scale=jnp.ones(3)), ValueError, r"scale should be a scalar, but got shape \(3,\)"),
+    ("scale str", dict(scale="a"), TypeError, "scale should be a number or a float scalar array, but got 'a'"),
     ("int dtype", dict(dtype=jnp.int32), TypeError, "dtype should be a floating-point dtype, but got int32"),
     ("cap 0", dict(logit_cap=0.0), ValueError, "logit_cap should be a positive finite number, but got 0.0"),
     ("cap nan", dict(logit_cap=float("nan")), ValueError, "logit_cap should be a positive finite number, but got nan"),

@@ -609,10 +609,9 @@ BAD = [
     ("sinks-int", dict(sinks=jnp.zeros(N, jnp.int32)), TypeError, "sinks should be a float array, but got dtype int32"),
     ("implementation", dict(implementation="flash"), ValueError,
      "implementation should be one of ('reference', 'blockwise', 'pallas_tpu', 'cudnn') or None, but got 'flash'"),
-    ("cudnn-score-mod", dict(implementation="cudnn", score_mod=mods.softcap(2.0)), ValueError,
-     "implementation='cudnn' cannot serve this call: it takes no score_mod"),
-    ("cudnn-lse", dict(implementation="cudnn", mask_mod=mods.causal, return_lse=True), ValueError,
-     "implementation='cudnn' cannot serve this call: return_lse=True"),
+    ("cudnn-cpu", dict(implementation="cudnn", mask_mod=mods.causal), ValueError,
+     "implementation='cudnn' cannot serve this call: it needs a GPU (platform is cpu)"),
+
     ("pallas-score-mod", dict(implementation="pallas_tpu", score_mod=mods.softcap(2.0)), ValueError,
      "implementation='pallas_tpu' cannot serve this call"),
 ]  # fmt: skip

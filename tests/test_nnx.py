@@ -370,9 +370,10 @@ def test_a_second_ragged_prefill_continues_each_sequence_from_its_length():
     ours.init_cache((2, 10, D))
     prefill = nnx.jit(lambda m, x, n: m(x, prompt_lengths=n))
     first, second = jnp.array([2, 4]), jnp.array([3, 1])
-    pad = lambda chunk, n: jnp.where(
-        jnp.arange(chunk.shape[1])[None, :, None] < n[:, None, None], chunk, 0.0
-    )  # noqa: E731
+
+    def pad(chunk, n):
+        return jnp.where(jnp.arange(chunk.shape[1])[None, :, None] < n[:, None, None], chunk, 0.0)
+
     prefill(ours, pad(x[:, :4], first), first)
     chunk = jnp.stack([x[0, 2:5], x[1, 4:7]])  # each sequence's next tokens, padded to 3
     out = prefill(ours, pad(chunk, second), second)

@@ -180,6 +180,10 @@ def dot_product_attention(
         raise ValueError(
             f"implementation should be one of {IMPLEMENTATIONS} or None, but got {implementation!r}"
         )
+    if scale is not None and (
+        isinstance(scale, (bool, str)) or not jnp.issubdtype(jnp.result_type(scale), jnp.number)
+    ):
+        raise TypeError(f"scale should be a number or a float scalar array, but got {scale!r}")
     if scale is not None and jnp.ndim(scale) != 0:
         raise ValueError(f"scale should be a scalar, but got shape {jnp.shape(scale)}")
     qk_einsum, wv_einsum = _einsums(

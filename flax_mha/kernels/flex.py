@@ -328,6 +328,8 @@ def flex_attention(
         if why is not None:
             raise ValueError(f"implementation='pallas_tpu' cannot serve this call: {why}")
     cudnn = cudnn_flags(mask_mod, score_mod, sinks, B)
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        cudnn = f"it needs a GPU (platform is {jax.default_backend()})"
     if implementation == "cudnn" and isinstance(cudnn, str):
         raise ValueError(f"implementation='cudnn' cannot serve this call: {cudnn}")
     if implementation is None:
