@@ -165,10 +165,15 @@ def programmed_attention(
         parts.append(mods.sliding_window(*window))
     if segment_ids is not None:
         segment_ids = jnp.asarray(segment_ids)
-        if segment_ids.shape != (*batch, T) or T != S:
+        if T != S:
             raise ValueError(
-                f"segment_ids should have shape {(*batch, T)} (self-attention, T == S), but "
-                f"got {segment_ids.shape} for T={T}, S={S}"
+                f"segment_ids are for self-attention (T == S), but got queries of length "
+                f"{T} and keys of length {S}; mask cross-attention with a mask_mod, e.g. "
+                f"mods.document(q_ids, kv_ids)"
+            )
+        if segment_ids.shape != (*batch, T):
+            raise ValueError(
+                f"segment_ids should have shape {(*batch, T)}, but got {segment_ids.shape}"
             )
         parts.append(mods.document(segment_ids.reshape(B, T)))
     if m.mask_mod is not None:

@@ -178,6 +178,15 @@ def test_segment_ids_of_the_wrong_shape_are_an_error():
         m.init(jax.random.key(1), x, segment_ids=seg[:, :-1])
 
 
+def test_segment_ids_in_cross_attention_are_an_error_that_says_what_to_use():
+    x, seg = _inputs()
+    m = flax_mha.MultiHeadAttention(num_heads=N)
+    kv = jnp.concatenate([x, x[:, :3]], axis=1)
+    with pytest.raises(ValueError, match=r"segment_ids are for self-attention \(T == S\), but got "
+                       r"queries of length 40 and keys of length 43"):  # fmt: skip
+        m.init(jax.random.key(1), x, kv, segment_ids=seg)
+
+
 # --- decoding with mods: the model trained with a mod decodes with it (issue 14) -----------
 
 _DECODE_CASES = [
