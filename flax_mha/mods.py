@@ -542,6 +542,7 @@ def t5_bucket(
     rest logarithmically larger ones up to ``max_distance`` (Raffel et al., 2020; the
     rule of Mesh TensorFlow's ``_relative_position_bucket``).
     """
+    _check_t5_sizes(num_buckets, max_distance, bidirectional)
     n = -jnp.asarray(relative_position, jnp.int32)  # > 0 for keys before the query
     ret = jnp.int32(0)
     if bidirectional:
@@ -557,6 +558,19 @@ def t5_bucket(
     large = max_exact + (jnp.log(n_f / max_exact) * scale).astype(jnp.int32)
     large = jnp.minimum(large, num_buckets - 1)
     return ret + jnp.where(is_small, n, large)
+
+
+def _check_t5_sizes(num_buckets: Any, max_distance: Any, bidirectional: bool) -> None:
+    """T5's log buckets need ``max_distance`` beyond the exact ones (else log(<= 1) divides)."""
+    per_side = num_buckets // 2 if bidirectional else num_buckets
+    max_exact = per_side // 2
+    if not (isinstance(max_distance, (int, np.integer)) and max_distance > max_exact >= 1):
+        raise ValueError(
+            f"max_distance should be an int > {max_exact} (the exact distances of "
+            f"{num_buckets} {'bidirectional ' if bidirectional else ''}buckets), and there "
+            f"should be at least {4 if bidirectional else 2} buckets, but got max_distance="
+            f"{max_distance!r} with {num_buckets} buckets"
+        )
 
 
 class TileForm(NamedTuple):
@@ -601,6 +615,7 @@ def relative_bias(table: Array, *, bidirectional: bool = True, max_distance: int
 
     if table.ndim != 2:
         raise ValueError(f"table should be a [num_buckets, N] array, but got {table.shape}")
+    _check_t5_sizes(table.shape[0], max_distance, bidirectional)
     fn.tile_form = TileForm(scalar, (table,), rule.tile)
     return _with_extents(fn, ("relative_bias's table [num_buckets, N]", "N", table.shape[1]))
 

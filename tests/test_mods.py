@@ -231,6 +231,19 @@ def test_t5_bucket_follows_t5s_rule(bidirectional, num_buckets, max_distance):
     assert np.asarray(got).min() >= 0 and np.asarray(got).max() < num_buckets
 
 
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["encoder", "decoder"])
+@pytest.mark.parametrize("max_distance", [2, 4, 8.0])
+def test_t5_max_distance_within_the_exact_buckets_is_an_error(bidirectional, max_distance):
+    # 32 buckets: 8 (encoder) or 16 (decoder) exact distances; a max_distance at or below
+    # them would divide by log(<= 1) and put distances in the wrong buckets.
+    with pytest.raises(ValueError, match=r"max_distance should be an int > (8|16)"):
+        mods.relative_bias(
+            jnp.zeros((32, 2)), bidirectional=bidirectional, max_distance=max_distance
+        )
+    with pytest.raises(ValueError, match=r"max_distance should be an int"):
+        mods.t5_bucket(jnp.arange(4), bidirectional=bidirectional, max_distance=max_distance)
+
+
 def test_t5_bucket_known_values():
     # Default T5 (32 buckets, 128 max), by hand: 16 buckets per direction, 8 exact; a
     # distance d >= 8 goes to 8 + floor(log(d / 8) / log(16) * 8), at most 15.
