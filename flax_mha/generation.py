@@ -69,7 +69,8 @@ def _jit_generation(fn: Callable[..., Any]) -> Callable[..., Any]:
     def call(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        _check_sampling(bound.arguments, bound.arguments["model"].config.vocab_size)
+        config = bound.arguments["model"].config
+        _check_sampling(bound.arguments, config.target_vocab_size)
         if bound.arguments.get("prompt_lengths") is not None:
             prompt = bound.arguments["prompt"]
             _check_prompt_lengths(bound.arguments["prompt_lengths"], *jnp.shape(prompt))

@@ -118,12 +118,36 @@ def check_mha(explicit: bool = False) -> None:
     ]  # fmt: skip
     for name, layer, T, S in cases:
         check_mha_case(mesh, name, layer, T, S)
+    if not explicit:
+        check_mods_on_auto_axes(mesh)
     if explicit:  # the same, jitted inside jax.set_mesh of the mesh's Auto view
         with jax.set_mesh(sharding.auto_mesh(mesh)):
             check_mha_case(mesh, "mha in jax.set_mesh(auto_mesh(mesh))", *cases[0][1:])
         for name, layer, T, S in cases[:2]:  # the reference and the blockwise kernel
             check_mha_on_explicit_types(mesh, name, layer, T, S)
         check_options_on_explicit_types(mesh)
+
+
+def check_mods_on_auto_axes(mesh) -> None:
+    """The programmable path (segment ids, a score mod; reference and blockwise) on
+    batch-sharded inputs of an Auto mesh equals the one-device call."""
+    from flax_mha import flex_attention, mods
+
+    x = jax.random.normal(jax.random.key(0), (2, 16, 8))
+    seg = jnp.array([[0] * 8 + [1] * 8, [0] * 4 + [1] * 12])
+    alibi = mods.alibi(jnp.array([0.5, 0.25]))
+    xs = jax.device_put(x, jax.NamedSharding(mesh, P("data")))
+    for layer in (MultiHeadAttention(num_heads=2, is_causal=True),
+                  MultiHeadAttention(num_heads=2, is_causal=True, score_mod=alibi)):  # fmt: skip
+        params = layer.init(jax.random.key(1), x)
+        f = jax.jit(lambda p, x, s, layer=layer: layer.apply(p, x, segment_ids=s))
+        with jax.set_mesh(mesh):
+            close(f(params, xs, seg), f(params, x, seg), "module with mods on an Auto mesh")
+    q = jax.random.normal(jax.random.key(2), (2, 640, 2, 8))  # blockwise (above 320^2)
+    g = jax.jit(lambda q: flex_attention(q, q, q, mask_mod=mods.causal, score_mod=alibi))
+    qs = jax.device_put(q, jax.NamedSharding(mesh, P("data")))
+    close(g(qs), g(q), "flex_attention blockwise on an Auto mesh")
+    print("ok mha: segment ids and a score mod on batch-sharded inputs of an Auto mesh")
 
 
 def check_options_on_explicit_types(mesh) -> None:

@@ -368,3 +368,34 @@ def test_block_masks_of_different_mods_do_not_share_a_trace():
     for bm, mod in ((causal, mods.causal), (window, mods.sliding_window(3))):
         want = flax_mha.flex_attention(q, k, v, mask_mod=mod, implementation="reference")
         np.testing.assert_allclose(step(bm), want, atol=1e-5, rtol=1e-5)
+
+
+def test_through_jit_the_mask_mod_keeps_its_spec_and_extents():
+    # The backends that read a spec (cuDNN's flags, splash's masks) and the extents check
+    # see the same mask mod inside a jitted step as outside, with this call's arrays.
+    from flax_mha.kernels.flex import cudnn_flags
+
+    lengths = jnp.array([20, 32])
+    bm = flax_mha.create_block_mask(
+        mods.and_masks(mods.causal, mods.padding(kv_lengths=lengths)), 2, None, 32, 32,
+        block_size=16,
+    )  # fmt: skip
+    seen = {}
+
+    @jax.jit
+    def step(bm):
+        mod = bm.mask_mod
+        seen["spec"] = mod.spec
+        seen["flags"] = cudnn_flags(mod, None, None, 2)
+        seen["extents"] = mod.extents
+        return bm.classes
+
+    step(bm)
+    assert seen["spec"][0] == "and" and seen["spec"][1] == ("causal",), seen["spec"]
+    assert isinstance(seen["flags"], dict) and seen["flags"]["is_causal"], seen["flags"]
+    assert seen["extents"] == (("kv_lengths", "B", 2),)
+    shared = flax_mha.create_block_mask(mods.padding(kv_lengths=lengths), None, None, 32, 32,
+                                        block_size=16)  # fmt: skip
+    q = jnp.zeros((4, 32, 2, 8))  # 4 sequences, 2 lengths
+    with pytest.raises(ValueError, match=r"kv_lengths should have 4 rows \(the batch size\) or 1"):
+        jax.jit(lambda q, bm: flax_mha.flex_attention(q, q, q, block_mask=bm))(q, shared)

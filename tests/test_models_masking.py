@@ -181,6 +181,20 @@ def test_bad_generation_arguments_are_errors_before_tracing(kw, match):
         generate_lm(model, params, batch, 3, **kw)
 
 
+def test_generate_checks_top_k_against_the_target_vocabulary():
+    # The encoder-decoder samples over its output vocabulary (32), not its input one (8).
+    from flax_mha.generation import generate
+
+    config = TransformerConfig(vocab_size=8, output_vocab_size=32, **SMALL)
+    model = Transformer(config)
+    inputs = jnp.array([[3, 4, 5, 0]])
+    params = model.init(jax.random.key(0), inputs, inputs)["params"]
+    tokens = generate(model, params, inputs, 3, temperature=1.0, top_k=16)
+    assert tokens.shape == (1, 3)
+    with pytest.raises(ValueError, match=r"top_k should be None or an int in \[1, 32\]"):
+        generate(model, params, inputs, 3, temperature=1.0, top_k=33)
+
+
 def test_the_models_block_masks_take_the_block_size_of_their_head_size():
     """64-wide heads at 1024 tokens: 512-blocks (`default_block_size` with ``head_dim``)."""
     valid = jnp.ones((1, 1024), bool)

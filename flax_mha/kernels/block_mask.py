@@ -89,42 +89,55 @@ class _TracedMod:
     are pytree leaves, traced like any argument, and the jaxpr is the static part,
     equal for equal computations (its text), so a new block mask of the same mods and
     shapes, made for each batch, reuses the compiled step; and a block mask made inside
-    a jit leaves it with concrete arrays, not the trace's.
+    a jit leaves it with concrete arrays, not the trace's. A `flax_mha.mods.MaskMod`'s
+    ``spec`` (what the TPU / GPU backends read; its arrays are leaves too) and
+    ``extents`` (what `flax_mha.mods.check_extents` checks) come through; its block
+    rule, which only `create_block_mask` uses, does not.
     """
 
-    def __init__(self, jaxpr: Any, text: str, name: str, spec: tuple, original: Any) -> None:
-        self.jaxpr, self.text, self.name, self.spec = jaxpr, text, name, spec
-        self.original = original  # (mask_mod, its consts): given back while they are the same
+    def __init__(self, jaxpr: Any, n_consts: int, spec: Any, meta: tuple, original: Any):
+        self.jaxpr, self.n_consts, self.spec = jaxpr, n_consts, spec
+        self.meta = meta  # (name, extents)
+        # The static part, compared between calls: the computation, the spec's
+        # structure and non-array entries, the extents.
+        spec_def, static = spec
+        self.key = (str(jaxpr), repr(spec_def), repr(static), meta[1])
+        self.original = original  # (mask_mod, its leaves): given back while they are the same
 
     @classmethod
     def of(cls, mask_mod: Callable[..., Array]) -> tuple[_TracedMod, list[Any]]:
         index = jax.ShapeDtypeStruct((), jnp.int32)
         closed = jax.make_jaxpr(mask_mod)(index, index, index, index)
-        # A spec naming arrays (document ids) would name the trace's: keep it only when
-        # it has none (causal, windows), for the backends that read it.
-        spec = getattr(mask_mod, "spec", ())
-        plain = all(not isinstance(x, (jax.Array, np.ndarray)) for x in jax.tree.leaves(spec))
+        spec_leaves, spec_def = jax.tree.flatten(getattr(mask_mod, "spec", ()))
+        arrays = [isinstance(x, (jax.Array, np.ndarray)) for x in spec_leaves]
+        static = tuple(None if a else x for x, a in zip(spec_leaves, arrays, strict=True))
+        spec_arrays = [x for x, a in zip(spec_leaves, arrays, strict=True) if a]
         name = getattr(mask_mod, "name", getattr(mask_mod, "__name__", "mask_mod"))
-        consts = list(closed.consts)
-        original = (mask_mod, consts)
-        return cls(closed.jaxpr, str(closed.jaxpr), name, spec if plain else (), original), consts
+        meta = (name, tuple(getattr(mask_mod, "extents", ())))
+        leaves = [*closed.consts, *spec_arrays]
+        traced = cls(closed.jaxpr, len(closed.consts), (spec_def, static), meta, (mask_mod, leaves))
+        return traced, leaves
 
-    def function(self, consts: list[Any]) -> Callable[..., Array]:
-        """The mask mod reading ``consts``: the original one when they are its own."""
+    def function(self, leaves: list[Any]) -> Callable[..., Array]:
+        """The mask mod reading ``leaves``: the original one when they are its own."""
         mask_mod, own = self.original
-        if len(consts) == len(own) and all(a is b for a, b in zip(consts, own, strict=True)):
+        if len(leaves) == len(own) and all(a is b for a, b in zip(leaves, own, strict=True)):
             return mask_mod
+        consts, spec_arrays = leaves[: self.n_consts], iter(leaves[self.n_consts :])
+        spec_def, static = self.spec
+        spec = jax.tree.unflatten(spec_def, [next(spec_arrays) if x is None else x for x in static])
 
         def fn(b: Array, h: Array, q_idx: Array, kv_idx: Array) -> Array:
             return jax.core.eval_jaxpr(self.jaxpr, consts, b, h, q_idx, kv_idx)[0]
 
-        return MaskMod(fn, None, self.name, self.spec)
+        name, extents = self.meta
+        return MaskMod(fn, None, name, spec, extents)
 
     def __eq__(self, other: Any) -> bool:
-        return isinstance(other, _TracedMod) and self.text == other.text
+        return isinstance(other, _TracedMod) and self.key == other.key
 
     def __hash__(self) -> int:
-        return hash(self.text)
+        return hash(self.key)
 
 
 @dataclasses.dataclass(frozen=True)
