@@ -461,6 +461,24 @@ def test_forward_mode_gives_the_same_error_below_and_above_the_threshold(T, S):
         jax.jvp(f, (q,), (q,))
 
 
+@pytest.mark.parametrize("impl", [None, "reference", "blockwise"])
+def test_the_gradient_of_a_traced_logit_cap_is_the_same_on_every_backend(impl):
+    # implementation=None below the threshold runs the reference behind a custom_vjp: a
+    # traced cap closed over by it leaked its tracer there.
+    x = rand(0, (2, 8, 2, 4))
+
+    def loss(cap, impl, x=x):
+        out = flax_mha.dot_product_attention(x, x, x, logit_cap=cap, implementation=impl)
+        return jnp.sum(out * jnp.cos(out))
+
+    cap = 1.5  # small enough that the cap changes the scores
+    got = jax.grad(loss)(cap, impl)
+    with jax.enable_x64(True):  # central difference in float64 (error ~1e-8)
+        x64, eps = x.astype(jnp.float64), 1e-4
+        want = (loss(cap + eps, "reference", x64) - loss(cap - eps, "reference", x64)) / (2 * eps)
+    np.testing.assert_allclose(got, want, **TOL)
+
+
 @pytest.mark.parametrize("impl", ["reference", "xla"])
 @pytest.mark.parametrize("L", [16, 320])
 def test_explicit_reference_keeps_forward_mode(impl, L):

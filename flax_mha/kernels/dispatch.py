@@ -389,7 +389,7 @@ def _reference(c: Call) -> Array:
         multiplier = dropout_multiplier(c.dropout_rng, c.dropout_rate, shape, c.dtype)
         dropout = _flatten_batch(multiplier, c.batch)
     attend = functools.partial(
-        reference_attention, logit_cap=c.logit_cap, precision=c.precision,
+        reference_attention, precision=c.precision,
         qk_einsum=c.qk_einsum, wv_einsum=c.wv_einsum,
         weights_dtype=jnp.float32 if c.force_fp32_for_softmax else None,
     )  # fmt: skip
@@ -408,7 +408,10 @@ def _reference(c: Call) -> Array:
             pos_mask = after if pos_mask is None else jnp.logical_and(pos_mask, after)
         if pos_mask is not None:
             mask = pos_mask if mask is None else jnp.logical_and(mask, pos_mask)
-        out, weights = attend(q, k, v, mask=mask, bias=bias, dropout=dropout, scale=c.scale)
+        # The cap as an argument, not closed over: a traced one is then an input of the
+        # custom_vjp below (with a gradient), not a tracer leaking into it.
+        out, weights = attend(q, k, v, mask=mask, bias=bias, dropout=dropout, scale=c.scale,
+                              logit_cap=c.logit_cap)  # fmt: skip
         return out if c.module is None else (out, weights)
 
     arrays = dict(mask=c.mask, bias=c.bias, dropout=dropout, q_lengths=c.q_lengths,
