@@ -322,6 +322,19 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(run_copy, dama
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
 
 
+def test_an_empty_step_folder_is_set_aside_alone(run_copy, capsys):
+    # A folder that is not a checkpoint (here an empty one past the last step) is damaged;
+    # the intact ones before it still restore (orbax used to lock in its guess of the
+    # folder layout from it, and every intact checkpoint was set aside as unreadable).
+    (run_copy / "checkpoints" / "70").mkdir()
+    state = train.train_and_evaluate(_tiny(), run_copy)
+    out = capsys.readouterr()
+    assert "resumed from the checkpoint of step 60" in out.out, out
+    assert int(state.step) == 60
+    assert sorted(p.name for p in (run_copy / "damaged_checkpoints").iterdir()) == ["70"]
+    assert (run_copy / "checkpoints" / "60").is_dir()
+
+
 class _ClosedLoopCallback:
     """Stands for TensorStore completing an abandoned read into asyncio's closed loop."""
 

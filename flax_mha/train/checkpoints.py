@@ -63,8 +63,13 @@ def checkpoint_manager(
         enable_async_checkpointing=False,
         create=True,
     )
+    # One item per step, said up front: left to guess, orbax decides from the first step
+    # folder it reads and keeps that guess, so one folder that is not a checkpoint (an
+    # empty one) made every intact step unreadable, and all were set aside.
     return ocp.CheckpointManager(
-        os.path.abspath(os.path.join(os.fspath(workdir), "checkpoints")), options=options
+        os.path.abspath(os.path.join(os.fspath(workdir), "checkpoints")),
+        options=options,
+        item_handlers=ocp.StandardCheckpointHandler(),
     )
 
 
