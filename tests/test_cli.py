@@ -82,7 +82,11 @@ def test_bench_quick_writes_tables_json_and_plots(tmp_path, capsys):
             ["demo", "--num-heads", "0"],
             "argument --num-heads: should be a positive int, but got '0'",
         ),
-        (["demo", "--seed", "-1"], "argument --seed: should be an int >= 0, but got '-1'"),
+        (["demo", "--seed", "-1"], "argument --seed: should be an int in [0, 2**63), but got '-1'"),
+        (
+            ["demo", "--seed", "99999999999999999999999"],
+            "argument --seed: should be an int in [0, 2**63), but got '99999999999999999999999'",
+        ),
         (["bench", "--length", "0"], "argument --length: should be a positive int, but got '0'"),
         (
             ["bench", "--repeats", "-2"],
@@ -218,7 +222,9 @@ def test_lm_train_refuses_an_encoder_decoder_workdir(tmp_path, capsys):
                                         "got 'hot'"),
         (["x", "--top-k", "0"], "argument --top-k: should be an int in [1, 258], but got '0'"),
         (["x", "--top-k", "300"], "argument --top-k: should be an int in [1, 258], but got '300'"),
-        (["x", "--seed", "-3"], "argument --seed: should be an int >= 0, but got '-3'"),
+        (["x", "--seed", "-3"], "argument --seed: should be an int in [0, 2**63), but got '-3'"),
+        (["x", "--seed", str(2**63)], "argument --seed: should be an int in [0, 2**63), but got "
+                                      f"'{2**63}'"),
         (["x", "--top-k", "5"], "--top-k 5 needs --temperature > 0"),
         ([], "the following arguments are required: PROMPT"),
     ],

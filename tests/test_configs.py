@@ -116,7 +116,13 @@ def test_bad_overrides_are_clear_errors(override, message):
             "config.optim.label_smoothing should be in [0, 1), but got 1.0",
         ),
         ("optim.b2", 1.0, "config.optim.b2 should be in [0, 1), but got 1.0"),
-        ("seed", -1, "config.seed should be >= 0, but got -1"),
+        ("seed", -1, "config.seed should be in [0, 2**63), but got -1"),
+        ("seed", 2**64, "config.seed should be in [0, 2**63), but got 18446744073709551616"),
+        (
+            "model.output_vocab_size",
+            5,
+            "config.model.output_vocab_size should be None or >= 12 (the task's ids), but got 5",
+        ),
         # Non-finite and out-of-range optimizer values (issue 12, item 9).
         (
             "optim.learning_rate",

@@ -101,6 +101,23 @@ def test_configs_lm_is_the_default_lm_config():
     assert (m.use_rope, m.positional_encoding, m.num_heads, m.num_kv_heads) == (True, "none", 4, 2)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("learning_rate", math.inf, "config.learning_rate should be finite, but got inf"),
+        ("weight_decay", math.nan, "config.weight_decay should be finite, but got nan"),
+        ("weight_decay", 500.0, r"config.weight_decay should be < 1 / config.learning_rate"),
+        ("row_length", 2048, r"config.row_length should be <= config.model.max_len \(1024\)"),
+        ("seed", 2**64, r"config.seed should be < 2\*\*63"),
+    ],
+)
+def test_a_bad_lm_config_is_refused_before_anything_compiles(field, value, message):
+    config = lm.default_lm_config()
+    config[field] = value
+    with pytest.raises(ValueError, match=message):
+        lm.validate_lm_config(config)
+
+
 def test_the_cli_trains_the_lm_prints_progress_and_a_summary(lm_run):
     workdir, out = lm_run
     records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]

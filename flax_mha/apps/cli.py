@@ -394,7 +394,7 @@ def _int_type(low: int, should: str, high: int | None = None) -> Callable[[str],
 
 
 _positive_int = _int_type(1, "a positive int")
-_non_negative_int = _int_type(0, "an int >= 0")
+_seed = _int_type(0, "an int in [0, 2**63)", 2**63 - 1)
 
 
 def _non_negative_float(text: str) -> float:
@@ -450,9 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--num-heads", type=_positive_int, default=2, help="attention heads N (divides D)"
     )
-    demo.add_argument(
-        "--seed", type=_non_negative_int, default=0, help="seed of the random weights"
-    )
+    demo.add_argument("--seed", type=_seed, default=0, help="seed of the random weights")
     demo.set_defaults(func=_demo)
     _add_train_parser(sub)
     predict = sub.add_parser(
@@ -595,7 +593,7 @@ def _add_generate_parser(sub: Any) -> None:
         default=None,
         help="sample among the k most likely bytes only (with --temperature > 0)",
     )
-    generate.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the sampling")
+    generate.add_argument("--seed", type=_seed, default=0, help="seed of the sampling")
     generate.set_defaults(func=_generate)
 
 

@@ -50,7 +50,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """
     for group in ("model", "data", "optim", "train"):
         _require(group in config, group, None, "be a group of the config")
-    _require(isinstance(config.seed, int) and config.seed >= 0, "seed", config.seed, "be >= 0")
+    _require(
+        _is_int(config.seed) and 0 <= config.seed < 2**63, "seed", config.seed, "be in [0, 2**63)"
+    )
     _validate_model(config.model)
     _validate_data(config.data, config.model.max_len)
     _validate_train(config.train)
@@ -74,6 +76,13 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
         "model.vocab_size",
         m.vocab_size,
         f"be >= {data_lib.VOCAB_SIZE} (the task's ids)",
+    )
+    out = m.get("output_vocab_size")
+    _require(
+        out is None or (_is_int(out) and out >= data_lib.VOCAB_SIZE),
+        "model.output_vocab_size",
+        out,
+        f"be None or >= {data_lib.VOCAB_SIZE} (the task's ids)",
     )
     # TransformerConfig says "d_model (64) should be divisible by num_heads (3)"; a config
     # names the field a user sets: num_heads.

@@ -137,16 +137,39 @@ def validate_lm_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.max_documents should be -1 (all) or >= 1, but got {config.max_documents}"
         )
+    if config.seed >= 2**63:
+        raise ValueError(f"config.seed should be < 2**63, but got {config.seed}")
+    # inf passes the range checks (inf > 0) and trains to NaN: finite numbers first.
+    for name in ("learning_rate", "weight_decay"):
+        value = config[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            raise ValueError(f"config.{name} should be a number, but got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"config.{name} should be finite, but got {value!r}")
     if not config.learning_rate > 0:
         raise ValueError(f"config.learning_rate should be > 0, but got {config.learning_rate}")
     if not config.weight_decay >= 0:
         raise ValueError(f"config.weight_decay should be >= 0, but got {config.weight_decay}")
+    if config.learning_rate * config.weight_decay >= 1:
+        # AdamW scales each weight by 1 - lr * weight_decay per step: at >= 1 it flips sign.
+        raise ValueError(
+            f"config.weight_decay should be < 1 / config.learning_rate "
+            f"({1 / config.learning_rate:.6g}), as AdamW scales the weights by "
+            f"1 - lr * weight_decay each step, but got {config.weight_decay}"
+        )
     try:
-        model_of(config)
+        model = model_of(config)
     except TypeError as e:  # a field TransformerConfig does not have
         raise ValueError(f"config.model: {e}") from None
     except ValueError as e:
         raise ValueError(f"config.model.{e}") from None
+    if config.row_length > model.config.max_len:
+        # Packed rows hold positions up to row_length - 1: past max_len, learned and
+        # sinusoidal position tables would be read clamped, silently.
+        raise ValueError(
+            f"config.row_length should be <= config.model.max_len ({model.config.max_len}), "
+            f"but got {config.row_length}"
+        )
 
 
 def model_of(config: ml_collections.ConfigDict) -> TransformerLM:
