@@ -381,13 +381,14 @@ def test_no_intact_checkpoint_starts_afresh_and_says_so(run_copy, monkeypatch, c
     assert [r["step"] for r in train.read_metrics(run_copy)] == [5, 10, 12]
 
 
-@pytest.mark.parametrize("every", ["log_every", "checkpoint_every"])
+@pytest.mark.parametrize("every", ["log_every", "checkpoint_every", "eval_every"])
 def test_non_finite_loss_stops_the_run_without_saving(run_copy, every, capsys):
     # Finite but huge weights (what flipped bytes often decode to): the loss overflows.
     _rewrite_checkpoint(run_copy, 60, lambda x: x * 1e30 if x.dtype == jnp.float32 else x)
     argv = ["train", "--config", str(TINY), "--workdir", str(run_copy),
             "--config.train.num_steps=70", "--config.train.log_every=100",
-            "--config.train.checkpoint_every=100", f"--config.train.{every}=1"]  # fmt: skip
+            "--config.train.checkpoint_every=100", "--config.train.eval_every=100",
+            f"--config.train.{every}=1"]  # fmt: skip
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 1

@@ -179,12 +179,14 @@ def _run(
         done = step + 1
         is_last = done == t.num_steps
         logs, saves = done % t.log_every == 0 or is_last, done % t.checkpoint_every == 0
-        if logs or saves:
-            # Checked at log lines and saves only: a check per step would wait for it.
+        evaluates = done % t.eval_every == 0 or is_last
+        if logs or saves or evaluates:
+            # Checked before anything of the step is logged, evaluated or saved, and only
+            # then: a check per step would wait for it.
             _stop_if_not_finite(unchecked, done, last_saved)
             unchecked = []
         record = log.summary(done) if logs else None
-        if done % t.eval_every == 0 or is_last:
+        if evaluates:
             record = {"step": done, **(record or {}), **evaluate_fn(state)}
         if record is not None:
             log.write(record)
@@ -345,24 +347,26 @@ def _format(record: dict[str, float], num_steps: int) -> str:
     return "  ".join(parts)
 
 
-def _non_finite_step(pending: list[dict[str, Array]], done: int) -> tuple[int, float] | None:
+def _non_finite_step(pending: list[dict[str, Array]], done: int) -> tuple[int, float, float] | None:
     """The first of the steps ``done - len(pending) + 1 .. done`` whose loss or gradient
-    norm is not finite, with that loss; None if all are finite."""
+    norm is not finite, with that loss and norm; None if all are finite."""
     # On the host: eager jnp ops here would compile (inside the time of tokens/s).
     host = jax.device_get([(m["loss_sum"], m["tokens"], m["grad_norm"]) for m in pending])
     for i, (loss_sum, tokens, grad_norm) in enumerate(host):
         loss = float(loss_sum) / max(float(tokens), 1.0)
         if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-            return done - len(pending) + 1 + i, loss
+            return done - len(pending) + 1 + i, loss, float(grad_norm)
     return None
 
 
 def _stop_if_not_finite(pending: list[dict[str, Array]], done: int, last_saved: int | None) -> None:
     bad = _non_finite_step(pending, done)
     if bad is not None:
+        step, loss, grad_norm = bad
+        what = "loss" if not np.isfinite(loss) else "gradient norm"
         kept = f"the checkpoint of step {last_saved} is" if last_saved else "no checkpoint is"
         raise TrainingError(
-            f"the loss is not finite at step {bad[0]} (loss {bad[1]}); the run stops and "
-            f"saves nothing ({kept} kept): lower config.optim.learning_rate, or check the "
-            "checkpoint it resumed from"
+            f"the {what} is not finite at step {step} (loss {loss}, gradient norm "
+            f"{grad_norm}); the run stops and saves nothing ({kept} kept): lower "
+            "config.optim.learning_rate, or check the checkpoint it resumed from"
         )
