@@ -204,20 +204,26 @@ def test_default_options_keep_flax_tree_and_outputs():
     np.testing.assert_allclose(flax_mha.dot_product_attention(q, q, q), ref, **TOL)
 
 
+def _decoder_and_full(max_length, options, x):
+    """A decoding layer with an empty cache of ``max_length``, its causal twin, params."""
+    kw = dict(num_heads=4, **options)
+    decoder = flax_mha.MultiHeadAttention(decode=True, **kw)
+    full = flax_mha.MultiHeadAttention(is_causal=True, **kw)
+    params = full.init(jax.random.key(1), x)["params"]
+    cache = jax.tree.map(
+        jnp.zeros_like, decoder.init(jax.random.key(1), jnp.zeros((2, max_length, 16)))["cache"]
+    )
+    return decoder, full, params, cache
+
+
 @pytest.mark.parametrize("max_length", [16, 1100])  # 1100: steps run the decode kernel
 @pytest.mark.parametrize(
     "options", [dict(), dict(use_rope=True, num_kv_heads=2), dict(use_alibi=True)]
 )
 def test_ragged_prefill_then_steps_equal_each_sequence_alone(max_length, options):
-    kw = dict(num_heads=4, **options)
-    decoder = flax_mha.MultiHeadAttention(decode=True, **kw)
-    full = flax_mha.MultiHeadAttention(is_causal=True, **kw)
     lengths = [3, 5]
     x = rand(0, (2, 9, 16))  # sequence b is x[b, :lengths[b] + steps]
-    params = full.init(jax.random.key(1), x)["params"]
-    cache = jax.tree.map(
-        jnp.zeros_like, decoder.init(jax.random.key(1), jnp.zeros((2, max_length, 16)))["cache"]
-    )
+    decoder, full, params, cache = _decoder_and_full(max_length, options, x)
     prompt = jnp.where(
         jnp.arange(5)[None, :, None] < jnp.array(lengths)[:, None, None], x[:, :5], 0.0
     )
@@ -244,15 +250,9 @@ def test_ragged_prefill_then_steps_equal_each_sequence_alone(max_length, options
 def test_chunked_ragged_prefill_continues_each_sequence_from_its_length(max_length, options):
     # A prompt fed in two ragged chunks, then a step: chunk 2 of sequence b goes on at
     # its own length, never at the first chunk's padding.
-    kw = dict(num_heads=4, **options)
-    decoder = flax_mha.MultiHeadAttention(decode=True, **kw)
-    full = flax_mha.MultiHeadAttention(is_causal=True, **kw)
     chunks = [[2, 4], [3, 1]]  # chunk i of sequence b holds chunks[i][b] real tokens
     x = rand(0, (2, 8, 16))  # sequence b is x[b, :sum of its chunks + 1]
-    params = full.init(jax.random.key(1), x)["params"]
-    cache = jax.tree.map(
-        jnp.zeros_like, decoder.init(jax.random.key(1), jnp.zeros((2, max_length, 16)))["cache"]
-    )
+    decoder, full, params, cache = _decoder_and_full(max_length, options, x)
     state, outs, start = {"cache": cache}, {0: [], 1: []}, [0, 0]
     for width, lengths in zip([4, 3], chunks, strict=True):
         rows = [x[b, start[b] : start[b] + width] for b in range(2)]
