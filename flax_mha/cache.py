@@ -25,10 +25,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import Array
 
-from flax_mha.checks import check_lengths
+from flax_mha.checks import check_length_values, check_lengths
 
 __all__ = ["KVCache", "Mode", "cache_overflow"]
 
@@ -179,13 +178,7 @@ class KVCache:
 def _prompt_lengths(prompt_lengths: Any, batch: tuple[int, ...], T: int) -> Array:
     """Checks concrete prompt lengths (ints in [0, T], shape [batch...]); clips traced ones."""
     lengths = check_lengths("prompt_lengths", prompt_lengths, batch)
-    if not isinstance(lengths, jax.core.Tracer):
-        values = np.asarray(lengths)
-        if values.size and (values.min() < 0 or values.max() > T):
-            raise ValueError(
-                f"prompt_lengths should be in [0, {T}] (the prompt length), but got "
-                f"{values.tolist()}"
-            )
+    check_length_values("prompt_lengths", lengths, 0, T, "the prompt length")
     return jnp.clip(lengths, 0, T).astype(jnp.int32)
 
 

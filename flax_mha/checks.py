@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
@@ -142,6 +143,37 @@ def check_attention_fields(m: Any) -> None:
     if m.use_rope and not (isinstance(base, (int, float, np.number)) and 1 < base < np.inf):
         raise ValueError(f"rope_base should be a finite number > 1, but got {base!r}")
     normalize_window(m.local_window_size)
+
+
+def check_length_values(name: str, lengths: Array, low: int, high: int, what: str) -> None:
+    """Raises ValueError if concrete ``lengths`` leave ``[low, high]`` (a tracer: skipped,
+    its values are not known at trace time)."""
+    if isinstance(lengths, jax.core.Tracer):
+        return
+    values = np.asarray(lengths)
+    if values.size and (values.min() < low or values.max() > high):
+        raise ValueError(f"{name} should be in [{low}, {high}] ({what}), but got {values.tolist()}")
+
+
+def check_sampling(temperature: Any, top_k: Any, vocab_size: int) -> None:
+    """Raises ValueError unless ``temperature`` is a finite number >= 0 and ``top_k`` is
+    None or, with ``temperature > 0``, an int in ``[1, vocab_size]``."""
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float, np.number))
+        or not (np.isfinite(temperature) and temperature >= 0)
+    ):
+        raise ValueError(f"temperature should be a number >= 0, but got {temperature!r}")
+    if top_k is None:
+        return
+    if (
+        isinstance(top_k, bool)
+        or not isinstance(top_k, (int, np.integer))
+        or not 1 <= top_k <= vocab_size
+    ):
+        raise ValueError(f"top_k should be an int in [1, {vocab_size}] or None, but got {top_k!r}")
+    if temperature == 0:
+        raise ValueError(f"top_k ({top_k}) needs temperature > 0 (0 is greedy decoding)")
 
 
 def check_lengths(name: str, lengths: Any, batch: tuple[int, ...]) -> Array:

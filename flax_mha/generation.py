@@ -17,10 +17,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import Array
 
-from flax_mha.checks import check_lengths
+from flax_mha.checks import check_length_values, check_lengths, check_sampling
 from flax_mha.models import EOS_ID, PAD_ID, Transformer, TransformerLM
 
 __all__ = ["EOS_ID", "generate", "generate_lm", "next_token"]
@@ -69,49 +68,21 @@ def _jit_generation(fn: Callable[..., Any]) -> Callable[..., Any]:
     def call(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        config = bound.arguments["model"].config
-        _check_sampling(bound.arguments, config.target_vocab_size)
-        if bound.arguments.get("prompt_lengths") is not None:
-            prompt = bound.arguments["prompt"]
-            _check_prompt_lengths(bound.arguments["prompt_lengths"], *jnp.shape(prompt))
+        given = bound.arguments
+        vocab = given["model"].config.target_vocab_size
+        check_sampling(given["temperature"], given["top_k"], vocab)
+        if given.get("prompt_lengths") is not None:
+            _check_prompt_lengths(given["prompt_lengths"], *jnp.shape(given["prompt"]))
         return jitted(*args, **kwargs)
 
     return call
 
 
-def _check_sampling(arguments: dict[str, Any], vocab_size: int) -> None:
-    """``temperature`` a finite number >= 0; ``top_k`` None or an int in [1, vocab_size]."""
-    temperature, top_k = arguments["temperature"], arguments["top_k"]
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float, np.number))
-        or not (np.isfinite(temperature) and temperature >= 0)
-    ):
-        raise ValueError(
-            f"temperature should be a finite number >= 0 (0: greedy), but got {temperature!r}"
-        )
-    if top_k is not None and (
-        isinstance(top_k, bool)
-        or not isinstance(top_k, (int, np.integer))
-        or not 1 <= top_k <= vocab_size
-    ):
-        raise ValueError(
-            f"top_k should be None or an int in [1, {vocab_size}] (the vocabulary), but got "
-            f"{top_k!r}"
-        )
-
-
 def _check_prompt_lengths(prompt_lengths: Any, B: int, P: int) -> None:
-    """Concrete ``prompt_lengths``: ints of shape [B] in [1, P] (a traced one: shape only)."""
+    """``prompt_lengths``: ints of shape [B], in [1, P] when concrete."""
     lengths = check_lengths("prompt_lengths", prompt_lengths, (B,))
-    if isinstance(lengths, jax.core.Tracer):
-        return
-    values = np.asarray(lengths)
-    if values.size and (values.min() < 1 or values.max() > P):
-        raise ValueError(
-            f"prompt_lengths should be in [1, {P}] (each prompt's true length; the prompts "
-            f"are padded to {P}), but got {values.tolist()}"
-        )
+    what = f"each prompt's true length; the prompts are padded to {P}"
+    check_length_values("prompt_lengths", lengths, 1, P, what)
 
 
 def _empty_cache(model: Any, *args: Any, method: Any = None) -> Any:

@@ -30,6 +30,7 @@ from flax import serialization
 from jax import Array
 
 from flax_mha import corpus
+from flax_mha.checks import check_sampling
 from flax_mha.generation import generate_lm
 from flax_mha.models import EOS_ID, PAD_ID, TransformerConfig, TransformerLM
 from flax_mha.train.workdir import TrainingError, lock_workdir
@@ -515,17 +516,7 @@ def generate_text(
             raise ValueError(f"prompts should be non-empty texts, but prompt {i} is {p!r}")
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens should be an int >= 1, but got {max_new_tokens!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)) or (
-        temperature < 0
-    ):
-        raise ValueError(f"temperature should be a number >= 0, but got {temperature!r}")
-    if top_k is not None:
-        if not _is_int(top_k) or not 1 <= top_k <= corpus.VOCAB_SIZE:
-            raise ValueError(
-                f"top_k should be an int in [1, {corpus.VOCAB_SIZE}] or None, but got {top_k!r}"
-            )
-        if temperature == 0:
-            raise ValueError(f"top_k ({top_k}) needs temperature > 0 (0 is greedy decoding)")
+    check_sampling(temperature, top_k, corpus.VOCAB_SIZE)
     model, params, _ = load_lm(workdir)
     encoded = [corpus.encode_text(p)[:-1] for p in prompts]  # no end-of-document
     lengths = [len(e) for e in encoded]
