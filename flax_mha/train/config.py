@@ -142,15 +142,21 @@ def _validate_mesh(config: ml_collections.ConfigDict) -> None:
     )
 
 
+def require_finite_numbers(group: Any, names: tuple[str, ...], prefix: str = "") -> None:
+    """Raises ValueError unless each ``group[name]`` is a finite number (not a bool), naming
+    it as ``config.<prefix><name>``: inf passes range checks (inf > 0) and trains to NaN."""
+    for name in names:
+        value = group[name]
+        is_number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+        _require(is_number, f"{prefix}{name}", value, "be a number")
+        _require(math.isfinite(value), f"{prefix}{name}", value, "be finite")
+
+
 def _validate_optim(o: ml_collections.ConfigDict, num_steps: int, d_model: int) -> None:
     _require(o.optimizer in OPTIMIZERS, "optim.optimizer", o.optimizer, f"be one of {OPTIMIZERS}")
     _require(o.schedule in SCHEDULES, "optim.schedule", o.schedule, f"be one of {SCHEDULES}")
     # inf passes every range check below (inf > 0) and trains to NaN: reject it first.
-    for name in _OPTIM_NUMBERS:
-        value = o[name]
-        is_number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-        _require(is_number, f"optim.{name}", value, "be a number")
-        _require(math.isfinite(value), f"optim.{name}", value, "be finite")
+    require_finite_numbers(o, _OPTIM_NUMBERS, "optim.")
     _require(_is_int(o.warmup_steps), "optim.warmup_steps", o.warmup_steps, "be an int")
     _validate_schedule(o, num_steps)
     for name in ("b1", "b2", "label_smoothing"):

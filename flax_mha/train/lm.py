@@ -33,6 +33,7 @@ from flax_mha import corpus
 from flax_mha.checks import check_sampling
 from flax_mha.generation import generate_lm
 from flax_mha.models import EOS_ID, PAD_ID, TransformerConfig, TransformerLM
+from flax_mha.train.config import require_finite_numbers
 from flax_mha.train.workdir import TrainingError, lock_workdir
 
 __all__ = [
@@ -140,13 +141,7 @@ def validate_lm_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.seed >= 2**63:
         raise ValueError(f"config.seed should be < 2**63, but got {config.seed}")
-    # inf passes the range checks (inf > 0) and trains to NaN: finite numbers first.
-    for name in ("learning_rate", "weight_decay"):
-        value = config[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-            raise ValueError(f"config.{name} should be a number, but got {value!r}")
-        if not math.isfinite(value):
-            raise ValueError(f"config.{name} should be finite, but got {value!r}")
+    require_finite_numbers(config, ("learning_rate", "weight_decay"))
     if not config.learning_rate > 0:
         raise ValueError(f"config.learning_rate should be > 0, but got {config.learning_rate}")
     if not config.weight_decay >= 0:
