@@ -3,17 +3,21 @@
 Under `jax.sharding.AxisType.Explicit` axes (the default of `jax.make_mesh`) an
 array's sharding is part of its type, and an operation whose result sharding is
 ambiguous must be told it. Our steps leave shardings to the compiler everywhere
-else; the one place the model meets this is a product summed over a split axis.
+else; the places the library meets this are a product summed over a split axis
+(`contraction_sharding`) and the small arrays a mask or score mod reads at traced
+indices (`replicated`). The kernels run on Auto axes inside
+(`flax_mha.kernels.dispatch.on_auto_axes`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 from jax import Array
 
-__all__ = ["contraction_sharding"]
+__all__ = ["contraction_sharding", "on_auto_axes", "replicated"]
 
 
 def contraction_sharding(x: Array, kernel: Array) -> Any:
@@ -46,3 +50,86 @@ def contraction_sharding(x: Array, kernel: Array) -> Any:
         kept = tuple(n for n in names(e) if n not in used)
         out.append(kept[0] if len(kept) == 1 else (kept or None))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*out))
+
+
+def replicated(x: Array) -> Array:
+    """``x`` whole on every device if Explicit mesh axes split it, else ``x`` itself.
+
+    A mod reads its arrays (segment ids, lengths, slopes, a bias table) at traced
+    indices, ``ids[b, q_idx]``; on an array split over Explicit axes JAX cannot type
+    such a gather without being told where its result lives. These arrays are small
+    ([B, L] ints at most), so the mods gather them whole once, as an all-gather.
+    """
+    try:
+        sharding = jax.typeof(x).sharding
+        mesh, spec = sharding.mesh, sharding.spec
+    except AttributeError:
+        return x
+    explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+                if t == jax.sharding.AxisType.Explicit}  # fmt: skip
+    named = {n for e in spec for n in ((e,) if isinstance(e, str) else tuple(e or ()))}
+    if not explicit & named:
+        return x
+    whole = jax.sharding.PartitionSpec()
+    if jax.sharding.get_abstract_mesh().empty:  # outside jax.set_mesh: name the mesh
+        whole = jax.sharding.NamedSharding(mesh, whole)
+    return jax.sharding.reshard(x, whole)
+
+
+def _is_operand(x: Any) -> bool:
+    """Whether a keyword argument of `on_auto_axes` is arrays (a pytree of them) or static."""
+    leaves = jax.tree.leaves(x)
+    return bool(leaves) and all(isinstance(leaf, jax.Array) for leaf in leaves)
+
+
+def on_auto_axes(
+    kernel: Callable[..., Any],
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    second: str | None = None,
+    **kwargs: Any,
+):
+    """``kernel(q, k, v, **kwargs)``, with the Explicit axes of the current mesh made Auto.
+
+    Under `jax.sharding.AxisType.Explicit` mesh axes every intermediate carries its
+    sharding in its type, and a kernel's loops over tiles (zero-initialised carries
+    updated with sharded tiles) would have to spell out each one, and a vmap over the
+    batch refuses a batch-sharded q beside a mask, bias, lengths or a mod's arrays that
+    are not. Inside `jax.sharding.auto_axes` the compiler propagates them as it does on
+    Auto meshes. Keyword arguments that are arrays, or pytrees of arrays (a mod's
+    constants), go in as operands; the rest is static. Arrays the kernel closes over
+    would keep their Explicit types: pass them as keyword arguments.
+
+    The output keeps the sharding of the queries (batch and heads). With ``second`` the
+    kernel returns a pair: ``"weights"``, ``(out, weights [B, N, T, S])``; ``"lse"``,
+    ``(out, lse [B, N, T])``; the second sharded as the queries' batch, heads and rows.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:  # outside jax.set_mesh the arrays' types still name their mesh
+        mesh = getattr(jax.typeof(q).sharding, "mesh", mesh)
+    explicit = () if mesh.empty else tuple(
+        n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if t == jax.sharding.AxisType.Explicit
+    )  # fmt: skip
+    if not explicit:
+        return kernel(q, k, v, **kwargs)
+    mesh = getattr(mesh, "abstract_mesh", mesh)
+    arrays = {n: a for n, a in kwargs.items() if _is_operand(a)}
+    static = {n: a for n, a in kwargs.items() if n not in arrays}
+    P = jax.sharding.PartitionSpec
+    spec = tuple(jax.typeof(q).sharding.spec) + (None,) * q.ndim
+    out_spec: Any = P(*spec[: q.ndim - 1], None)
+    if second == "weights":  # q [B, T, N, H] -> weights [B, N, T, S]
+        out_spec = (out_spec, P(spec[0], spec[2], None, None))
+    elif second == "lse":  # -> lse [B, N, T]
+        out_spec = (out_spec, P(spec[0], spec[2], spec[1]))
+    elif second is not None:
+        raise ValueError(f"second should be None, 'weights' or 'lse', but got {second!r}")
+
+    def call(q: Array, k: Array, v: Array, arrays: dict[str, Any]) -> Any:
+        return kernel(q, k, v, **arrays, **static)
+
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.sharding.auto_axes(call, out_sharding=out_spec)(q, k, v, arrays)

@@ -18,6 +18,7 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
+import contextlib  # noqa: E402
 import functools  # noqa: E402
 import pathlib  # noqa: E402
 import re  # noqa: E402
@@ -118,8 +119,7 @@ def check_mha(explicit: bool = False) -> None:
     ]  # fmt: skip
     for name, layer, T, S in cases:
         check_mha_case(mesh, name, layer, T, S)
-    if not explicit:
-        check_mods_on_auto_axes(mesh)
+    check_mods(mesh)
     if explicit:  # the same, jitted inside jax.set_mesh of the mesh's Auto view
         with jax.set_mesh(sharding.auto_mesh(mesh)):
             check_mha_case(mesh, "mha in jax.set_mesh(auto_mesh(mesh))", *cases[0][1:])
@@ -128,26 +128,67 @@ def check_mha(explicit: bool = False) -> None:
         check_options_on_explicit_types(mesh)
 
 
-def check_mods_on_auto_axes(mesh) -> None:
-    """The programmable path (segment ids, a score mod; reference and blockwise) on
-    batch-sharded inputs of an Auto mesh equals the one-device call."""
-    from flax_mha import flex_attention, mods
+def check_mods(mesh) -> None:
+    """The programmable path (segment ids, mask and score mods, a block mask, sinks; the
+    reference and the blockwise kernel; output and gradients) on batch-sharded inputs
+    equals the one-device call: on an Auto mesh, and on an Explicit one in jax.set_mesh
+    and without a mesh context (the mods' arrays sharded too)."""
+    from flax_mha import create_block_mask, flex_attention, mods
+
+    explicit = jax.sharding.AxisType.Explicit in mesh.axis_types
+    kind = "Explicit" if explicit else "Auto"
+    place = lambda x: jax.device_put(x, jax.NamedSharding(mesh, P("data")))  # noqa: E731
+    contexts = [("in jax.set_mesh", lambda: jax.set_mesh(mesh))]
+    if explicit:
+        contexts.append(("without a mesh context", contextlib.nullcontext))
+
+    def same(f, *args, what: str, contexts=contexts) -> None:
+        want = f(*args)
+        sharded = [place(a) for a in args]
+        for where, context in contexts:
+            with context():
+                got = f(*sharded)
+            jax.tree.map(functools.partial(close, what=f"{what} {where}"), got, want)
 
     x = jax.random.normal(jax.random.key(0), (2, 16, 8))
     seg = jnp.array([[0] * 8 + [1] * 8, [0] * 4 + [1] * 12])
-    alibi = mods.alibi(jnp.array([0.5, 0.25]))
-    xs = jax.device_put(x, jax.NamedSharding(mesh, P("data")))
-    for layer in (MultiHeadAttention(num_heads=2, is_causal=True),
-                  MultiHeadAttention(num_heads=2, is_causal=True, score_mod=alibi)):  # fmt: skip
+    slopes = jnp.array([0.5, 0.25])
+    for name, layer in (
+        ("causal", MultiHeadAttention(num_heads=2, is_causal=True)),
+        ("alibi", MultiHeadAttention(num_heads=2, is_causal=True, score_mod=mods.alibi(slopes))),
+    ):
         params = layer.init(jax.random.key(1), x)
         f = jax.jit(lambda p, x, s, layer=layer: layer.apply(p, x, segment_ids=s))
-        with jax.set_mesh(mesh):
-            close(f(params, xs, seg), f(params, x, seg), "module with mods on an Auto mesh")
-    q = jax.random.normal(jax.random.key(2), (2, 640, 2, 8))  # blockwise (above 320^2)
-    g = jax.jit(lambda q: flex_attention(q, q, q, mask_mod=mods.causal, score_mod=alibi))
-    qs = jax.device_put(q, jax.NamedSharding(mesh, P("data")))
-    close(g(qs), g(q), "flex_attention blockwise on an Auto mesh")
-    print("ok mha: segment ids and a score mod on batch-sharded inputs of an Auto mesh")
+        g = jax.jit(jax.grad(lambda p, x, s, layer=layer: layer.apply(p, x, segment_ids=s).sum()))
+        same(lambda x, s, f=f, params=params: f(params, x, s), x, seg, what=f"module {name}")
+        # Parameter gradients sum over the sharded batch: outside jax.set_mesh, JAX asks
+        # for their sharding on Explicit axes, for any layer (flax.linen.Dense too), unless
+        # the parameters carry one (check_mha_on_explicit_types).
+        same(lambda x, s, g=g, params=params: g(params, x, s), x, seg, what=f"module {name} grad",
+             contexts=contexts[:1])  # fmt: skip
+    sinks = jnp.array([0.3, -0.2])
+    for T in (16, 640):  # the reference, and the blockwise kernel (above 320^2)
+        q = jax.random.normal(jax.random.key(2), (2, T, 2, 8))
+        ids = jnp.broadcast_to(jnp.arange(T) // (T // 4 + 3), (2, T))
+        doc = mods.and_masks(mods.causal, mods.document(ids))
+        block_mask = create_block_mask(doc, 2, None, T, T)
+        calls = {
+            "causal": lambda q: flex_attention(q, q, q, mask_mod=mods.causal),
+            "window, ALiBi, sinks": lambda q: flex_attention(
+                q, q, q, mask_mod=mods.sliding_window(5), score_mod=mods.alibi(slopes),
+                sinks=sinks, return_lse=True,
+            ),
+            "documents, block mask": lambda q, bm=block_mask: flex_attention(q, q, q, block_mask=bm),
+            "documents from sharded ids": lambda q, ids: flex_attention(
+                q, q, q, mask_mod=mods.and_masks(mods.causal, mods.document(ids))
+            ),
+        }  # fmt: skip
+        for what, call in calls.items():
+            args = (q, ids) if "ids" in what else (q,)
+            loss = lambda *a, call=call: jax.tree.leaves(call(*a))[0].sum()  # noqa: E731
+            same(jax.jit(call), *args, what=f"flex {what} T={T}")
+            same(jax.jit(jax.grad(loss)), *args, what=f"flex {what} T={T} grad")
+    print(f"ok mha: segment ids, mods, block masks and sinks on batch-sharded inputs ({kind})")
 
 
 def check_options_on_explicit_types(mesh) -> None:

@@ -40,6 +40,7 @@ from flax_mha.kernels.decode import decode_attention
 from flax_mha.kernels.flag_mods import blockwise_flag_mods
 from flax_mha.kernels.pallas_tpu import pallas_tpu_attention
 from flax_mha.kernels.reference import reference_attention, reverse_mode_only
+from flax_mha.typed_shardings import on_auto_axes
 
 __all__ = [
     "BACKENDS",
@@ -341,12 +342,12 @@ class Call:
 def _blockwise(c: Call) -> Array:
     if c.logit_cap is not None or c.kv_starts is not None:
         # Options the kernel has no schedule of its own for: all the options as mods.
-        return _on_auto_axes(
+        return on_auto_axes(
             blockwise_flag_mods, c.q, c.k, c.v, scale=c.scale, is_causal=c.is_causal,
             window=c.window, q_lengths=c.q_lengths, kv_lengths=c.kv_lengths,
             kv_starts=c.kv_starts, logit_cap=c.logit_cap, bias=c.bias, mask=c.mask,
         )  # fmt: skip
-    return _on_auto_axes(
+    return on_auto_axes(
         blockwise_attention, c.q, c.k, c.v, scale=c.scale, bias=c.bias, mask=c.mask,
         is_causal=c.is_causal, query_seq_lengths=c.q_lengths, key_value_seq_lengths=c.kv_lengths,
         local_window=c.window, dropout_rate=c.dropout_rate, dropout_rng=c.dropout_rng,
@@ -354,14 +355,14 @@ def _blockwise(c: Call) -> Array:
 
 
 def _decode(c: Call) -> Array:
-    return _on_auto_axes(
+    return on_auto_axes(
         decode_attention, c.q, c.k, c.v, scale=c.scale, key_value_seq_lengths=c.kv_lengths,
         key_value_seq_starts=c.kv_starts,
     )  # fmt: skip
 
 
 def _pallas_tpu(c: Call) -> Array:
-    return _on_auto_axes(
+    return on_auto_axes(
         pallas_tpu_attention, c.q, c.k, c.v, scale=c.scale, bias=c.bias, mask=c.mask,
         is_causal=c.is_causal, query_seq_lengths=c.q_lengths, key_value_seq_lengths=c.kv_lengths,
     )  # fmt: skip
@@ -417,8 +418,8 @@ def _reference(c: Call) -> Array:
     arrays = dict(mask=c.mask, bias=c.bias, dropout=dropout, q_lengths=c.q_lengths,
                   kv_lengths=c.kv_lengths, kv_starts=c.kv_starts)  # fmt: skip
     if c.module is None:
-        return _on_auto_axes(run, c.q, c.k, c.v, **arrays)
-    out, weights = _on_auto_axes(run, c.q, c.k, c.v, with_weights=True, **arrays)
+        return on_auto_axes(run, c.q, c.k, c.v, **arrays)
+    out, weights = on_auto_axes(run, c.q, c.k, c.v, second="weights", **arrays)
     c.module.sow("intermediates", "attention_weights", weights.reshape(*c.batch, N, T, S))
     return out
 
@@ -432,50 +433,6 @@ BACKENDS: dict[str, Callable[[Call], Array]] = {
     "cudnn": _cudnn,
     "pallas_tpu": _pallas_tpu,
 }
-
-
-def _on_auto_axes(
-    kernel: Callable[..., Any],
-    q: Array,
-    k: Array,
-    v: Array,
-    *,
-    with_weights: bool = False,
-    **kwargs: Any,
-):
-    """``kernel(q, k, v, **kwargs)``, with the Explicit axes of the current mesh made Auto.
-
-    Under `jax.sharding.AxisType.Explicit` mesh axes every intermediate carries its
-    sharding in its type, and a kernel's loops over tiles (zero-initialised carries
-    updated with sharded tiles) would have to spell out each one, and the reference's
-    vmap over the batch refuses a batch-sharded q beside a mask, bias or lengths that
-    are not. Inside `jax.sharding.auto_axes` the compiler propagates them as it does on
-    Auto meshes; the output keeps the sharding of the queries (batch and heads), and
-    with ``with_weights`` the kernel returns ``(out, weights [B, N, T, S])``, the
-    weights sharded as the queries' batch and heads.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:  # outside jax.set_mesh the arrays' types still name their mesh
-        mesh = getattr(jax.typeof(q).sharding, "mesh", mesh)
-    explicit = () if mesh.empty else tuple(
-        n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
-        if t == jax.sharding.AxisType.Explicit
-    )  # fmt: skip
-    if not explicit:
-        return kernel(q, k, v, **kwargs)
-    mesh = getattr(mesh, "abstract_mesh", mesh)
-    arrays = {n: a for n, a in kwargs.items() if isinstance(a, jax.Array)}
-    static = {n: a for n, a in kwargs.items() if n not in arrays}
-    spec = tuple(jax.typeof(q).sharding.spec) + (None,) * q.ndim
-    out_spec = jax.sharding.PartitionSpec(*spec[: q.ndim - 1], None)
-    if with_weights:  # q [B, T, N, H] -> weights [B, N, T, S]
-        out_spec = (out_spec, jax.sharding.PartitionSpec(spec[0], spec[2], None, None))
-
-    def call(q: Array, k: Array, v: Array, arrays: dict[str, Array]) -> Array:
-        return kernel(q, k, v, **arrays, **static)
-
-    with jax.sharding.use_abstract_mesh(mesh):
-        return jax.sharding.auto_axes(call, out_sharding=out_spec)(q, k, v, arrays)
 
 
 def _out_and_weights(attend: Callable[..., Any], module: Any) -> Callable[..., Any]:

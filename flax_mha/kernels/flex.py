@@ -22,6 +22,7 @@ gpt-oss) are merged after the kernel by the log-sum-exp, so they need nothing of
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +39,7 @@ from flax_mha.kernels.block_mask import BlockMask
 from flax_mha.kernels.blockwise import blockwise_attention_with_lse, blockwise_mods_with_lse
 from flax_mha.kernels.common import accumulation_dtype
 from flax_mha.kernels.splash_tpu import splash_eligible, splash_flex_attention
+from flax_mha.typed_shardings import on_auto_axes
 
 __all__ = [
     "FLEX_IMPLEMENTATIONS",
@@ -164,6 +166,9 @@ def cudnn_attention(
     )
 
 
+_NO_MESH = jax.sharding.AbstractMesh((), ())
+
+
 def explicit_consts(
     fn: Callable[..., Array], *example: Array
 ) -> tuple[Callable[..., Array], tuple[Array, ...]]:
@@ -177,7 +182,12 @@ def explicit_consts(
     Returns:
       ``(converted, consts)`` with ``converted(*example_like, *consts) == fn(*example_like)``.
     """
-    closed = jax.make_jaxpr(fn)(*example)
+    mesh = jax.sharding.get_abstract_mesh()
+    explicit = not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types
+    # A jaxpr's equations record the mesh they were traced under and replay in it; the
+    # kernels replay them on Auto axes (`on_auto_axes`), so trace outside Explicit ones.
+    with jax.sharding.use_abstract_mesh(_NO_MESH) if explicit else contextlib.nullcontext():
+        closed = jax.make_jaxpr(fn)(*example)
     jaxpr, consts = closed.jaxpr, tuple(closed.consts)
     n = len(example)
 
@@ -216,7 +226,8 @@ def explicit_mods(
         score_fn, score_consts = explicit_consts(score_mod, jnp.zeros((), score_dtype), i, i, i, i)
     if mask_mod is not None:
         mask_fn, mask_consts = explicit_consts(mask_mod, i, i, i, i)
-    return score_fn, tuple(score_consts), mask_fn, tuple(mask_consts)
+    as_arrays = lambda consts: tuple(jnp.asarray(c) for c in consts)  # noqa: E731
+    return score_fn, as_arrays(score_consts), mask_fn, as_arrays(mask_consts)
 
 
 def _check_block_mask(block_mask: Any, B: int, N: int, T: int, S: int) -> None:
@@ -351,26 +362,66 @@ def flex_attention(
         if return_lse:
             raise ValueError("implementation='cudnn' cannot serve this call: return_lse=True")
         return cudnn_attention(query, key, value, scale=scale, flags=cudnn)
-    if implementation == "reference":
-        out, lse = reference_flex_attention(
-            query, key, value, scale=scale, score_mod=score_mod, mask_mod=mask_mod, sinks=sinks
-        )
-        return (out, lse) if return_lse else out
-    if score_mod is None and T == S and getattr(mask_mod, "spec", None) == ("causal",):
-        # The causal mod alone is the kernel's own causal schedule (the triangle: only
-        # the diagonal tiles masked), the blocks a block mask would list and faster.
-        out, lse = blockwise_attention_with_lse(query, key, value, scale=scale, is_causal=True)
-        if sinks is not None:
-            out, lse = _add_sinks(out, lse, sinks)
-        return (out, lse) if return_lse else out
     acc = accumulation_dtype(query, key, value)
     score_fn, score_consts, mask_fn, mask_consts = explicit_mods(score_mod, mask_mod, acc)
-    out, lse = blockwise_mods_with_lse(
-        query, key, value, scale=scale, score_mod=score_fn, score_consts=tuple(score_consts),
-        mask_mod=mask_fn, mask_consts=tuple(mask_consts),
+    # The mods' arrays, the sinks, a traced scale and the block mask go in as operands:
+    # on Explicit mesh axes the computation runs on Auto axes (`on_auto_axes`).
+    out, lse = on_auto_axes(
+        _flex_backend, query, key, value, second="lse", implementation=implementation,
+        causal_schedule=score_mod is None and T == S and getattr(mask_mod, "spec", None)
+        == ("causal",),
+        scale=scale, score_mod=score_fn, score_consts=score_consts, mask_mod=mask_fn,
+        mask_consts=mask_consts, sinks=sinks,
         block_classes=None if block_mask is None else block_mask.classes,
         block_size=None if block_mask is None else block_mask.block_size,
     )  # fmt: skip
+    return (out, lse) if return_lse else out
+
+
+def _flex_backend(
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    implementation: str,
+    causal_schedule: bool,
+    scale: float | Array,
+    score_mod: Callable[..., Array] | None,
+    score_consts: tuple[Array, ...],
+    mask_mod: Callable[..., Array] | None,
+    mask_consts: tuple[Array, ...],
+    sinks: Array | None,
+    block_classes: Array | None,
+    block_size: tuple[int, int] | None,
+) -> tuple[Array, Array]:
+    """`flex_attention` on the reference or the blockwise kernel: ``(out, lse)``, with the
+    mods in their converted form (`explicit_mods`) and the sinks merged."""
+    if implementation == "reference":
+        out, lse = reference_flex_attention(
+            query, key, value, scale=scale, sinks=sinks,
+            score_mod=None if score_mod is None else _bind(score_mod, score_consts),
+            mask_mod=None if mask_mod is None else _bind(mask_mod, mask_consts),
+        )  # fmt: skip
+        return out, lse
+    if causal_schedule:
+        # The causal mod alone is the kernel's own causal schedule (the triangle: only
+        # the diagonal tiles masked), the blocks a block mask would list and faster.
+        out, lse = blockwise_attention_with_lse(query, key, value, scale=scale, is_causal=True)
+    else:
+        out, lse = blockwise_mods_with_lse(
+            query, key, value, scale=scale, score_mod=score_mod, score_consts=score_consts,
+            mask_mod=mask_mod, mask_consts=mask_consts, block_classes=block_classes,
+            block_size=block_size,
+        )  # fmt: skip
     if sinks is not None:
         out, lse = _add_sinks(out, lse, sinks)
-    return (out, lse) if return_lse else out
+    return out, lse
+
+
+def _bind(converted: Callable[..., Array], consts: tuple[Array, ...]) -> Callable[..., Array]:
+    """A converted mod (`explicit_consts`) with its arrays bound again: a mod of scalars."""
+
+    def mod(*args: Array) -> Array:
+        return converted(*args, *consts)
+
+    return mod
