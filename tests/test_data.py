@@ -58,6 +58,9 @@ def test_human_form_round_trip():
     ("call", "message"),
     [
         (lambda: data.encode_digits("3 x"), "inputs should be digits 0-9, but got 'x'"),
+        # Other scripts' digits (Arabic-Indic three, superscript two) are not 0-9:
+        (lambda: data.encode_digits("3 \u0663"), "digits 0-9, but got '\u0663'"),
+        (lambda: data.encode_digits("\u00b2"), "digits 0-9, but got '\u00b2'"),
         (lambda: data.encode_digits(""), "at least one digit"),
         (lambda: data.encode_digits("12345", 3), "at most 3 digits, but got 5"),
         (lambda: data.train_batch(0, 0, "shuffle", 2, 1, 3), "task should be one of"),
