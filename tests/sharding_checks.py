@@ -188,6 +188,20 @@ def check_mods(mesh) -> None:
             loss = lambda *a, call=call: jax.tree.leaves(call(*a))[0].sum()  # noqa: E731
             same(jax.jit(call), *args, what=f"flex {what} T={T}")
             same(jax.jit(jax.grad(loss)), *args, what=f"flex {what} T={T} grad")
+    if explicit:  # a mod of the user's reading a split array: an error that says what to do
+        ids = place(jnp.zeros((2, 16), jnp.int32))
+        own = lambda q, ids: flex_attention(  # noqa: E731
+            q, q, q, mask_mod=lambda b, h, i, j: ids[b, i] == ids[b, j]
+        )
+        for where, context in contexts:
+            with context():
+                try:
+                    jax.jit(own)(place(jnp.ones((2, 16, 2, 8))), ids)
+                except ValueError as e:
+                    assert "mask_mod reads an array split over Explicit" in str(e), e
+                    assert "jax.sharding.reshard" in str(e), e
+                else:
+                    raise AssertionError(f"a mod reading a split array passed {where}")
     print(f"ok mha: segment ids, mods, block masks and sinks on batch-sharded inputs ({kind})")
 
 

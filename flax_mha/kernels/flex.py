@@ -170,7 +170,7 @@ _NO_MESH = jax.sharding.AbstractMesh((), ())
 
 
 def explicit_consts(
-    fn: Callable[..., Array], *example: Array
+    fn: Callable[..., Array], *example: Array, name: str = "the function"
 ) -> tuple[Callable[..., Array], tuple[Array, ...]]:
     """``fn`` with every array it closes over made an explicit trailing argument.
 
@@ -181,13 +181,27 @@ def explicit_consts(
 
     Returns:
       ``(converted, consts)`` with ``converted(*example_like, *consts) == fn(*example_like)``.
+
+    Raises:
+      ValueError: if ``fn`` (called ``name`` in the message) reads an array split over
+        Explicit mesh axes at traced indices, which JAX cannot type.
     """
     mesh = jax.sharding.get_abstract_mesh()
     explicit = not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types
     # A jaxpr's equations record the mesh they were traced under and replay in it; the
     # kernels replay them on Auto axes (`on_auto_axes`), so trace outside Explicit ones.
-    with jax.sharding.use_abstract_mesh(_NO_MESH) if explicit else contextlib.nullcontext():
-        closed = jax.make_jaxpr(fn)(*example)
+    try:
+        with jax.sharding.use_abstract_mesh(_NO_MESH) if explicit else contextlib.nullcontext():
+            closed = jax.make_jaxpr(fn)(*example)
+    except Exception as e:  # JAX's ShardingTypeError is not public
+        if type(e).__name__ != "ShardingTypeError":
+            raise
+        raise ValueError(
+            f"{name} reads an array split over Explicit mesh axes at traced indices, where "
+            f"JAX cannot tell where the result lives ({e}). Make the array whole on every "
+            f"device first: jax.sharding.reshard(x, jax.sharding.PartitionSpec()) (the "
+            f"built-in mods of flax_mha.mods do)"
+        ) from e
     jaxpr, consts = closed.jaxpr, tuple(closed.consts)
     n = len(example)
 
@@ -223,9 +237,11 @@ def explicit_mods(
     if form is not None:
         score_fn, score_consts = _WithTile(form.scalar, form.tile), form.consts
     elif score_mod is not None:
-        score_fn, score_consts = explicit_consts(score_mod, jnp.zeros((), score_dtype), i, i, i, i)
+        score_fn, score_consts = explicit_consts(
+            score_mod, jnp.zeros((), score_dtype), i, i, i, i, name="score_mod"
+        )
     if mask_mod is not None:
-        mask_fn, mask_consts = explicit_consts(mask_mod, i, i, i, i)
+        mask_fn, mask_consts = explicit_consts(mask_mod, i, i, i, i, name="mask_mod")
     as_arrays = lambda consts: tuple(jnp.asarray(c) for c in consts)  # noqa: E731
     return score_fn, as_arrays(score_consts), mask_fn, as_arrays(mask_consts)
 
