@@ -217,7 +217,9 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("prompt_lengths is only used with decode=True")
         query, key, value = self._project_qkv(inputs_q, inputs_k, inputs_v)
         query, key = self._normalize_and_scale(query, key)
-        cache = KVCache.open(self, key, value, prompt_lengths) if self.decode else None
+        cache = None
+        if self.decode:
+            cache = KVCache.open(self, key, value, prompt_lengths, queries=query.shape[-3])
         q_pos, k_pos = self._positions(query, key, cache)
         query, key = self._rope(query, key, q_pos, k_pos)
         self._check_mask(mask, query, key, cache)

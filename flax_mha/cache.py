@@ -61,13 +61,19 @@ class KVCache:
 
     @classmethod
     def open(
-        cls, module: nn.Module, key: Array, value: Array, prompt_lengths: Array | None
+        cls,
+        module: nn.Module,
+        key: Array,
+        value: Array,
+        prompt_lengths: Array | None,
+        queries: int,
     ) -> KVCache:
-        """The cache of ``module`` for a call with these new keys/values.
+        """The cache of ``module`` for a call with these new keys/values and ``queries``
+        new queries (each writes its own key: their lengths must agree).
 
         Raises:
-          ValueError: if the new keys do not fit the cache, a ragged step has T != 1,
-            or concrete ``prompt_lengths`` lie outside ``[0, T]``.
+          ValueError: if the new keys do not fit the cache or the queries, a ragged step
+            has T != 1, or concrete ``prompt_lengths`` lie outside ``[0, T]``.
         """
         initialized = module.has_variable("cache", "cached_key")
         cache = cls(
@@ -86,6 +92,12 @@ class KVCache:
                 f"query should have shape [batch..., T <= {max_length}, {module.num_heads}, "
                 f"{head_dim}] to match the autoregressive cache {tuple(cache.key.value.shape)}, "
                 f"but got {key.shape[:-2] + (module.num_heads, head_dim)}"
+            )
+        if T != queries or value.shape[-3] != queries:
+            raise ValueError(
+                f"inputs_k and inputs_v should have the queries' length {queries} when "
+                f"decoding (each new query writes its own key and value into the cache), "
+                f"but got keys of length {T} and values of length {value.shape[-3]}"
             )
         if prompt_lengths is not None:
             return dataclasses.replace(cache, mode=Mode.RAGGED_PREFILL)

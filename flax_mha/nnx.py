@@ -492,7 +492,7 @@ class MultiHeadAttention(nnx.Module):
             for proj, x in ((self.query, inputs_q), (self.key, inputs_k), (self.value, inputs_v))
         )
         query, key = self._normalize_and_scale(query, key)
-        cache = self._open_cache(key, value, prompt_lengths) if decode else None
+        cache = self._open_cache(query, key, value, prompt_lengths) if decode else None
         q_pos, k_pos = self._positions(query, key, cache)
         query, key = self._rope(query, key, q_pos, k_pos, decode)
         self._check_mask(mask, query, key, cache)
@@ -609,14 +609,14 @@ class MultiHeadAttention(nnx.Module):
             query = query * per_head.reshape((1,) * (query.ndim - 2) + (self.num_heads, 1))
         return query, key
 
-    def _open_cache(self, key: Array, value: Array, prompt_lengths: Any) -> KVCache:
+    def _open_cache(self, query: Array, key: Array, value: Array, prompt_lengths: Any) -> KVCache:
         """The cache for this call's new keys and values (`flax_mha.cache.KVCache`)."""
         if self.cached_key is None or self.cached_value is None or self.cache_index is None:
             raise ValueError(
                 "the autoregressive cache should be initialized before decoding: call "
                 "init_cache(input_shape) first (or nnx.view with batch_size and max_length)"
             )
-        return KVCache.open(_CacheScope(self), key, value, prompt_lengths)
+        return KVCache.open(_CacheScope(self), key, value, prompt_lengths, queries=query.shape[-3])
 
     @staticmethod
     def _positions(query: Array, key: Array, cache: KVCache | None) -> tuple[Array, Array]:

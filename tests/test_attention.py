@@ -322,6 +322,19 @@ def test_decode_step_with_wrong_query_shape_is_rejected():
         module.apply(variables, jnp.zeros((3, 1, 8)), mutable=["cache"])
 
 
+@pytest.mark.parametrize(("T", "S"), [(1, 2), (2, 1)])
+def test_decode_keys_of_another_length_than_the_queries_are_rejected(T, S):
+    # Each new query writes its own key into the cache: one key for two queries was
+    # written twice while the index moved by one; two keys for one query failed in a
+    # broadcast that named no argument.
+    module = flax_mha.MultiHeadAttention(num_heads=2, decode=True)
+    variables = module.init(jax.random.key(0), X)
+    with pytest.raises(
+        ValueError, match=rf"inputs_k and inputs_v should have the queries' length {T} when "
+    ):
+        module.apply(variables, jnp.zeros((2, T, 8)), jnp.zeros((2, S, 8)), mutable=["cache"])
+
+
 # --- Regressions (issue 12): options never dropped, cache never overrun, config checked ------
 
 

@@ -851,3 +851,10 @@ def test_decode_step_with_wrong_shape_and_kv_lengths_are_rejected():
         ours(jnp.zeros((3, 1, 8)))
     with pytest.raises(ValueError, match="key_value_seq_lengths should be None with decode"):
         ours(jnp.zeros((2, 1, 8)), key_value_seq_lengths=jnp.array([1, 1]))
+    for T, S in ((1, 2), (2, 1)):  # each new query writes its own key
+        with pytest.raises(ValueError, match=f"should have the queries' length {T} when"):
+            ours(jnp.zeros((2, T, 8)), jnp.zeros((2, S, 8)))
+    ours_rope = MultiHeadAttention(2, 8, decode=True, use_rope=True, rngs=nnx.Rngs(0))
+    ours_rope.init_cache((2, 4, 8))
+    with pytest.raises(ValueError, match="should have the queries' length 2 when"):
+        ours_rope(jnp.zeros((2, 2, 8)), jnp.zeros((2, 1, 8)))
