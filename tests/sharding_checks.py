@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from flax_mha import MultiHeadAttention, data, sharding, train  # noqa: E402
 from flax_mha.apps.cli import load_config, main  # noqa: E402
 from flax_mha.kernels.dispatch import dot_product_attention  # noqa: E402
+from flax_mha.typed_shardings import replicated  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.py"
@@ -188,6 +189,50 @@ def check_mods(mesh) -> None:
             loss = lambda *a, call=call: jax.tree.leaves(call(*a))[0].sum()  # noqa: E731
             same(jax.jit(call), *args, what=f"flex {what} T={T}")
             same(jax.jit(jax.grad(loss)), *args, what=f"flex {what} T={T} grad")
+    # Mods of jnp helpers that are jits of their own (%, //, where), a learned bias read at
+    # shifted positions, and decoding from a batch-sharded cache with such mods: prefill 5
+    # tokens, then steps, against the full causal pass on one device.
+    w = jax.random.uniform(jax.random.key(3), (2, 16))
+    table = jax.random.normal(jax.random.key(4), (8, 2))
+
+    def jnp_helpers(q, w):
+        w = replicated(w)  # made whole, as the README says
+
+        def score(s, b, h, i, j):
+            return s + jnp.where(w[b, j] > 0.5, w[b, j], 0.0)
+
+        return flex_attention(q, q, q, mask_mod=lambda b, h, i, j: (i - j) % 3 != 2,
+                              score_mod=score)  # fmt: skip
+
+    helpers = {
+        "jnp helpers": jnp_helpers,
+        "T5 bias at an offset": lambda q, w: flex_attention(
+            q, q, q, score_mod=mods.offset_score(mods.relative_bias(table), 3)
+        ),
+    }  # fmt: skip
+    q = jax.random.normal(jax.random.key(2), (2, 16, 2, 8))
+    for what, call in helpers.items():
+        same(jax.jit(call), q, w, what=f"flex {what}")
+    B, D = 2, 16
+    x = jax.random.normal(jax.random.key(5), (B, 11, D))
+    for name, fields in (("chunked", dict(mask_mod=mods.chunked(4))),
+                         ("own mod", dict(mask_mod=lambda b, h, q, kv: (q - kv) % 3 != 2))):  # fmt: skip
+        full = MultiHeadAttention(num_heads=2, is_causal=True, **fields)
+        decoder = MultiHeadAttention(num_heads=2, decode=True, **fields)
+        params = full.init(jax.random.key(1), x)["params"]
+        want = full.apply({"params": params}, x)
+        cache = decoder.init(jax.random.key(1), jnp.zeros((B, 16, D)))["cache"]
+        step = jax.jit(lambda p, c, t, d=decoder: d.apply({"params": p, "cache": c}, t,
+                                                          mutable=["cache"]))  # fmt: skip
+        for where, context in contexts:
+            with context():
+                c = jax.tree.map(lambda a: place(a) if a.ndim else a, cache)
+                out, st = step(params, c, place(x[:, :5]))
+                outs = [out]
+                for t in range(5, 11):
+                    out, st = step(params, st["cache"], place(x[:, t : t + 1]))
+                    outs.append(out)
+            close(jnp.concatenate(outs, 1), want, f"decode with {name} {where}")
     if explicit:  # a mod of the user's reading a split array: an error that says what to do
         ids = place(jnp.zeros((2, 16), jnp.int32))
         own = lambda q, ids: flex_attention(  # noqa: E731

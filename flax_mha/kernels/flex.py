@@ -188,10 +188,15 @@ def explicit_consts(
     """
     mesh = jax.sharding.get_abstract_mesh()
     explicit = not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types
-    # A jaxpr's equations record the mesh they were traced under and replay in it; the
-    # kernels replay them on Auto axes (`on_auto_axes`), so trace outside Explicit ones.
+    # A jaxpr's equations record the mesh they were traced under, and a nested jit (jnp's
+    # own helpers: floor_divide, remainder, where) the types of its inputs; the kernels
+    # replay the jaxpr on Auto axes (`on_auto_axes`). So trace outside Explicit axes, with
+    # nested jits inlined (the same operations, one level).
     try:
-        with jax.sharding.use_abstract_mesh(_NO_MESH) if explicit else contextlib.nullcontext():
+        with (
+            jax.sharding.use_abstract_mesh(_NO_MESH) if explicit else contextlib.nullcontext(),
+            jax.disable_jit(),
+        ):
             closed = jax.make_jaxpr(fn)(*example)
     except Exception as e:  # JAX's ShardingTypeError is not public
         if type(e).__name__ != "ShardingTypeError":
@@ -230,7 +235,8 @@ def explicit_mods(
     The kernels' form of the mods (None stays None, with no arrays); ``score_dtype`` is the
     dtype of the scores the score mod is traced with.
     """
-    i = jnp.int32(0)
+    # Abstract examples: concrete ones made under jax.set_mesh would carry its mesh.
+    i = jax.ShapeDtypeStruct((), jnp.int32)
     score_fn = mask_fn = None
     score_consts = mask_consts = ()
     form = getattr(score_mod, "tile_form", None)  # `flax_mha.mods.TileForm`
@@ -238,7 +244,7 @@ def explicit_mods(
         score_fn, score_consts = _WithTile(form.scalar, form.tile), form.consts
     elif score_mod is not None:
         score_fn, score_consts = explicit_consts(
-            score_mod, jnp.zeros((), score_dtype), i, i, i, i, name="score_mod"
+            score_mod, jax.ShapeDtypeStruct((), score_dtype), i, i, i, i, name="score_mod"
         )
     if mask_mod is not None:
         mask_fn, mask_consts = explicit_consts(mask_mod, i, i, i, i, name="mask_mod")
