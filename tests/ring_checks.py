@@ -301,6 +301,21 @@ def axis_types() -> None:
                         (_, out), grads = f(q_, k_, v_, scale)  # traced scale
                         _close(f"{name}: {run}: out", out, want)
                         _check_grads(f"{name}: {run}", grads, want_g)
+        # A mod traced in jax.set_mesh and replayed inside the ring's shard_map (Manual
+        # axes): its jaxpr must not keep the mesh it was traced under.
+        ids = jnp.asarray(np.arange(B * L).reshape(B, L) // 7, jnp.int32)
+        docs = mods.and_masks(mods.causal, mods.document(ids))
+        want_docs = flex_attention(q, q, q, mask_mod=docs, implementation="reference")
+        ring_docs = jax.jit(
+            lambda q, ids, mesh24=mesh24: ring_attention(
+                q, q, q, mesh=mesh24, axis_name="sp", batch_axis_name="data", is_causal=True,
+                mask_mod=mods.document(ids),
+            )
+        )  # fmt: skip
+        for ctx in ctxs:
+            with jax.set_mesh(mesh24) if ctx == "jax.set_mesh" else contextlib.nullcontext():
+                got = ring_docs(q, ids)
+            _close(f"{kind} mesh, documents mod, {ctx}", got, want_docs)
         print(f"ok  {kind} meshes  ({time.perf_counter() - t0:.1f}s)", flush=True)
 
 

@@ -186,15 +186,15 @@ def explicit_consts(
       ValueError: if ``fn`` (called ``name`` in the message) reads an array split over
         Explicit mesh axes at traced indices, which JAX cannot type.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    explicit = not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types
+    on_mesh = not jax.sharding.get_abstract_mesh().empty
     # A jaxpr's equations record the mesh they were traced under, and a nested jit (jnp's
     # own helpers: floor_divide, remainder, where) the types of its inputs; the kernels
-    # replay the jaxpr on Auto axes (`on_auto_axes`). So trace outside Explicit axes, with
-    # nested jits inlined (the same operations, one level).
+    # replay the jaxpr elsewhere: on Auto axes (`on_auto_axes`) or inside ring attention's
+    # shard_map (Manual axes). So trace outside any mesh, with nested jits inlined (the
+    # same operations, one level).
     try:
         with (
-            jax.sharding.use_abstract_mesh(_NO_MESH) if explicit else contextlib.nullcontext(),
+            jax.sharding.use_abstract_mesh(_NO_MESH) if on_mesh else contextlib.nullcontext(),
             jax.disable_jit(),
         ):
             closed = jax.make_jaxpr(fn)(*example)
