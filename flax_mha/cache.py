@@ -87,17 +87,17 @@ class KVCache:
             return cache
         *batch, max_length, kv_heads, head_dim = cache.key.value.shape
         T = key.shape[-3]
+        if T != queries:  # (inputs_k and inputs_v have one length: checked by the caller)
+            raise ValueError(
+                f"inputs_k and inputs_v should have the queries' length {queries} when "
+                f"decoding (each new query writes its own key and value into the cache), "
+                f"but got keys of length {T}"
+            )
         if key.shape != (*batch, T, kv_heads, head_dim) or T > max_length:
             raise ValueError(
                 f"query should have shape [batch..., T <= {max_length}, {module.num_heads}, "
                 f"{head_dim}] to match the autoregressive cache {tuple(cache.key.value.shape)}, "
                 f"but got {key.shape[:-2] + (module.num_heads, head_dim)}"
-            )
-        if T != queries or value.shape[-3] != queries:
-            raise ValueError(
-                f"inputs_k and inputs_v should have the queries' length {queries} when "
-                f"decoding (each new query writes its own key and value into the cache), "
-                f"but got keys of length {T} and values of length {value.shape[-3]}"
             )
         if prompt_lengths is not None:
             return dataclasses.replace(cache, mode=Mode.RAGGED_PREFILL)

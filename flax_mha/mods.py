@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
 
-from flax_mha.typed_shardings import replicated
+from flax_mha.typed_shardings import whole_on_every_device
 
 __all__ = [
     "BlockBounds",
@@ -300,7 +300,7 @@ def chunked(chunk_size: int) -> MaskMod:
 
 
 def _per_batch(x: Array | int, name: str) -> Array:
-    x = replicated(jnp.asarray(x))
+    x = whole_on_every_device(jnp.asarray(x))
     if x.ndim > 1 or not jnp.issubdtype(x.dtype, jnp.integer):
         raise ValueError(f"{name} should be an int or an int array [B], but got {x.dtype}{x.shape}")
     return x.reshape(-1)
@@ -371,7 +371,7 @@ def padding(q_lengths: Array | int | None = None, kv_lengths: Array | int | None
 
 
 def _segment_ids(x: Array, name: str) -> Array:
-    x = replicated(jnp.asarray(x))
+    x = whole_on_every_device(jnp.asarray(x))
     if x.ndim not in (1, 2) or not jnp.issubdtype(x.dtype, jnp.integer):
         raise ValueError(
             f"{name} should be an int array [B, L] or [L], but got {x.dtype}{list(x.shape)}"
@@ -510,7 +510,7 @@ def alibi(slopes: Array) -> ScoreMod:
     Args:
       slopes: float [N] one slope per query head.
     """
-    slopes = replicated(jnp.asarray(slopes))  # NumPy cannot be indexed by a traced head
+    slopes = whole_on_every_device(jnp.asarray(slopes))  # NumPy cannot be indexed by a traced head
 
     def fn(score, b, h, q_idx, kv_idx):
         dist = jnp.abs(q_idx - kv_idx).astype(score.dtype)
@@ -605,7 +605,7 @@ def relative_bias(table: Array, *, bidirectional: bool = True, max_distance: int
     The returned function carries a `TileForm` (attribute ``tile_form``) that the
     blockwise kernel uses.
     """
-    table = replicated(jnp.asarray(table))  # NumPy cannot be indexed by traced buckets
+    table = whole_on_every_device(jnp.asarray(table))  # NumPy cannot be indexed by traced buckets
     rule = _T5Rule(bidirectional, int(max_distance))
 
     def scalar(score, b, h, q_idx, kv_idx, table):

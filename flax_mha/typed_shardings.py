@@ -5,8 +5,7 @@ array's sharding is part of its type, and an operation whose result sharding is
 ambiguous must be told it. Our steps leave shardings to the compiler everywhere
 else; the places the library meets this are a product summed over a split axis
 (`contraction_sharding`) and the small arrays a mask or score mod reads at traced
-indices (`replicated`). The kernels run on Auto axes inside
-(`flax_mha.kernels.dispatch.on_auto_axes`).
+indices (`whole_on_every_device`); the kernels run on Auto axes inside (`on_auto_axes`).
 """
 
 from __future__ import annotations
@@ -17,7 +16,18 @@ from typing import Any
 import jax
 from jax import Array
 
-__all__ = ["contraction_sharding", "on_auto_axes", "replicated"]
+__all__ = ["contraction_sharding", "on_auto_axes", "whole_on_every_device"]
+
+
+def _explicit_axes(mesh: Any) -> set[str]:
+    """The names of ``mesh``'s Explicit axes."""
+    return {n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+            if t == jax.sharding.AxisType.Explicit}  # fmt: skip
+
+
+def _names(entry: Any) -> tuple[str, ...]:
+    """The mesh axes of one entry of a PartitionSpec (None, a name or a tuple of names)."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 
 def contraction_sharding(x: Array, kernel: Array) -> Any:
@@ -34,12 +44,7 @@ def contraction_sharding(x: Array, kernel: Array) -> Any:
         mesh = jax.typeof(x).sharding.mesh
     except AttributeError:
         return None
-    explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
-                if t == jax.sharding.AxisType.Explicit}  # fmt: skip
-
-    def names(entry: Any) -> tuple[str, ...]:
-        return (entry,) if isinstance(entry, str) else tuple(entry or ())
-
+    explicit, names = _explicit_axes(mesh), _names
     x_spec = tuple(x_spec) + (None,) * (x.ndim - len(x_spec))
     k_spec = tuple(k_spec) + (None,) * (kernel.ndim - len(k_spec))
     if not explicit & (set(names(x_spec[-1])) | set(names(k_spec[0]))):
@@ -52,7 +57,7 @@ def contraction_sharding(x: Array, kernel: Array) -> Any:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*out))
 
 
-def replicated(x: Array) -> Array:
+def whole_on_every_device(x: Array) -> Array:
     """``x`` whole on every device if Explicit mesh axes split it, else ``x`` itself.
 
     A mod reads its arrays (segment ids, lengths, slopes, a bias table) at traced
@@ -65,10 +70,7 @@ def replicated(x: Array) -> Array:
         mesh, spec = sharding.mesh, sharding.spec
     except AttributeError:
         return x
-    explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
-                if t == jax.sharding.AxisType.Explicit}  # fmt: skip
-    named = {n for e in spec for n in ((e,) if isinstance(e, str) else tuple(e or ()))}
-    if not explicit & named:
+    if not _explicit_axes(mesh) & {n for e in spec for n in _names(e)}:
         return x
     whole = jax.sharding.PartitionSpec()
     if jax.sharding.get_abstract_mesh().empty:  # outside jax.set_mesh: name the mesh
@@ -102,18 +104,14 @@ def on_auto_axes(
     constants), go in as operands; the rest is static. Arrays the kernel closes over
     would keep their Explicit types: pass them as keyword arguments.
 
-    The output keeps the sharding of the queries (batch and heads). With ``second`` the
+    The output keeps the sharding of the queries (batch, rows and heads). With ``second`` the
     kernel returns a pair: ``"weights"``, ``(out, weights [B, N, T, S])``; ``"lse"``,
     ``(out, lse [B, N, T])``; the second sharded as the queries' batch, heads and rows.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:  # outside jax.set_mesh the arrays' types still name their mesh
         mesh = getattr(jax.typeof(q).sharding, "mesh", mesh)
-    explicit = () if mesh.empty else tuple(
-        n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
-        if t == jax.sharding.AxisType.Explicit
-    )  # fmt: skip
-    if not explicit:
+    if mesh.empty or not _explicit_axes(mesh):
         return kernel(q, k, v, **kwargs)
     mesh = getattr(mesh, "abstract_mesh", mesh)
     arrays = {n: a for n, a in kwargs.items() if _is_operand(a)}

@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from flax_mha import MultiHeadAttention, data, sharding, train  # noqa: E402
 from flax_mha.apps.cli import load_config, main  # noqa: E402
 from flax_mha.kernels.dispatch import dot_product_attention  # noqa: E402
-from flax_mha.typed_shardings import replicated  # noqa: E402
+from flax_mha.typed_shardings import whole_on_every_device  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.py"
@@ -196,7 +196,7 @@ def check_mods(mesh) -> None:
     table = jax.random.normal(jax.random.key(4), (8, 2))
 
     def jnp_helpers(q, w):
-        w = replicated(w)  # made whole, as the README says
+        w = whole_on_every_device(w)  # made whole, as the README says
 
         def score(s, b, h, i, j):
             return s + jnp.where(w[b, j] > 0.5, w[b, j], 0.0)
@@ -244,7 +244,7 @@ def check_mods(mesh) -> None:
                     jax.jit(own)(place(jnp.ones((2, 16, 2, 8))), ids)
                 except ValueError as e:
                     assert "mask_mod reads an array split over Explicit" in str(e), e
-                    assert "jax.sharding.reshard" in str(e), e
+                    assert "whole_on_every_device(x)" in str(e), e
                 else:
                     raise AssertionError(f"a mod reading a split array passed {where}")
     print(f"ok mha: segment ids, mods, block masks and sinks on batch-sharded inputs ({kind})")

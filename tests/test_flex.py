@@ -627,3 +627,17 @@ def test_bad_query_rank_is_an_error():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="query"):
         flax_mha.flex_attention(jnp.asarray(q[0]), jnp.asarray(k[0]), jnp.asarray(v[0]))
+
+
+@pytest.mark.parametrize("impl", ["reference", "blockwise"])
+def test_a_mod_keeps_its_loops_off_a_mesh(impl):
+    # Nested jits are inlined when tracing a mod only with a mesh about: elsewhere a mod's
+    # loops stay loops (a zero-length scan cannot be unrolled at all).
+    def looped(b, h, q_idx, kv_idx):
+        seen, _ = jax.lax.scan(lambda c, _: (c, None), kv_idx <= q_idx, None, length=0)
+        return jax.lax.fori_loop(0, 3, lambda _, c: c, seen)
+
+    q = jax.random.normal(jax.random.key(0), (1, 24, 2, 8))
+    got = flax_mha.flex_attention(q, q, q, mask_mod=looped, implementation=impl)
+    want = flax_mha.flex_attention(q, q, q, mask_mod=mods.causal, implementation=impl)
+    np.testing.assert_allclose(got, want, rtol=FP32_TOL, atol=FP32_TOL)

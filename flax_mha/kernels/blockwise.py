@@ -332,10 +332,10 @@ def blockwise_mods_with_lse(
 ) -> tuple[Array, Array]:
     """Attention shaped by a score mod, a mask mod and a block mask: ``(out, lse)``.
 
-    The mods are closure-converted (`jax.closure_convert`): the arrays they close over
-    are explicit arguments, ``score_mod(score, b, h, q_idx, kv_idx, *score_consts)`` and
-    ``mask_mod(b, h, q_idx, kv_idx, *mask_consts)``, so that the custom VJP returns the
-    gradients of the float ``score_consts``. Inputs are trusted (checked by
+    The mods are closure-converted (`flax_mha.kernels.flex.explicit_mods`): the arrays
+    they close over are explicit arguments, ``score_mod(score, b, h, q_idx, kv_idx,
+    *score_consts)`` and ``mask_mod(b, h, q_idx, kv_idx, *mask_consts)``, so that the
+    custom VJP returns the gradients of the float ``score_consts``. Inputs are trusted (checked by
     `flax_mha.flex_attention`).
 
     Args:

@@ -169,6 +169,22 @@ def cudnn_attention(
 _NO_MESH = jax.sharding.AbstractMesh((), ())
 
 
+def _trace(fn: Callable[..., Array], example: tuple, *, off_mesh: bool, inline: bool = False):
+    """``jax.make_jaxpr(fn)(*example)``, outside the mesh context and with nested jits
+    inlined if asked."""
+    with (
+        jax.sharding.use_abstract_mesh(_NO_MESH) if off_mesh else contextlib.nullcontext(),
+        jax.disable_jit() if inline else contextlib.nullcontext(),
+    ):
+        return jax.make_jaxpr(fn)(*example)
+
+
+def _names_a_mesh(x: Any) -> bool:
+    """Whether the type of ``x`` names a mesh (an array placed on one, or its tracer)."""
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    return mesh is not None and not mesh.empty
+
+
 def explicit_consts(
     fn: Callable[..., Array], *example: Array, name: str = "the function"
 ) -> tuple[Callable[..., Array], tuple[Array, ...]]:
@@ -184,28 +200,27 @@ def explicit_consts(
 
     Raises:
       ValueError: if ``fn`` (called ``name`` in the message) reads an array split over
-        Explicit mesh axes at traced indices, which JAX cannot type.
+        Explicit mesh axes, which JAX cannot type.
     """
     on_mesh = not jax.sharding.get_abstract_mesh().empty
-    # A jaxpr's equations record the mesh they were traced under, and a nested jit (jnp's
-    # own helpers: floor_divide, remainder, where) the types of its inputs; the kernels
-    # replay the jaxpr elsewhere: on Auto axes (`on_auto_axes`) or inside ring attention's
-    # shard_map (Manual axes). So trace outside any mesh, with nested jits inlined (the
-    # same operations, one level).
     try:
-        with (
-            jax.sharding.use_abstract_mesh(_NO_MESH) if on_mesh else contextlib.nullcontext(),
-            jax.disable_jit(),
-        ):
-            closed = jax.make_jaxpr(fn)(*example)
+        closed = _trace(fn, example, off_mesh=on_mesh)
+        if on_mesh or any(_names_a_mesh(c) for c in closed.consts):
+            # A jaxpr's equations record the mesh they were traced under, and a nested jit
+            # (jnp's own helpers: floor_divide, remainder, where) the types of its inputs;
+            # the kernels replay the jaxpr elsewhere: on Auto axes (`on_auto_axes`) or in
+            # ring attention's shard_map (Manual axes). So with a mesh about, trace again
+            # with nested jits inlined (static loops are unrolled then; without a mesh the
+            # jaxpr keeps them).
+            closed = _trace(fn, example, off_mesh=on_mesh, inline=True)
     except Exception as e:  # JAX's ShardingTypeError is not public
         if type(e).__name__ != "ShardingTypeError":
             raise
         raise ValueError(
-            f"{name} reads an array split over Explicit mesh axes at traced indices, where "
-            f"JAX cannot tell where the result lives ({e}). Make the array whole on every "
-            f"device first: jax.sharding.reshard(x, jax.sharding.PartitionSpec()) (the "
-            f"built-in mods of flax_mha.mods do)"
+            f"{name} reads an array split over Explicit mesh axes, where JAX cannot tell "
+            f"where the result lives ({e}). Make the array whole on every device first: "
+            f"flax_mha.typed_shardings.whole_on_every_device(x) (in and out of "
+            f"jax.set_mesh; the built-in mods of flax_mha.mods do it)"
         ) from e
     jaxpr, consts = closed.jaxpr, tuple(closed.consts)
     n = len(example)
