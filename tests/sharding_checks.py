@@ -233,6 +233,13 @@ def check_mods(mesh) -> None:
                     out, st = step(params, st["cache"], place(x[:, t : t + 1]))
                     outs.append(out)
             close(jnp.concatenate(outs, 1), want, f"decode with {name} {where}")
+    # Eager (not jitted) calls in jax.set_mesh, with mods of jnp helpers.
+    for name, mod in (("own mod", lambda b, h, i, j: (i - j) % 3 != 2),
+                      ("chunked", mods.chunked(4))):  # fmt: skip
+        want = flex_attention(q, q, q, mask_mod=mod)
+        with jax.set_mesh(mesh):
+            got = flex_attention(place(q), place(q), place(q), mask_mod=mod)
+        close(got, want, f"eager flex_attention with {name} in jax.set_mesh")
     if explicit:  # a mod of the user's reading a split array: an error that says what to do
         ids = place(jnp.zeros((2, 16), jnp.int32))
         own = lambda q, ids: flex_attention(  # noqa: E731

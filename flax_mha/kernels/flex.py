@@ -267,6 +267,13 @@ def explicit_mods(
     return score_fn, as_arrays(score_consts), mask_fn, as_arrays(mask_consts)
 
 
+def _eager_on_explicit_mesh(*arrays: Array) -> bool:
+    """Whether this is an eager (not traced) call inside `jax.set_mesh` of Explicit axes."""
+    mesh = jax.sharding.get_abstract_mesh()
+    explicit = not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types
+    return explicit and not any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
 def _check_block_mask(block_mask: Any, B: int, N: int, T: int, S: int) -> None:
     if not isinstance(block_mask, BlockMask):
         raise TypeError(
@@ -350,6 +357,17 @@ def flex_attention(
       TypeError: for non-float inputs, a non-callable mod or a non-BlockMask block mask.
     """
     check_qkv(query, key, value)
+    if _eager_on_explicit_mesh(query, key, value):
+        # Eager calls bind each operation on the concrete mesh, whose Explicit types the
+        # Auto-axes region below cannot take; the same call jitted runs (compiled anew
+        # each eager call, as the mods are new functions each time).
+        def jitted(q: Array, k: Array, v: Array, block_mask: Any, sinks: Any) -> Any:
+            return flex_attention(
+                q, k, v, score_mod=score_mod, block_mask=block_mask, mask_mod=mask_mod,
+                scale=scale, sinks=sinks, return_lse=return_lse, implementation=implementation,
+            )  # fmt: skip
+
+        return jax.jit(jitted)(query, key, value, block_mask, sinks)
     if query.ndim != 4:
         raise ValueError(f"query should have rank 4 ([B, T, N, H]), but got shape {query.shape}")
     B, T, N, H = query.shape
