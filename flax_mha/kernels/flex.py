@@ -204,8 +204,9 @@ def explicit_consts(
     """
     on_mesh = not jax.sharding.get_abstract_mesh().empty
     try:
-        closed = _trace(fn, example, off_mesh=on_mesh)
-        if on_mesh or any(_names_a_mesh(c) for c in closed.consts):
+        # Inside jax.set_mesh the inlined trace below is certain: go straight to it.
+        closed = None if on_mesh else _trace(fn, example, off_mesh=False)
+        if closed is None or any(_names_a_mesh(c) for c in closed.consts):
             # A jaxpr's equations record the mesh they were traced under, and a nested jit
             # (jnp's own helpers: floor_divide, remainder, where) the types of its inputs;
             # the kernels replay the jaxpr elsewhere: on Auto axes (`on_auto_axes`) or in
