@@ -94,3 +94,25 @@ def test_sweep_block_size_prints_every_size_against_is_causal():
         "64x128 (64, 128)",
     ):
         assert f"  {row} " in out, out
+
+
+def test_tile_gemm_bound_lists_the_kernels_tiles_and_their_gemms():
+    out = _run("tile_gemm_bound.py", *TINY, "--steps", "2")
+    rows = [line for line in out.splitlines() if line.startswith(("| full |", "| causal |"))]
+    assert [r.split("|")[1:3] for r in rows] == [
+        [" full ", " fwd "], [" full ", " fwd+bwd "], [" causal ", " fwd "],
+        [" causal ", " fwd+bwd "],
+    ]  # fmt: skip
+    # L=256 is one 256 x 256 tile of both heads (the script checks the kernel's count)
+    assert all(r.split("|")[3].strip() == "[1, 2, 256, 256] x 1" for r in rows), out
+    for r in rows:
+        assert float(r.split("|")[4]) > 0.0 and float(r.split("|")[7]) > 0.0
+
+
+def test_tile_gemm_bound_counts_the_causal_triangles_wide_tiles():
+    args = ["--batch", "1", "--length", "2048", "--heads", "1", "--head-dim", "8"]
+    out = _run("tile_gemm_bound.py", *args, "--runs", "1", "--steps", "1")
+    (row,) = [line for line in out.splitlines() if line.startswith("| causal | fwd |")]
+    # 512 x 1024 causal blocks: query block i takes 1 + i % 2 tiles of 512 keys and i // 2
+    # of 1024 (the script checks the sum against the kernel's own count)
+    assert row.split("|")[3].strip() == "[1, 1, 512, 512] x 6, [1, 1, 512, 1024] x 2", out
