@@ -349,6 +349,53 @@ def test_a_new_block_mask_per_batch_does_not_retrace_a_jitted_step():
     assert len(traces) == 1
 
 
+def test_a_jitted_step_does_not_keep_the_first_block_masks_arrays_alive():
+    # jax.jit keeps the first call's pytree structure in its cache, and the block mask's
+    # structure holds its traced mask mod: that must not hold the mod and the arrays it
+    # closes over (a batch's segment ids, a large table) once the caller drops them.
+    import gc
+    import weakref
+
+    q, k, v = _qkv()
+    step = jax.jit(lambda bm: flax_mha.flex_attention(q, k, v, block_mask=bm))
+
+    def one_batch(seed):
+        seg = _documents(seed)
+        table = jnp.zeros((256, 256))  # read by the mod: one of the block mask's leaves
+        mod = mods.and_masks(mods.causal, lambda b, h, i, j: seg[b, i] + table[0, 0] == seg[b, j])
+        bm = flax_mha.create_block_mask(mod, 2, None, 64, 64, block_size=16)
+        jax.block_until_ready(step(bm))
+        return weakref.ref(table), weakref.ref(mod)
+
+    refs = [one_batch(seed) for seed in range(2)]
+    gc.collect()
+    assert all(ref() is None for pair in refs for ref in pair), refs
+
+
+def test_a_block_mask_rebuilt_from_its_own_leaves_gives_back_its_mask_mod():
+    # Unflattened with the same arrays (jax.tree.map of the identity), a block mask keeps
+    # the very mod it was made from (its block rule included); with new arrays, a mod
+    # that reads them.
+    seg = _documents(3)
+    mod = mods.and_masks(mods.causal, mods.document(seg))
+    bm = flax_mha.create_block_mask(mod, 2, None, 64, 64, block_size=16)
+    assert jax.tree.map(lambda x: x, bm).mask_mod is mod
+    other = _documents(4)
+    moved = jax.tree.map(lambda x: other if x is seg else x, bm)
+    assert moved.mask_mod is not mod
+    idx = jnp.arange(64, dtype=jnp.int32)
+
+    def dense(fn):  # [2, 64, 64] over (b, q_idx, kv_idx)
+        one = lambda b, i, j: fn(b, jnp.int32(0), i, j)  # noqa: E731
+        over_j = jax.vmap(one, in_axes=(None, None, 0))
+        over_i = jax.vmap(over_j, in_axes=(None, 0, None))
+        return jax.vmap(over_i, in_axes=(0, None, None))(jnp.arange(2, dtype=jnp.int32), idx, idx)
+
+    want = dense(mods.and_masks(mods.causal, mods.document(other)))
+    assert not np.array_equal(want, dense(mod))  # the new ids change the mask
+    np.testing.assert_array_equal(dense(moved.mask_mod), want)
+
+
 def test_a_block_mask_made_inside_jit_can_be_used_outside():
     q, k, v = _qkv()
     seg = _documents(7)

@@ -19,6 +19,7 @@ Letters: B batch, N heads, T query length, S key length, nq / nk query / key blo
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -82,6 +83,14 @@ def default_block_size(T: int, S: int, head_dim: int | None = None) -> tuple[int
 _DENSE_CHUNK_ELEMENTS = 2**22
 
 
+def _weak(x: Any) -> Callable[[], Any]:
+    """A weak reference to ``x``; a plain getter for what cannot be one (a Python int)."""
+    try:
+        return weakref.ref(x)
+    except TypeError:
+        return lambda: x
+
+
 class _TracedMod:
     """A mask mod as a jaxpr of ``(b, h, q_idx, kv_idx)`` and the arrays it reads.
 
@@ -102,7 +111,11 @@ class _TracedMod:
         # structure and non-array entries, the extents.
         spec_def, static = spec
         self.key = (str(jaxpr), repr(spec_def), repr(static), meta[1])
-        self.original = original  # (mask_mod, its leaves): given back while they are the same
+        # (mask_mod, its leaves), given back while they are the same; held weakly, since
+        # jax.jit keeps the first call's structure (this object) in its cache, and a strong
+        # reference would keep that call's mod and arrays alive with it.
+        mask_mod, leaves = original
+        self._original = (_weak(mask_mod), [_weak(x) for x in leaves])
 
     @classmethod
     def of(cls, mask_mod: Callable[..., Array]) -> tuple[_TracedMod, list[Any]]:
@@ -120,8 +133,10 @@ class _TracedMod:
 
     def function(self, leaves: list[Any]) -> Callable[..., Array]:
         """The mask mod reading ``leaves``: the original one when they are its own."""
-        mask_mod, own = self.original
-        if len(leaves) == len(own) and all(a is b for a, b in zip(leaves, own, strict=True)):
+        mod_ref, own_refs = self._original
+        mask_mod, own = mod_ref(), [ref() for ref in own_refs]
+        same = len(leaves) == len(own) and all(a is b for a, b in zip(leaves, own, strict=True))
+        if mask_mod is not None and same:
             return mask_mod
         consts, spec_arrays = leaves[: self.n_consts], iter(leaves[self.n_consts :])
         spec_def, static = self.spec
