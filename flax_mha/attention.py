@@ -23,7 +23,7 @@ from jax import Array
 
 from flax_mha.attention_mods import CachedView, programmed, programmed_attention
 from flax_mha.cache import KVCache, Mode
-from flax_mha.checks import as_full_rank, check_attention_fields, check_triple
+from flax_mha.checks import as_full_rank, check_attention_fields, check_triple, static_rate
 from flax_mha.kernels.block_mask import BlockMask
 from flax_mha.kernels.dispatch import dot_product_attention
 from flax_mha.layers import (
@@ -224,7 +224,7 @@ class MultiHeadAttention(nn.Module):
         query, key = self._rope(query, key, q_pos, k_pos)
         self._check_mask(mask, query, key, cache)
         if programmed(self, segment_ids, block_mask):
-            dropout = self.dropout_rate > 0.0 and not merge_param(
+            dropout = self._dropout_rate > 0.0 and not merge_param(
                 "deterministic", self.deterministic, deterministic
             )
             key, value, cached = self._cached_for_mods(cache, key, value, q_pos, prompt_lengths)
@@ -392,7 +392,7 @@ class MultiHeadAttention(nn.Module):
         sow_weights: bool,
     ) -> Array:
         """Runs ``attention_fn`` with every option it needs; one it cannot take is an error."""
-        if self.dropout_rate > 0.0:  # `deterministic` is only needed with dropout.
+        if self._dropout_rate > 0.0:  # `deterministic` is only needed with dropout.
             m_deterministic = merge_param("deterministic", self.deterministic, deterministic)
             if not m_deterministic and dropout_rng is None:
                 dropout_rng = self.make_rng("dropout")
@@ -405,7 +405,7 @@ class MultiHeadAttention(nn.Module):
             window = jnp.broadcast_to(window, (*batch, *window.shape[-3:]))
             required["mask"] = combine_masks(required.get("mask"), window, dtype=jnp.bool_)
         if not m_deterministic:
-            required |= dict(dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
+            required |= dict(dropout_rng=dropout_rng, dropout_rate=self._dropout_rate,
                              deterministic=False)  # fmt: skip
         if self.precision is not None:
             required["precision"] = self.precision
@@ -418,7 +418,7 @@ class MultiHeadAttention(nn.Module):
         if sow_weights:
             required["module"] = self
         # Options that match the function's own defaults when not taken.
-        optional = dict(dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
+        optional = dict(dropout_rng=dropout_rng, dropout_rate=self._dropout_rate,
                         broadcast_dropout=self.broadcast_dropout, deterministic=m_deterministic,
                         dtype=self.dtype)  # fmt: skip
         missing = [k for k in required if not self._accepts(k)]
@@ -446,6 +446,11 @@ class MultiHeadAttention(nn.Module):
             partition_params=self.partition_params,
             name="out",
         )(heads)
+
+    @property
+    def _dropout_rate(self) -> float:
+        """``dropout_rate`` as a float (a concrete 0-d array is taken, as in Flax)."""
+        return static_rate("dropout_rate", self.dropout_rate)
 
     @staticmethod
     def _resolve_inputs(

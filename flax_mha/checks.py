@@ -113,6 +113,34 @@ def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
         raise ValueError(f"{name} should be a positive int, but got {value!r}")
 
 
+def static_rate(name: str, rate: Any) -> float:
+    """``rate`` as a Python float in [0, 1): a number, or a concrete 0-d array (as Flax
+    takes a ``jnp.float32`` dropout rate).
+
+    Raises:
+      TypeError: if ``rate`` is not a real number or 0-d real array, or is traced (it
+        decides the computation's structure, so it must be known at trace time).
+      ValueError: if it is outside [0, 1) (or NaN).
+    """
+    if isinstance(rate, jax.core.Tracer):
+        raise TypeError(
+            f"{name} should be a concrete number, not a traced value (it decides whether "
+            f"dropout runs, at trace time); but got {rate!r}"
+        )
+    dtype = getattr(rate, "dtype", None)
+    real_array = (
+        dtype is not None
+        and np.shape(rate) == ()
+        and (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+    )
+    if isinstance(rate, bool) or not (isinstance(rate, (int, float)) or real_array):
+        raise TypeError(f"{name} should be a number in [0, 1), but got {rate!r}")
+    value = float(rate)
+    if not 0.0 <= value < 1.0:  # also rejects NaN
+        raise ValueError(f"{name} should be in [0, 1), but got {rate!r}")
+    return value
+
+
 def check_attention_fields(m: Any) -> None:
     """Checks the fields of an attention module that no input shape can catch.
 
@@ -127,11 +155,7 @@ def check_attention_fields(m: Any) -> None:
             f"num_kv_heads ({m.num_kv_heads}) should be a positive divisor of "
             f"num_heads ({m.num_heads})"
         )
-    rate = m.dropout_rate
-    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.number)):
-        raise TypeError(f"dropout_rate should be a float in [0, 1), but got {rate!r}")
-    if not 0.0 <= rate < 1.0:  # also rejects NaN
-        raise ValueError(f"dropout_rate should be in [0, 1), but got {rate!r}")
+    static_rate("dropout_rate", m.dropout_rate)
     for name in ("dtype", "param_dtype"):
         dtype = getattr(m, name)
         if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.inexact):

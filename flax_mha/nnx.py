@@ -48,6 +48,7 @@ from flax_mha.checks import (
     check_lengths,
     check_positive_int,
     check_triple,
+    static_rate,
 )
 from flax_mha.kernels.block_mask import BlockMask
 from flax_mha.kernels.dispatch import dot_product_attention
@@ -350,7 +351,8 @@ class MultiHeadAttention(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.broadcast_dropout = broadcast_dropout
-        self.dropout_rate = dropout_rate
+        # A float (a concrete 0-d array is taken, as in Flax); static under nnx.jit.
+        self.dropout_rate = static_rate("dropout_rate", dropout_rate)
         self.deterministic = deterministic
         self.precision = precision
         self.use_bias = use_bias

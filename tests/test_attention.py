@@ -146,6 +146,32 @@ def test_dropout_with_same_rng_matches_flax(broadcast_dropout):
     assert not np.allclose(out, ours.apply(params, x, deterministic=True), atol=1e-3)
 
 
+@pytest.mark.parametrize("rate", [jnp.float32(0.4), np.float64(0.4), jnp.array(0.4)])
+def test_dropout_rate_as_a_concrete_array_works_as_in_flax(rate):
+    theirs, ours = both(num_heads=2, dropout_rate=rate)
+    x = rand(0, (2, 6, 8))
+    params = theirs.init(jax.random.key(1), x, deterministic=True)
+    rngs = {"dropout": jax.random.key(7)}
+    out = ours.apply(params, x, deterministic=False, rngs=rngs)
+    np.testing.assert_allclose(out, theirs.apply(params, x, deterministic=False, rngs=rngs), **TOL)
+    assert not np.allclose(out, ours.apply(params, x, deterministic=True), atol=1e-3)
+
+
+def test_dropout_rate_traced_or_not_a_scalar_is_a_clear_error():
+    x = rand(0, (2, 6, 8))
+    bad = flax_mha.MultiHeadAttention(num_heads=2, dropout_rate=jnp.array([0.1, 0.2]))
+    with pytest.raises(TypeError, match=r"dropout_rate should be a number in \[0, 1\), but got"):
+        bad.init(jax.random.key(0), x)
+
+    @jax.jit
+    def traced(rate):
+        module = flax_mha.MultiHeadAttention(num_heads=2, dropout_rate=rate)
+        return module.init(jax.random.key(0), x)
+
+    with pytest.raises(TypeError, match="dropout_rate should be a concrete number, not a traced"):
+        traced(0.1)
+
+
 def test_deterministic_is_required_with_dropout_like_flax():
     _, ours = both(num_heads=2, dropout_rate=0.1)
     x = rand(0, (1, 3, 8))

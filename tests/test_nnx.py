@@ -243,6 +243,15 @@ def test_dropout_with_the_same_rngs_matches_flax(where, broadcast_dropout):
     assert not np.allclose(out, jitted(ours, x, deterministic=True), atol=1e-3)  # dropout on
 
 
+def test_dropout_rate_as_a_concrete_array_works_as_in_flax():
+    kw = dict(num_heads=2, in_features=8, dropout_rate=jnp.float32(0.4))
+    theirs, ours = both(**kw)
+    x = rand(0, (2, 6, 8))
+    out, expected = jitted(ours, x, deterministic=False), theirs(x, deterministic=False)
+    np.testing.assert_allclose(out, expected, **TOL)
+    assert not np.allclose(out, jitted(ours, x, deterministic=True), atol=1e-3)
+
+
 def test_eval_and_train_set_deterministic():
     theirs, ours = both(num_heads=2, in_features=8, dropout_rate=0.5)
     x = rand(0, (2, 6, 8))
@@ -830,6 +839,8 @@ CONSTRUCTOR_BAD = [
      "in_features should be a positive int, but got None"),
     ("dropout", dict(num_heads=2, in_features=8, dropout_rate=1.0), ValueError,
      r"dropout_rate should be in \[0, 1\), but got 1.0"),
+    ("dropout shape", dict(num_heads=2, in_features=8, dropout_rate=np.array([0.1])), TypeError,
+     r"dropout_rate should be a number in \[0, 1\), but got"),
     ("rope odd", dict(num_heads=2, in_features=6, use_rope=True), ValueError,
      "head_dim should be even for rotary embeddings, but got 3"),
     ("int dtype", dict(num_heads=2, in_features=8, param_dtype=jnp.int32), TypeError,
