@@ -121,12 +121,48 @@ def check_mha(explicit: bool = False) -> None:
     for name, layer, T, S in cases:
         check_mha_case(mesh, name, layer, T, S)
     check_mods(mesh)
+    check_decode_heads_split(mesh)
     if explicit:  # the same, jitted inside jax.set_mesh of the mesh's Auto view
         with jax.set_mesh(sharding.auto_mesh(mesh)):
             check_mha_case(mesh, "mha in jax.set_mesh(auto_mesh(mesh))", *cases[0][1:])
         for name, layer, T, S in cases[:2]:  # the reference and the blockwise kernel
             check_mha_on_explicit_types(mesh, name, layer, T, S)
         check_options_on_explicit_types(mesh)
+
+
+def check_decode_heads_split(mesh) -> None:
+    """Decoding with the heads split over the model axis (params by `param_shardings`, the
+    cache [B, L, K, H] over batch and kv heads): a prefill then one token per step, jitted
+    in jax.set_mesh and without, equals the causal layer on one device. (Flax's
+    MultiHeadDotProductAttention fails here on Explicit axes: its output projection's sum
+    over split heads has no output sharding.)"""
+    B, D, L = 2, 16, 8
+    x = jax.random.normal(jax.random.key(5), (B, L, D))
+    put = lambda a, spec: jax.device_put(a, jax.NamedSharding(mesh, spec))  # noqa: E731
+    for name, fields in (("mha", {}), ("gqa rope", dict(num_kv_heads=4, use_rope=True))):
+        full = MultiHeadAttention(num_heads=8, is_causal=True, **fields)
+        decoder = MultiHeadAttention(num_heads=8, decode=True, **fields)
+        variables = decoder.init(jax.random.key(1), x)
+        params, cache = variables["params"], variables["cache"]
+        want = full.apply({"params": params}, x)
+        specs = jax.tree.map(lambda s: s.spec, sharding.param_shardings(params, mesh))
+        sp = jax.tree.map(put, params, specs)
+        sc = jax.tree.map(lambda a: put(a, P("data", None, "model") if a.ndim == 4 else P()), cache)
+        step = jax.jit(lambda p, c, t, d=decoder: d.apply({"params": p, "cache": c}, t,
+                                                          mutable=["cache"]))  # fmt: skip
+        for where, context in (("in jax.set_mesh", lambda: jax.set_mesh(mesh)),
+                               ("without a mesh context", contextlib.nullcontext)):  # fmt: skip
+            with context():
+                out, st = step(sp, sc, put(x[:, :3], P("data")))
+                outs = [out]
+                for t in range(3, L):
+                    out, st = step(sp, st["cache"], put(x[:, t : t + 1], P("data")))
+                    outs.append(out)
+                spec = st["cache"]["cached_key"].sharding.spec  # the cache stays split
+                assert tuple(spec)[:3] == ("data", None, "model"), (name, where, spec)
+            close(jnp.concatenate(outs, 1), want, f"decode {name}, heads split, {where}")
+    kind = "Explicit" if mesh.axis_types[0] == jax.sharding.AxisType.Explicit else "Auto"
+    print(f"ok mha: decoding with the heads split over the model axis ({kind} axes)")
 
 
 def check_mods(mesh) -> None:
