@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 
 from flax_mha.checks import check_length_values, check_lengths, check_sampling
@@ -43,10 +44,17 @@ def next_token(
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if rng is None:
         raise ValueError("rng should be a PRNG key when temperature > 0, got None")
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k is not None:
+    logits = logits.astype(jnp.float32)
+    if top_k is not None:  # on the unscaled logits: a huge temperature would tie them all
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    # The best token at 0 first: a tiny temperature then sends the others to -inf (greedy,
+    # the limit) rather than overflowing several to +inf; a huge one (inf in float32)
+    # sends every kept token to 0 (uniform, the limit) and leaves the others at -inf
+    # rather than NaN.
+    shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+    t = np.float32(min(temperature, float(np.finfo(np.float32).max)))
+    logits = jnp.where(jnp.isneginf(shifted), -jnp.inf, shifted / t)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 

@@ -141,3 +141,36 @@ def test_generation_is_jitted_and_new_prompts_of_a_shape_reuse_the_program(which
     second = fn(model, params, x2, 4, **kw)
     assert len(calls) == traced, "the second call of the same shapes traced again"
     np.testing.assert_array_equal(second, fn.__wrapped__(model, params, x2, 4, **kw))
+
+
+def _logits(seed=0, shape=(64, 12)):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32) * 3)
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1e-45])
+def test_a_tiny_temperature_samples_the_greedy_token(temperature):
+    # The limit of sampling as the temperature goes to 0 is the argmax (logits / 1e-45
+    # used to overflow to +inf on several tokens and sample among them).
+    logits = _logits()
+    greedy = next_token(logits, None, 0.0)
+    np.testing.assert_array_equal(next_token(logits, jax.random.key(1), temperature), greedy)
+
+
+@pytest.mark.parametrize("temperature", [1e30, 1e39, 1e308])
+def test_a_huge_temperature_samples_uniformly_and_never_the_padding_token(temperature):
+    # The limit as the temperature grows is uniform over the allowed tokens (logits / inf
+    # used to turn the padding token's -inf into NaN, and it was then always picked).
+    logits = jnp.tile(_logits(shape=(1, 12)), (4000, 1))
+    tokens = np.asarray(next_token(logits, jax.random.key(2), temperature))
+    assert M.PAD_ID not in tokens
+    counts = np.bincount(tokens, minlength=12)[1:]
+    # 11 allowed tokens, 4000 draws: each ~364 (binomial sd ~18); a bias shows far outside
+    assert counts.min() > 290 and counts.max() < 440, counts
+
+
+def test_top_k_keeps_k_tokens_at_a_huge_temperature():
+    logits = jnp.tile(_logits(shape=(1, 12)), (3000, 1))
+    allowed = np.argsort(np.asarray(logits[0]))[::-1]
+    allowed = [t for t in allowed if t != M.PAD_ID][:3]
+    tokens = np.asarray(next_token(logits, jax.random.key(3), 1e300, top_k=3))
+    assert set(np.unique(tokens)) == set(allowed), (np.unique(tokens), allowed)
