@@ -207,6 +207,21 @@ def test_resume_of_a_finished_run_changes_nothing(tiny_run, capsys):
     jax.tree.map(np.testing.assert_array_equal, params, state.params)
 
 
+def test_resume_past_num_steps_says_there_is_nothing_to_train(run_copy, capsys):
+    # A checkpoint at step 60 and num_steps=30: nothing runs, and the output says why
+    # (it printed "finished: step 60 of 30" before) and how to go on.
+    before = train.read_metrics(run_copy)
+    assert main(["train", "--config", str(TINY), "--workdir", str(run_copy),
+                 "--config.train.num_steps=30"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert (
+        "nothing to train: the checkpoint of step 60 is at or past config.train.num_steps "
+        "(30)" in out
+    ), out
+    assert "finished: step 60 (nothing trained" in out, out
+    assert [r["step"] for r in train.read_metrics(run_copy)] == [r["step"] for r in before]
+
+
 def test_predict_prints_digits(tiny_run, capsys):
     workdir, _ = tiny_run
     assert main(["predict", "--workdir", str(workdir), "3", "1", "4"]) == 0

@@ -234,7 +234,9 @@ def _print_summary(
     result = f"; held-out exact match {evals[-1]['eval_exact_match']:.1%}" if evals else ""
     minutes, secs = divmod(round(seconds), 60)
     took = f"{minutes} min {secs} s" if minutes else f"{secs} s"
-    print(f"finished: step {step} of {config.train.num_steps} in {took}{result}")
+    n = config.train.num_steps
+    of = f"of {n}" if step <= n else f"(nothing trained: num_steps is {n})"
+    print(f"finished: step {step} {of} in {took}{result}")
     print(f"outputs in {workdir}{os.sep}:")
     outputs = [
         (os.path.join("checkpoints", str(step)), "parameters, optimizer state and config"),

@@ -266,6 +266,12 @@ class _Log:
         self.say = self.bar.write if show_bar else (lambda line: print(line, flush=True))
         if start:
             self.say(f"resumed from the checkpoint of step {start} in {workdir}")
+        if start >= self.num_steps:
+            self.say(
+                f"nothing to train: the checkpoint of step {start} is at or past "
+                f"config.train.num_steps ({self.num_steps}); raise it to train on, or pass "
+                f"--no-resume with another workdir to start afresh"
+            )
         self.pending: list[dict[str, Array]] = []
         self.summaries = None
         if writer:
