@@ -53,7 +53,8 @@ def next_token(
     # sends every kept token to 0 (uniform, the limit) and leaves the others at -inf
     # rather than NaN.
     shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
-    t = np.float32(min(temperature, float(np.finfo(np.float32).max)))
+    f32 = np.finfo(np.float32)  # within float32: 0 would make the best token's 0 / 0 NaN
+    t = np.float32(min(max(temperature, float(f32.tiny)), float(f32.max)))
     logits = jnp.where(jnp.isneginf(shifted), -jnp.inf, shifted / t)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 

@@ -29,6 +29,7 @@ from jax import Array, lax
 
 from flax_mha import functional, mods
 from flax_mha.attention import MultiHeadAttention
+from flax_mha.checks import static_rate
 from flax_mha.kernels.block_mask import BlockMask, create_block_mask, default_block_size
 from flax_mha.layers import (
     EMBED,
@@ -128,8 +129,8 @@ class TransformerConfig:
                 f"d_model ({self.d_model}) should be divisible by num_heads ({self.num_heads})"
             )
         for name in ("dropout_rate", "attention_dropout_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} should be in [0, 1), but got {getattr(self, name)}")
+            # A float from here on (a concrete 0-d array is taken, as the modules take it).
+            object.__setattr__(self, name, static_rate(name, getattr(self, name)))
         if self.num_kv_heads is not None and (
             self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads
         ):

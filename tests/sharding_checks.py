@@ -158,8 +158,9 @@ def check_decode_heads_split(mesh) -> None:
                 for t in range(3, L):
                     out, st = step(sp, st["cache"], put(x[:, t : t + 1], P("data")))
                     outs.append(out)
-                spec = st["cache"]["cached_key"].sharding.spec  # the cache stays split
-                assert tuple(spec)[:3] == ("data", None, "model"), (name, where, spec)
+                for part in ("cached_key", "cached_value"):  # the cache stays split
+                    spec = st["cache"][part].sharding.spec
+                    assert tuple(spec)[:3] == ("data", None, "model"), (name, where, part, spec)
             close(jnp.concatenate(outs, 1), want, f"decode {name}, heads split, {where}")
     kind = "Explicit" if mesh.axis_types[0] == jax.sharding.AxisType.Explicit else "Auto"
     print(f"ok mha: decoding with the heads split over the model axis ({kind} axes)")

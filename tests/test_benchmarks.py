@@ -103,8 +103,10 @@ def test_tile_gemm_bound_lists_the_kernels_tiles_and_their_gemms():
         [" full ", " fwd "], [" full ", " fwd+bwd "], [" causal ", " fwd "],
         [" causal ", " fwd+bwd "],
     ]  # fmt: skip
-    # L=256 is one 256 x 256 tile of both heads (the script checks the kernel's count)
-    assert all(r.split("|")[3].strip() == "[1, 2, 256, 256] x 1" for r in rows), out
+    # L=256 is one 256 x 256 tile of both heads in each pass (the script checks the
+    # kernel's counts)
+    listed = [r.split("|")[3].strip() for r in rows]
+    assert listed == ["[1, 2, 256, 256] x 1", "as above, then [1, 2, 256, 256] x 1"] * 2, out
     for r in rows:
         assert float(r.split("|")[4]) > 0.0 and float(r.split("|")[7]) > 0.0
 
@@ -112,7 +114,18 @@ def test_tile_gemm_bound_lists_the_kernels_tiles_and_their_gemms():
 def test_tile_gemm_bound_counts_the_causal_triangles_wide_tiles():
     args = ["--batch", "1", "--length", "2048", "--heads", "1", "--head-dim", "8"]
     out = _run("tile_gemm_bound.py", *args, "--runs", "1", "--steps", "1")
-    (row,) = [line for line in out.splitlines() if line.startswith("| causal | fwd |")]
+    listed = {
+        tuple(cell.strip() for cell in line.split("|")[1:3]): line.split("|")[3].strip()
+        for line in out.splitlines()
+        if line.startswith(("| full |", "| causal |"))
+    }
     # 512 x 1024 causal blocks: query block i takes 1 + i % 2 tiles of 512 keys and i // 2
-    # of 1024 (the script checks the sum against the kernel's own count)
-    assert row.split("|")[3].strip() == "[1, 1, 512, 512] x 6, [1, 1, 512, 1024] x 2", out
+    # of 1024; the backward mirrors them (1024 queries x 512 keys). Full attention's
+    # backward runs on the transposed blocks, 2048 queries x 1024 keys. (The script checks
+    # the sums against the kernel's own counts.)
+    assert listed[("causal", "fwd")] == "[1, 1, 512, 512] x 6, [1, 1, 512, 1024] x 2", out
+    assert listed[("causal", "fwd+bwd")] == (
+        "as above, then [1, 1, 512, 512] x 6, [1, 1, 1024, 512] x 2"
+    ), out
+    assert listed[("full", "fwd")] == "[1, 1, 1024, 2048] x 2", out
+    assert listed[("full", "fwd+bwd")] == "as above, then [1, 1, 2048, 1024] x 2", out

@@ -147,13 +147,23 @@ def _logits(seed=0, shape=(64, 12)):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32) * 3)
 
 
-@pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1e-45])
+@pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1e-45, 1e-60])
 def test_a_tiny_temperature_samples_the_greedy_token(temperature):
     # The limit of sampling as the temperature goes to 0 is the argmax (logits / 1e-45
     # used to overflow to +inf on several tokens and sample among them).
     logits = _logits()
     greedy = next_token(logits, None, 0.0)
     np.testing.assert_array_equal(next_token(logits, jax.random.key(1), temperature), greedy)
+
+
+def test_a_tiny_temperature_still_samples_among_tied_best_tokens():
+    # Two tokens tie for the best logit: a tiny temperature samples between them, as any
+    # temperature does (below float32's range the temperature used to become 0, 0 / 0 made
+    # the best logits NaN, and the first of them was always picked).
+    logits = jnp.tile(jnp.array([[0.0, 1.0, 5.0, 5.0, -2.0]]), (400, 1))
+    for temperature in (1e-30, 1e-60):
+        tokens = np.asarray(next_token(logits, jax.random.key(4), temperature))
+        assert set(np.unique(tokens)) == {2, 3}, (temperature, np.unique(tokens))
 
 
 @pytest.mark.parametrize("temperature", [1e30, 1e39, 1e308])

@@ -153,6 +153,23 @@ def test_bad_config_is_rejected_before_compiling(changes, match):
         TINY.replace(**changes)
 
 
+def test_dropout_rates_as_concrete_arrays_are_floats_and_train_under_jit():
+    # As the attention modules take them; under jax.jit the model used to fail on a
+    # traced comparison of the array rate (TracerBoolConversionError).
+    arrays = TINY.replace(attention_dropout_rate=jnp.float32(0.25), dropout_rate=np.float64(0.1))
+    floats = TINY.replace(attention_dropout_rate=0.25, dropout_rate=0.1)
+    assert type(arrays.attention_dropout_rate) is float and type(arrays.dropout_rate) is float
+    t = jnp.ones((2, 6), jnp.int32)
+    params = M.TransformerLM(floats).init(jax.random.key(0), t)["params"]
+
+    def run(config):
+        model = M.TransformerLM(config)
+        rngs = {"dropout": jax.random.key(1)}
+        return jax.jit(lambda p: model.apply({"params": p}, t, deterministic=False, rngs=rngs))
+
+    np.testing.assert_array_equal(run(arrays)(params), run(floats)(params))
+
+
 def test_bad_tokens_are_rejected():
     model = M.Transformer(TINY)
     with pytest.raises(TypeError, match="inputs should be integer token ids"):

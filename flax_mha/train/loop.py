@@ -269,8 +269,8 @@ class _Log:
         if start >= self.num_steps:
             self.say(
                 f"nothing to train: the checkpoint of step {start} is at or past "
-                f"config.train.num_steps ({self.num_steps}); raise it to train on, or pass "
-                f"--no-resume with another workdir to start afresh"
+                f"config.train.num_steps ({self.num_steps}); raise it to train on, or start "
+                f"afresh in another workdir"
             )
         self.pending: list[dict[str, Array]] = []
         self.summaries = None
