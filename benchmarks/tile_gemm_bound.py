@@ -44,6 +44,7 @@ import numpy as np
 from _common import add_shape_arguments, interleaved_ms, jit_fwd_and_grad, paired_ratio
 from jax import lax
 
+from flax_mha.apps.bench import torch_sdpa_calls
 from flax_mha.apps.timing import attention_flops, cpu_info, gemm_call
 from flax_mha.kernels import blockwise_tiles as bt
 from flax_mha.kernels import causal_triangle
@@ -163,21 +164,12 @@ def tile_gemms(tile: Tile, H: int, steps: int) -> dict[str, Callable[[], Any]]:
 
 
 def _torch_calls(qkv: list[jax.Array], causal: bool) -> dict[str, Callable[[], Any]]:
+    """torch SDPA's forward and forward+backward on ``qkv``; none without torch."""
     try:
-        import torch
+        import torch  # noqa: F401
     except ImportError:
         return {}
-    tq, tk, tv = (torch.from_numpy(np.array(x)).transpose(1, 2).contiguous() for x in qkv)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def fwd() -> None:
-        with torch.no_grad():
-            sdpa(tq, tk, tv, is_causal=causal)
-
-    def fwd_bwd() -> None:
-        a, b, c = (x.clone().requires_grad_(True) for x in (tq, tk, tv))
-        sdpa(a, b, c, is_causal=causal).sum().backward()
-
+    fwd, fwd_bwd = torch_sdpa_calls(tuple(np.asarray(x) for x in qkv), causal)
     return {"fwd": fwd, "fwd+bwd": fwd_bwd}
 
 

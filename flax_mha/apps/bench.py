@@ -64,6 +64,7 @@ __all__ = [
     "decode_flops",
     "module_flops",
     "run_bench",
+    "torch_sdpa_calls",
 ]
 
 #: Every section `run_bench` can run, in its order.
@@ -98,11 +99,15 @@ def _blockwise(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = False
     return dot_product_attention(q, k, v, is_causal=is_causal, implementation="blockwise")
 
 
-def _torch_kernels(q: np.ndarray, causal: bool):
+def torch_sdpa_calls(
+    qkv: tuple[np.ndarray, ...], causal: bool
+) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """torch's SDPA on ``qkv`` ([B, L, N, H] arrays, as ours take them): (forward call,
+    forward+backward call), to time beside ours. Needs torch."""
     import torch
 
     F = torch.nn.functional
-    tq, tk, tv = (torch.tensor(x).transpose(1, 2).contiguous().requires_grad_(True) for x in q)
+    tq, tk, tv = (torch.tensor(x).transpose(1, 2).contiguous().requires_grad_(True) for x in qkv)
 
     def fwd():
         with torch.no_grad():
@@ -154,7 +159,7 @@ def _attention_rows(B, L, N, H, repeats, gemm, torch_ok, progress) -> list[dict[
             "jax.nn.dot_product_attention": _jax_pair(theirs, q, k, v),
         }
         if torch_ok:
-            peers["torch SDPA"] = _torch_kernels(tuple(np.asarray(x) for x in (q, k, v)), causal)
+            peers["torch SDPA"] = torch_sdpa_calls(tuple(np.asarray(x) for x in (q, k, v)), causal)
         timed = {
             pass_: _timed_together({n: c[i] for n, c in peers.items()}, repeats, gemm, progress)
             for i, pass_ in enumerate(("fwd", "fwd+bwd"))
