@@ -104,7 +104,9 @@ class KVCache:
         if cache.lengths is not None:
             if T != 1:
                 raise ValueError(
-                    f"after a prefill with prompt_lengths, decode one token per call; got "
+                    f"a ragged cache (after a prefill with prompt_lengths, or made by the NNX "
+                    f"init_cache(..., ragged=True)) takes one token per call, or a further "
+                    f"chunk with prompt_lengths; got "
                     f"keys of shape {key.shape}"
                 )
             return dataclasses.replace(cache, mode=Mode.RAGGED_STEP)

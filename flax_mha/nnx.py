@@ -517,12 +517,18 @@ class MultiHeadAttention(nnx.Module):
         heads = self._attend(query, key, value, options, deterministic, rngs, sow_weights)
         return self.out(heads, out_sharding=out_sharding)
 
-    def init_cache(self, input_shape: tuple[int, ...], dtype: Any = jnp.float32) -> None:
+    def init_cache(
+        self, input_shape: tuple[int, ...], dtype: Any = jnp.float32, *, ragged: bool | None = None
+    ) -> None:
         """Creates an empty cache for autoregressive decoding (required before ``decode``).
 
         Args:
           input_shape: [batch..., max_length, features], the shape of the whole sequence.
           dtype: dtype of the cached keys and values.
+          ragged: True: also create the per-sequence lengths (zeros) now rather than at the
+            first call with ``prompt_lengths``, so that the module's state keeps its
+            structure from the first call on (a ragged prefill inside `nnx.fori_loop` or
+            `nnx.scan`). Every prefill then passes ``prompt_lengths``. None: False.
         """
         if len(input_shape) < 2:
             raise ValueError(
@@ -532,7 +538,8 @@ class MultiHeadAttention(nnx.Module):
         self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
         self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
         self.cache_index = nnx.Cache(jnp.array(0, dtype=jnp.int32))
-        self.cache_lengths = nnx.data(None)
+        lengths = jnp.zeros(input_shape[:-2], jnp.int32)
+        self.cache_lengths = nnx.Cache(lengths) if ragged else nnx.data(None)
 
     def set_view(
         self,

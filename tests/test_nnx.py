@@ -393,6 +393,39 @@ def test_a_second_ragged_prefill_continues_each_sequence_from_its_length():
         np.testing.assert_allclose(out[b, :n2], full[0, n1:], **TOL)
 
 
+def test_a_ragged_cache_from_init_cache_prefills_inside_nnx_fori_loop():
+    # Chunked ragged prefill in a loop: the loop's carry keeps its structure only if the
+    # lengths exist before the first chunk (init_cache(..., ragged=True)); it then equals
+    # the same chunks fed one call at a time.
+    D = 8
+    x = rand(0, (2, 8, D))
+    chunks = jnp.stack([x[:, :4], x[:, 4:]])  # two chunks of 4 tokens per sequence
+    lengths = jnp.array([[4, 3], [2, 4]])  # each chunk's true length per sequence
+
+    def fresh():
+        m = MultiHeadAttention(2, D, decode=True, rngs=nnx.Rngs(0))
+        m.init_cache((2, 10, D), ragged=True)
+        assert m.cache_lengths[...].tolist() == [0, 0]
+        return m
+
+    looped = fresh()
+
+    def body(i, m):
+        m(chunks[i], prompt_lengths=lengths[i])
+        return m
+
+    nnx.fori_loop(0, 2, body, looped)
+    one_by_one = fresh()
+    for i in range(2):
+        nnx.jit(lambda m, c, n: m(c, prompt_lengths=n))(one_by_one, chunks[i], lengths[i])
+    assert looped.cache_lengths[...].tolist() == one_by_one.cache_lengths[...].tolist() == [6, 7]
+    np.testing.assert_allclose(looped.cached_key[...], one_by_one.cached_key[...], **TOL)
+    step = rand(1, (2, 1, D))
+    np.testing.assert_allclose(jitted(looped, step), jitted(one_by_one, step), **TOL)
+    with pytest.raises(ValueError, match=r"a ragged cache .* takes one token per call"):
+        fresh()(chunks[0])  # a prefill without prompt_lengths
+
+
 def test_decode_without_init_cache_is_an_error_and_view_can_make_the_cache():
     ours = MultiHeadAttention(2, 8, decode=True, rngs=nnx.Rngs(0))
     x = rand(0, (3, 1, 8))
