@@ -538,8 +538,10 @@ class MultiHeadAttention(nnx.Module):
         self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
         self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
         self.cache_index = nnx.Cache(jnp.array(0, dtype=jnp.int32))
-        lengths = jnp.zeros(input_shape[:-2], jnp.int32)
-        self.cache_lengths = nnx.Cache(lengths) if ragged else nnx.data(None)
+        if ragged:
+            self.cache_lengths = nnx.Cache(jnp.zeros(input_shape[:-2], jnp.int32))
+        else:
+            self.cache_lengths = nnx.data(None)
 
     def set_view(
         self,
